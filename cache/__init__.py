@@ -1,0 +1,1 @@
+"""The LMDB row cache, shared by all front processes (installed as ``gpserve.cache``)."""

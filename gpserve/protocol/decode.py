@@ -1,0 +1,285 @@
+"""Validating, zero-copy decoder for GraphPipe messages.
+
+Every offset, vector length, union tag, string and data length is checked against
+the buffer before it is used; any violation raises :class:`ProtocolError`, and no
+other exception escapes. Numeric tensors come back as numpy arrays that *view* the
+received buffer (0 copies); the one exception is data that is misaligned for its
+dtype, which is copied once so that kernels downstream get aligned memory.
+
+Limits on untrusted input (each violation is a ``ProtocolError``):
+- at most ``MAX_TENSORS`` tensors and names per list, rank at most ``MAX_RANK``;
+- every dimension is non-negative and the element count (ignoring zero dimensions)
+  is below 2**48;
+- tensor data and string bytes together can never exceed the message's own size,
+  so aliased offsets (many entries pointing at one big blob) cannot amplify memory.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from ..errors import ProtocolError, UnsupportedRequest
+from .messages import (
+    NULL, STRING, TYPE_NAMES, TYPE_TO_DTYPE, Error, InferRequest, InferResponse,
+    IOMetadata, MetadataRequest, MetadataResponse,
+)
+
+MAX_TENSORS = 4096
+MAX_RANK = 32
+MAX_ELEMENTS = 1 << 48
+
+_u8 = struct.Struct("<B").unpack_from
+_u32 = struct.Struct("<I").unpack_from
+_i32 = struct.Struct("<i").unpack_from
+_i64 = struct.Struct("<q").unpack_from
+_u16x2 = struct.Struct("<HH").unpack_from
+_u16 = struct.Struct("<H").unpack_from
+_EMPTY_SHAPE: tuple[int, ...] = ()
+
+
+class _Reader:
+    """Bounds-checked access to FlatBuffers tables, vectors and strings in one buffer."""
+
+    __slots__ = ("buf", "n", "budget")
+
+    def __init__(self, buf):
+        if not isinstance(buf, bytes):
+            try:
+                view = memoryview(buf)
+            except TypeError:
+                raise ProtocolError(
+                    f"expected a bytes-like message, got {type(buf).__name__}") from None
+            buf = view if view.format == "B" and view.ndim == 1 else view.cast("B")
+        self.buf = buf
+        self.n = len(buf)
+        # Tensor data and string bytes may add up to at most the message size.
+        self.budget = self.n
+
+    def fail(self, what: str, problem: str):
+        raise ProtocolError(f"malformed GraphPipe message ({self.n} bytes): {what}: {problem}")
+
+    def spend(self, nbytes: int, what: str) -> None:
+        self.budget -= nbytes
+        if self.budget < 0:
+            self.fail(what, "tensor data and strings add up to more bytes than the message "
+                            "holds (offsets that alias one another)")
+
+    def root(self, what: str) -> tuple:
+        if self.n < 8:
+            self.fail(what, "too short to hold a root table (need at least 8 bytes)")
+        return self.table(_u32(self.buf, 0)[0], what)
+
+    def table(self, pos: int, what: str) -> tuple:
+        """(position, vtable position, vtable size, table size), all checked."""
+        n = self.n
+        if pos + 4 > n:
+            self.fail(what, f"table offset {pos} is past the end")
+        vt = pos - _i32(self.buf, pos)[0]
+        if vt < 0 or vt + 4 > n:
+            self.fail(what, f"vtable offset {vt} is outside the message")
+        vtsize, tsize = _u16x2(self.buf, vt)
+        if vtsize < 4 or vtsize & 1 or vt + vtsize > n:
+            self.fail(what, f"vtable size {vtsize} is invalid or runs past the end")
+        if tsize < 4 or pos + tsize > n:
+            self.fail(what, f"table size {tsize} is invalid or runs past the end")
+        return pos, vt, vtsize, tsize
+
+    def field(self, table: tuple, slot: int, size: int, what: str) -> int:
+        """Absolute position of a field, or 0 when the field is absent."""
+        pos, vt, vtsize, tsize = table
+        entry = 4 + 2 * slot
+        if entry >= vtsize:
+            return 0
+        voff = _u16(self.buf, vt + entry)[0]
+        if voff == 0:
+            return 0
+        if voff < 4 or voff + size > tsize:
+            self.fail(what, f"field at table offset {voff} lies outside its {tsize}-byte table")
+        return pos + voff
+
+    def u8_field(self, table: tuple, slot: int, what: str) -> int:
+        at = self.field(table, slot, 1, what)
+        return _u8(self.buf, at)[0] if at else 0
+
+    def i64_field(self, table: tuple, slot: int, what: str) -> int:
+        at = self.field(table, slot, 8, what)
+        return _i64(self.buf, at)[0] if at else 0
+
+    def follow(self, at: int, what: str) -> int:
+        """Target of the uoffset stored at ``at`` (uoffsets point forward)."""
+        target = at + _u32(self.buf, at)[0]
+        if target + 4 > self.n:
+            self.fail(what, f"offset points to byte {target}, past the end")
+        return target
+
+    def offset_field(self, table: tuple, slot: int, what: str) -> int:
+        at = self.field(table, slot, 4, what)
+        return self.follow(at, what) if at else 0
+
+    def vector(self, pos: int, elem_size: int, what: str) -> tuple[int, int]:
+        """(start of elements, element count) of the vector at ``pos``."""
+        count = _u32(self.buf, pos)[0]
+        start = pos + 4
+        if count * elem_size > self.n - start:
+            self.fail(what, f"vector of {count} elements x {elem_size} bytes runs past the end")
+        return start, count
+
+    def raw_string(self, pos: int, what: str) -> bytes:
+        start, length = self.vector(pos, 1, what)
+        self.spend(length, what)
+        return bytes(self.buf[start:start + length])
+
+    def text(self, pos: int, what: str) -> str:
+        raw = self.raw_string(pos, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self.fail(what, f"string is not valid UTF-8 ({e.reason} at byte {e.start})")
+
+    def text_field(self, table: tuple, slot: int, what: str) -> str:
+        pos = self.offset_field(table, slot, what)
+        return self.text(pos, what) if pos else ""
+
+    def element_positions(self, table: tuple, slot: int, what: str,
+                          limit: int | None = MAX_TENSORS) -> list[int]:
+        """Targets of a vector of offsets (tables or strings); [] when absent."""
+        pos = self.offset_field(table, slot, what)
+        if not pos:
+            return []
+        start, count = self.vector(pos, 4, what)
+        if limit is not None and count > limit:
+            self.fail(what, f"{count} entries; at most {limit} are allowed")
+        follow = self.follow
+        return [follow(start + 4 * i, what) for i in range(count)]
+
+    def text_vector(self, table: tuple, slot: int, what: str) -> list[str]:
+        return [self.text(p, what) for p in self.element_positions(table, slot, what)]
+
+    def shape(self, table: tuple, slot: int, what: str) -> tuple[int, ...]:
+        pos = self.offset_field(table, slot, what)
+        if not pos:
+            return _EMPTY_SHAPE
+        start, rank = self.vector(pos, 8, what)
+        if rank > MAX_RANK:
+            self.fail(what, f"rank {rank} exceeds the maximum of {MAX_RANK}")
+        return struct.unpack_from(f"<{rank}q", self.buf, start)
+
+    def tensor(self, pos: int, what: str) -> np.ndarray:
+        table = self.table(pos, what)
+        ttype = self.u8_field(table, 0, what)
+        shape = self.shape(table, 1, what)
+        count = 1
+        for dim in shape:
+            if dim < 0:
+                self.fail(what, f"shape {list(shape)} has a negative dimension")
+            if dim:
+                count *= dim
+                if count >= MAX_ELEMENTS:
+                    self.fail(what, f"shape {list(shape)} has too many elements")
+        if 0 in shape:
+            count = 0
+        data_pos = self.offset_field(table, 2, what)
+        data_start, data_len = self.vector(data_pos, 1, what) if data_pos else (0, 0)
+
+        if ttype == STRING:
+            if data_len:
+                self.fail(what, f"String tensor carries {data_len} bytes of numeric data")
+            strings = self.element_positions(table, 3, what, limit=None)
+            if len(strings) != count:
+                self.fail(what, f"String tensor of shape {list(shape)} needs {count} strings, "
+                                f"has {len(strings)}")
+            out = np.empty(count, dtype=object)
+            out[:] = [self.raw_string(p, what) for p in strings]
+            return out.reshape(shape)
+
+        dtype = TYPE_TO_DTYPE.get(ttype)
+        if dtype is None or ttype == NULL:
+            self.fail(what, f"tensor type {ttype} ({TYPE_NAMES.get(ttype, 'unknown')}) is not "
+                            "a valid tensor type (expected 1..12, Uint8..String)")
+        strings_pos = self.offset_field(table, 3, what)
+        if strings_pos and self.vector(strings_pos, 4, what)[1]:
+            self.fail(what, f"{TYPE_NAMES[ttype]} tensor carries string_val entries")
+        expected = count * dtype.itemsize
+        if data_len != expected:
+            self.fail(what, f"{TYPE_NAMES[ttype]} tensor of shape {list(shape)} needs "
+                            f"{expected} data bytes, has {data_len}")
+        if count == 0:
+            return np.empty(shape, dtype=dtype)
+        self.spend(data_len, what)
+        arr = np.frombuffer(self.buf, dtype, count, data_start)  # a view: 0 copies
+        if not arr.flags.aligned:
+            arr = arr.copy()  # the only copy: data misaligned for its dtype
+        return arr.reshape(shape)
+
+    def tensors(self, table: tuple, slot: int, what: str) -> list[np.ndarray]:
+        return [self.tensor(p, f"{what}[{i}]")
+                for i, p in enumerate(self.element_positions(table, slot, what))]
+
+    def io_metadata(self, pos: int, what: str) -> IOMetadata:
+        table = self.table(pos, what)
+        ttype = self.u8_field(table, 3, what)
+        if ttype not in TYPE_NAMES:
+            self.fail(what, f"type {ttype} is not a GraphPipe type")
+        pos_shape = self.offset_field(table, 2, what)
+        shape: list[int] = []
+        if pos_shape:
+            start, rank = self.vector(pos_shape, 8, what)
+            if rank > MAX_RANK:
+                self.fail(what, f"rank {rank} exceeds the maximum of {MAX_RANK}")
+            shape = list(struct.unpack_from(f"<{rank}q", self.buf, start))
+        return IOMetadata(
+            name=self.text_field(table, 0, what), shape=shape,
+            dtype=None if ttype == NULL else TYPE_TO_DTYPE[ttype],
+            description=self.text_field(table, 1, what))
+
+
+def decode_request(buf) -> InferRequest | MetadataRequest:
+    """Decode a GraphPipe ``Request``; numeric input tensors view ``buf``."""
+    r = _Reader(buf)
+    root = r.root("Request")
+    tag = r.u8_field(root, 0, "Request.req_type")
+    if tag == 2:
+        return MetadataRequest()
+    if tag != 1:
+        raise UnsupportedRequest(
+            f"Request.req_type is {tag}; expected 1 (InferRequest) or 2 (MetadataRequest)")
+    pos = r.offset_field(root, 1, "Request.req")
+    if not pos:
+        r.fail("Request.req", "req_type is InferRequest but the request table is missing")
+    table = r.table(pos, "InferRequest")
+    return InferRequest(
+        config=r.text_field(table, 0, "InferRequest.config"),
+        input_names=r.text_vector(table, 1, "InferRequest.input_names"),
+        inputs=r.tensors(table, 2, "InferRequest.input_tensors"),
+        output_names=r.text_vector(table, 3, "InferRequest.output_names"),
+    )
+
+
+def decode_response(buf) -> InferResponse:
+    """Decode an ``InferResponse``; numeric output tensors view ``buf``."""
+    r = _Reader(buf)
+    root = r.root("InferResponse")
+    outputs = r.tensors(root, 0, "InferResponse.output_tensors")
+    errors = []
+    for p in r.element_positions(root, 1, "InferResponse.errors"):
+        table = r.table(p, "InferResponse.errors")
+        errors.append(Error(code=r.i64_field(table, 0, "Error.code"),
+                            message=r.text_field(table, 1, "Error.message")))
+    return InferResponse(outputs=outputs, errors=errors)
+
+
+def decode_metadata_response(buf) -> MetadataResponse:
+    """Decode a ``MetadataResponse``."""
+    r = _Reader(buf)
+    root = r.root("MetadataResponse")
+    return MetadataResponse(
+        name=r.text_field(root, 0, "MetadataResponse.name"),
+        version=r.text_field(root, 1, "MetadataResponse.version"),
+        server=r.text_field(root, 2, "MetadataResponse.server"),
+        description=r.text_field(root, 3, "MetadataResponse.description"),
+        inputs=[r.io_metadata(p, "MetadataResponse.inputs")
+                for p in r.element_positions(root, 4, "MetadataResponse.inputs")],
+        outputs=[r.io_metadata(p, "MetadataResponse.outputs")
+                 for p in r.element_positions(root, 5, "MetadataResponse.outputs")],
+    )

@@ -1,0 +1,1 @@
+"""Worker processes and model backends (installed as ``gpserve.workers``)."""
