@@ -1,0 +1,60 @@
+"""Helpers every benchmark shares: timing medians, table printing, JSON and PNG output."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable
+
+
+def timed(fn: Callable[[], object], runs: int) -> tuple[float, float]:
+    """Median (wall seconds, process CPU seconds) of ``runs`` calls."""
+    walls, cpus = [], []
+    for _ in range(runs):
+        c0, w0 = time.process_time(), time.perf_counter()
+        result = fn()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+        del result
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    """Print rows as an aligned table; columns are (key, format spec)."""
+    cells = [[format(r[k], f) if isinstance(r.get(k), (int, float)) else str(r.get(k, ""))
+              for k, f in columns] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, (k, _) in enumerate(columns)]
+    print("  ".join(k.rjust(w) for (k, _), w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for c in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+
+
+def write_json(path: str | None, rows: list[dict], **meta) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({**meta, "rows": rows}, f, indent=1)
+
+
+def bar_chart(path: str, title: str, labels: list[str], series: dict[str, list[float]],
+              ylabel: str, log: bool = False) -> None:
+    """A grouped bar chart (matplotlib, headless)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x = np.arange(len(labels))
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(x + i * width, values, width, label=name)
+    ax.set_xticks(x + width * (len(series) - 1) / 2, labels, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,57 @@
+"""Shared fixtures: the isolated graphpipe 1.0.4 client, model paths, a running server."""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+MODELS = SHARED / "models"
+GRAPHPIPE_DIR = Path(os.environ.get(
+    "GPSERVE_TEST_CACHE", Path.home() / ".cache" / "gpserve-tests")) / "graphpipe-1.0.4"
+
+
+def _install_graphpipe() -> Path:
+    """graphpipe 1.0.4 + flatbuffers 1.12 in a folder of their own (not the project's env)."""
+    marker = GRAPHPIPE_DIR / ".installed"
+    if not marker.exists():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade",
+             "--target", str(GRAPHPIPE_DIR), "graphpipe==1.0.4", "flatbuffers==1.12"],
+            check=True)
+        marker.write_text("ok\n")
+    return GRAPHPIPE_DIR
+
+
+class GraphPipePeer:
+    """Calls into graphpipe 1.0.4 in a subprocess; see tests/graphpipe_peer.py."""
+
+    def __init__(self, path: Path):
+        self.env = dict(os.environ, PYTHONPATH=str(path))
+
+    def __call__(self, *calls: tuple[str, tuple]) -> list:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tests" / "graphpipe_peer.py")],
+            input=pickle.dumps(list(calls)), capture_output=True, env=self.env, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"graphpipe peer failed:\n{proc.stderr.decode()}")
+        return pickle.loads(proc.stdout)
+
+    def one(self, op: str, *args):
+        return self((op, args))[0]
+
+
+@pytest.fixture(scope="session")
+def graphpipe() -> GraphPipePeer:
+    return GraphPipePeer(_install_graphpipe())
+
+
+def need_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent: these tests need ../shared beside the checkout (CI has it)")
+    return path
