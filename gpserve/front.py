@@ -1,0 +1,343 @@
+"""An HTTP front process: Starlette on uvicorn, serving the socket the supervisor bound.
+
+Per request: the body streams from the socket straight into this front's shared-memory
+arena (the only copy on the way in), is decoded there (numeric tensors are views, so
+they are already in shared memory), validated against the model, and submitted to the
+batcher as descriptors. The worker's outputs are read from its arena and encoded into
+the response (1 copy). Misaligned tensors, strings and chunked bodies take 1 extra copy
+into the arena. See docs/architecture.md for the whole count.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from . import __version__, ipc
+from . import protocol as P
+from .config import Config
+from .errors import (
+    BodyTooLarge, DeadlineExceeded, GraphPipeError, InternalError, ProtocolError, QueueFull,
+    Unavailable, from_code,
+)
+from .modelspec import ModelSpec
+from .protocol.messages import STRING, type_name, type_of
+from .shm import Arena, Segments, segment_path
+
+log = logging.getLogger("gpserve.front")
+OCTETS = "application/octet-stream"
+ABANDONED_GRACE_S = 60.0
+
+
+class _Pending:
+    __slots__ = ("future", "regions", "deadline", "abandoned")
+
+    def __init__(self, future, regions, deadline):
+        self.future, self.regions, self.deadline, self.abandoned = future, regions, deadline, False
+
+
+class _Link(asyncio.Protocol):
+    """A connection to the batcher or from a worker; messages go to the FrontState."""
+
+    def __init__(self, state: "FrontState", role: str):
+        self.state, self.role, self.frames = state, role, ipc.FrameBuffer()
+        self.transport = None
+        self.releases: list[int] = []
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.send(ipc.Hello("front", self.state.index, os.getpid()))
+
+    def data_received(self, data: bytes) -> None:
+        for message in self.frames.feed(data):
+            self.state.on_message(self, message)
+
+    def connection_lost(self, exc) -> None:
+        self.state.on_lost(self)
+
+    def send(self, message) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(ipc.frame(message))
+
+    def release(self, token: int) -> None:
+        """Tell the worker we are done with an output region (sent once per loop turn)."""
+        if not self.releases:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.releases.append(token)
+
+    def _flush(self) -> None:
+        tokens, self.releases = tuple(self.releases), []
+        self.send(ipc.Release(tokens))
+
+
+class FrontState:
+    """Everything one front process holds: arena, links, the requests it waits on."""
+
+    def __init__(self, cfg: Config, spec: ModelSpec, index: int):
+        self.cfg, self.spec, self.index = cfg, spec, index
+        self.arena = Arena(segment_path(cfg.run_id, f"front{index}-{os.getpid()}"),
+                           cfg.arena_bytes)
+        self.arena_view = memoryview(self.arena.mm)
+        self.segments = Segments()
+        self.counters = ipc.Counters(segment_path(cfg.run_id, "counters"))
+        self.batcher: _Link | None = None
+        self.pending: dict[int, _Pending] = {}
+        self.ids = itertools.count(1)
+        self.pid = os.getpid()
+        self.timeout = cfg.timeout_ms / 1000.0
+        self.server = None          # the uvicorn Server, for draining state
+        self.metadata_body = bytes(P.encode_metadata_response(
+            spec.metadata(server=f"gpserve {__version__}", version=__version__)))
+        self.tasks: list[asyncio.Task] = []
+
+    # -- links -------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.worker_server = await loop.create_unix_server(
+            lambda: _Link(self, "worker"),
+            sock=ipc.listening_socket(ipc.front_address(self.cfg.run_id, self.index)))
+        self.tasks.append(asyncio.create_task(self._keep_batcher()))
+        self.tasks.append(asyncio.create_task(self._sweep_abandoned()))
+
+    async def _keep_batcher(self) -> None:
+        while True:
+            if self.batcher is None:
+                try:
+                    _, self.batcher = await ipc.connect(ipc.batcher_address(self.cfg.run_id),
+                                                        lambda: _Link(self, "batcher"))
+                except OSError:
+                    pass
+            await asyncio.sleep(0.05)
+
+    async def _sweep_abandoned(self) -> None:
+        """Free the memory of timed-out requests whose answer will never come."""
+        while True:
+            await asyncio.sleep(5)
+            now = time.monotonic()
+            for req_id, p in list(self.pending.items()):
+                if p.abandoned and now > p.deadline + ABANDONED_GRACE_S:
+                    self._finish(req_id)
+
+    def on_lost(self, link: _Link) -> None:
+        if link is self.batcher:
+            self.batcher = None
+            log.warning("lost the batcher; reconnecting")
+
+    def on_message(self, link: _Link, message) -> None:
+        if isinstance(message, (ipc.Done, ipc.Reject)):
+            p = self.pending.get(message.req_id)
+            if p is None or p.abandoned:
+                self._finish(message.req_id)
+                if isinstance(message, ipc.Done) and message.token is not None:
+                    link.release(message.token)
+            elif not p.future.done():
+                p.future.set_result((link, message))
+
+    def _release_regions(self, regions: list) -> None:
+        for offset, nbytes in regions:
+            self.arena.release(offset, nbytes)
+        regions.clear()
+
+    def _finish(self, req_id: int) -> None:
+        p = self.pending.pop(req_id, None)
+        if p is not None:
+            self._release_regions(p.regions)
+
+    @property
+    def ready(self) -> bool:
+        draining = self.server is not None and self.server.should_exit
+        return (not draining and self.batcher is not None
+                and self.counters.slots[ipc.Counters.READY_WORKERS] > 0)
+
+    # -- one request -------------------------------------------------------------------
+    async def read_body(self, request: Request) -> tuple[memoryview | bytes, list]:
+        """The body, streamed into the arena when its length is known (1 copy)."""
+        limit = self.cfg.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is None:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"the body is over --max-body-mb "
+                                       f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
+                chunks.append(chunk)
+            return b"".join(chunks), []
+        try:
+            size = int(length)
+        except ValueError:
+            raise ProtocolError(f"Content-Length {length!r} is not a number") from None
+        if size > limit:
+            raise BodyTooLarge(f"the body is {size} bytes, over --max-body-mb "
+                               f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
+        offset = self.arena.alloc(size)
+        if offset is None:
+            raise QueueFull(f"this front's shared memory ({self.arena.size >> 20} MiB) is full "
+                            "of requests in flight; retry later or raise --shm-mb")
+        regions = [(offset, size)]
+        mm, pos = self.arena.mm, offset
+        end = offset + size
+        try:
+            async for chunk in request.stream():
+                if pos + len(chunk) > end:
+                    raise ProtocolError(f"the body is longer than its Content-Length {size}")
+                mm[pos:pos + len(chunk)] = chunk          # socket buffer -> shared memory
+                pos += len(chunk)
+        except BaseException:
+            self.arena.release(offset, size)
+            raise
+        if pos != end:
+            self.arena.release(offset, size)
+            raise ProtocolError(f"the body ended after {pos - offset} of {size} bytes")
+        return self.arena_view[offset:end], regions
+
+    def place(self, arr: np.ndarray, regions: list) -> "ipc.TensorRef":
+        """A descriptor for a decoded tensor: its own bytes when they already sit aligned
+        in the arena (0 copies), else a copy into a new region (1 copy)."""
+        if arr.dtype != object:
+            offset = self.arena.offset_of(arr)
+            if offset is not None and arr.flags.c_contiguous and arr.flags.aligned:
+                return ipc.TensorRef(self.arena.path, offset, type_of(arr.dtype), arr.shape)
+        placed = self.arena.put(arr)
+        if placed is None:
+            raise QueueFull(f"this front's shared memory ({self.arena.size >> 20} MiB) is full "
+                            "of requests in flight; retry later or raise --shm-mb")
+        ref, offset, nbytes = placed
+        regions.append((offset, nbytes))
+        return ref
+
+    async def infer(self, req: P.InferRequest, regions: list) -> memoryview:
+        names, outputs, rows = self.spec.check(list(req.inputs), list(req.input_names),
+                                               list(req.output_names))
+        if self.cfg.batching == "off" or not self.spec.batchable:
+            rows = None
+        refs = tuple(self.place(a, regions) for a in req.inputs)
+        if self.batcher is None:
+            raise Unavailable("the server is starting or restarting its batcher; try again")
+        key = (tuple(names), tuple((r.ttype, r.shape[1:]) for r in refs), tuple(outputs),
+               req.config) if rows is not None else ("alone", next(self.ids))
+        req_id = next(self.ids)
+        deadline = time.monotonic() + self.timeout
+        future = asyncio.get_running_loop().create_future()
+        pending = self.pending[req_id] = _Pending(future, regions, deadline)
+        self.batcher.send(ipc.Submit(req_id, self.index, self.pid, refs, tuple(names),
+                                     tuple(outputs), req.config, rows, key, deadline))
+        try:
+            link, message = await asyncio.wait_for(future, self.timeout)
+        except asyncio.TimeoutError:
+            pending.abandoned = True      # its memory is freed when the answer comes
+            raise DeadlineExceeded(f"no result within --timeout-ms {self.cfg.timeout_ms:g}")
+        try:
+            if isinstance(message, ipc.Reject):
+                raise from_code(message.code, message.message)
+            if message.error is not None:
+                raise from_code(*message.error)
+            arrays = []
+            for sl in message.outputs:
+                arr = self.segments.view(sl.ref) if sl.ref.path != self.arena.path else \
+                    self._own_view(sl.ref)
+                arrays.append(arr if sl.stop is None else arr[sl.start:sl.stop])
+            return P.encode_response(P.InferResponse(arrays))   # shared memory -> response: 1 copy
+        finally:
+            if isinstance(message, ipc.Done) and message.token is not None:
+                link.release(message.token)
+            self._finish(req_id)
+
+    def _own_view(self, ref: ipc.TensorRef) -> np.ndarray:
+        if ref.ttype == STRING:
+            return self.segments.view(ref)
+        dtype = P.TYPE_TO_DTYPE[ref.ttype]
+        count = int(np.prod(ref.shape))
+        return self.arena.buf[ref.offset:ref.offset + count * dtype.itemsize].view(
+            dtype).reshape(ref.shape)
+
+
+def _error(err: GraphPipeError) -> Response:
+    return Response(P.encode_error(err.code, err.message), status_code=err.http_status,
+                    media_type=OCTETS)
+
+
+def build_app(state: FrontState) -> Starlette:
+    async def post(request: Request) -> Response:
+        regions: list = []
+        try:
+            body, regions = await state.read_body(request)
+            req = P.decode_request(body)
+            if isinstance(req, P.MetadataRequest):
+                state._release_regions(regions)
+                return Response(state.metadata_body, media_type=OCTETS)
+            return Response(await state.infer(req, regions), media_type=OCTETS)
+        except GraphPipeError as err:
+            if not any(p.regions is regions for p in state.pending.values()):
+                state._release_regions(regions)
+            if err.code != DeadlineExceeded.code:
+                log.debug("request failed: %r", err)
+            return _error(err)
+        except Exception as e:  # a bug of ours: answer clearly, keep serving
+            log.exception("internal error")
+            state._release_regions(regions)
+            return _error(InternalError(f"internal server error: {type(e).__name__}: {e}"))
+
+    async def get_info(request: Request) -> Response:
+        spec = state.spec
+        io = lambda specs: [{"name": s.name, "shape": s.shape, "type": type_name(s.dtype)}
+                            for s in specs]
+        return JSONResponse({
+            "name": spec.name, "version": __version__, "server": f"gpserve {__version__}",
+            "backend": spec.backend, "description": spec.description,
+            "inputs": io(spec.inputs), "outputs": io(spec.outputs),
+            "default_inputs": spec.default_inputs, "default_outputs": spec.default_outputs,
+            "batching": {"enabled": spec.batchable and state.cfg.batching != "off",
+                         "max_batch": state.cfg.max_batch,
+                         "max_delay_ms": state.cfg.max_delay_ms,
+                         "max_queue": state.cfg.max_queue, "timeout_ms": state.cfg.timeout_ms},
+            "processes": {"fronts": state.cfg.fronts, "workers": state.cfg.workers},
+            "stats": state.counters.snapshot(),
+        })
+
+    async def is_ready(request: Request) -> Response:
+        return PlainTextResponse("ok" if state.ready else "not ready",
+                                 status_code=200 if state.ready else 503)
+
+    async def is_alive(request: Request) -> Response:
+        draining = state.server is not None and state.server.should_exit
+        return PlainTextResponse("draining" if draining else "ok",
+                                 status_code=503 if draining else 200)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await state.start()
+        yield
+        for task in state.tasks:
+            task.cancel()
+
+    return Starlette(routes=[
+        Route("/", post, methods=["POST"]), Route("/", get_info, methods=["GET"]),
+        Route("/control/is_ready", is_ready), Route("/control/is_alive", is_alive),
+    ], lifespan=lifespan)
+
+
+def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
+    import uvicorn
+
+    from .logs import setup
+    setup(cfg.verbose, f"front{index}")
+    state = FrontState(cfg, spec, index)
+    config = uvicorn.Config(
+        build_app(state), loop="uvloop", http="httptools", lifespan="on",
+        access_log=cfg.verbose >= 2, log_level="warning" if cfg.verbose < 2 else "info",
+        timeout_graceful_shutdown=int(cfg.timeout_ms / 1000) + 5, backlog=2048)
+    state.server = uvicorn.Server(config)
+    try:
+        state.server.run(sockets=[sock])
+    finally:
+        state.arena.close()

@@ -1,0 +1,206 @@
+"""Shared-memory arenas: files in /dev/shm that one process writes and others map by path.
+
+Why plain mmap over /dev/shm files rather than ``multiprocessing.shared_memory``: on
+Python 3.11 every process that attaches a SharedMemory registers it with its own
+resource tracker, which unlinks or warns about it at exit. Here ownership is simple:
+the supervisor names every segment ``gpserve-<supervisor pid>-...``, removes them all
+on a clean stop, and on start removes those whose supervisor is gone.
+
+A ``TensorRef`` (path, offset, GraphPipe type, shape) is all that crosses processes;
+numeric data sits at ``offset`` row-major; a String tensor's region holds int64 end
+offsets for each element followed by the concatenated bytes.
+"""
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from .protocol.messages import STRING, TYPE_TO_DTYPE, type_of
+
+SHM_DIR = "/dev/shm"
+PREFIX = "gpserve-"
+ALIGN = 64
+
+
+class TensorRef(NamedTuple):
+    path: str
+    offset: int
+    ttype: int
+    shape: tuple[int, ...]
+
+
+def segment_path(run_id: str, name: str) -> str:
+    return os.path.join(SHM_DIR, f"{PREFIX}{run_id}-{name}")
+
+
+def remove_run_segments(run_id: str) -> int:
+    """Unlink every segment of one server run; returns how many were removed."""
+    removed = 0
+    for name in os.listdir(SHM_DIR):
+        if name.startswith(f"{PREFIX}{run_id}-"):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def remove_stale_segments() -> int:
+    """Unlink segments left by servers that were killed (their supervisor pid is gone)."""
+    removed = 0
+    for name in os.listdir(SHM_DIR):
+        if not name.startswith(PREFIX):
+            continue
+        pid = name[len(PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            removed += 1
+        except (FileNotFoundError, PermissionError):
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Arena:
+    """A segment this process owns and writes, with a first-fit allocator of 64-byte blocks.
+
+    tmpfs pages are taken on first write, so an arena costs memory only as it is used;
+    first fit keeps reuse at low offsets, which keeps the resident size near the peak.
+    """
+
+    def __init__(self, path: str, size: int):
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self.mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.path, self.size = path, size
+        self.buf = np.frombuffer(self.mm, dtype=np.uint8)
+        self.base = self.buf.__array_interface__["data"][0]
+        self._free_starts: list[int] = [0]
+        self._free_sizes: list[int] = [size]
+        self.used = 0
+
+    def alloc(self, nbytes: int) -> int | None:
+        """Offset of a new region of at least ``nbytes``, or None when the arena is full."""
+        need = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        for i, free in enumerate(self._free_sizes):
+            if free >= need:
+                start = self._free_starts[i]
+                if free == need:
+                    del self._free_starts[i], self._free_sizes[i]
+                else:
+                    self._free_starts[i] += need
+                    self._free_sizes[i] -= need
+                self.used += need
+                return start
+        return None
+
+    def release(self, offset: int, nbytes: int) -> None:
+        size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        self.used -= size
+        starts, sizes = self._free_starts, self._free_sizes
+        i = bisect.bisect_left(starts, offset)
+        if i < len(starts) and offset + size == starts[i]:       # merge with the next
+            starts[i] = offset
+            sizes[i] += size
+        else:
+            starts.insert(i, offset)
+            sizes.insert(i, size)
+        if i > 0 and starts[i - 1] + sizes[i - 1] == starts[i]:  # merge with the previous
+            sizes[i - 1] += sizes[i]
+            del starts[i], sizes[i]
+
+    def offset_of(self, arr: np.ndarray) -> int | None:
+        """Offset of ``arr``'s data if it lies inside this arena, else None."""
+        addr = arr.__array_interface__["data"][0] - self.base
+        return addr if 0 <= addr and addr + arr.nbytes <= self.size else None
+
+    def put(self, arr: np.ndarray) -> tuple[TensorRef, int, int] | None:
+        """Copy ``arr`` into a new region (1 copy): (ref, offset, nbytes), or None if full."""
+        ttype = type_of(arr.dtype)
+        if ttype == STRING:
+            items = [x.encode() if isinstance(x, str) else bytes(x) for x in arr.reshape(-1)]
+            ends = np.cumsum([len(x) for x in items], dtype=np.int64)
+            nbytes = 8 * len(items) + (int(ends[-1]) if len(items) else 0)
+            offset = self.alloc(nbytes)
+            if offset is None:
+                return None
+            self.buf[offset:offset + 8 * len(items)].view(np.int64)[:] = ends
+            blob = b"".join(items)
+            start = offset + 8 * len(items)
+            self.buf[start:start + len(blob)] = np.frombuffer(blob, np.uint8)
+        else:
+            nbytes = arr.nbytes
+            offset = self.alloc(nbytes)
+            if offset is None:
+                return None
+            dst = self.buf[offset:offset + nbytes].view(TYPE_TO_DTYPE[ttype]).reshape(arr.shape)
+            np.copyto(dst, arr)
+        return TensorRef(self.path, offset, ttype, tuple(arr.shape)), offset, nbytes
+
+    def close(self) -> None:
+        self.buf = None
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # views still alive; the mapping goes with the process
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class Segments:
+    """Read-only mappings of other processes' arenas, opened on first use and cached."""
+
+    def __init__(self):
+        self._maps: dict[str, np.ndarray] = {}
+
+    def _buf(self, path: str) -> np.ndarray:
+        buf = self._maps.get(path)
+        if buf is None:
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            buf = self._maps[path] = np.frombuffer(mm, dtype=np.uint8)
+        return buf
+
+    def view(self, ref: TensorRef) -> np.ndarray:
+        """The tensor a ref names: a read-only view (0 copies), or an object array for strings."""
+        buf = self._buf(ref.path)
+        count = 1
+        for d in ref.shape:
+            count *= d
+        if ref.ttype == STRING:
+            ends = buf[ref.offset:ref.offset + 8 * count].view(np.int64)
+            start = ref.offset + 8 * count
+            out = np.empty(count, dtype=object)
+            prev = 0
+            for i, end in enumerate(ends.tolist()):
+                out[i] = buf[start + prev:start + end].tobytes()
+                prev = end
+            return out.reshape(ref.shape)
+        dtype = TYPE_TO_DTYPE[ref.ttype]
+        return buf[ref.offset:ref.offset + count * dtype.itemsize].view(dtype).reshape(ref.shape)
+
+    def forget_prefix(self, prefix: str) -> None:
+        """Drop mappings whose owner is gone (the memory is freed once their views die)."""
+        for path in [p for p in self._maps if p.startswith(prefix)]:
+            del self._maps[path]

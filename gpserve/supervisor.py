@@ -1,0 +1,183 @@
+"""The supervisor (``gpserve serve``): binds the socket once, starts and restarts the
+fronts, the batcher and the workers, and on SIGTERM/SIGINT drains and cleans up.
+
+Stop order: fronts first (uvicorn stops accepting and finishes the requests in flight,
+which still need the batcher and workers), then the batcher and workers; then every
+shared-memory segment of this run is removed. Children are started with ``spawn``:
+model runtimes and uvloop must not inherit a forked copy of another process's state.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import time
+from multiprocessing.connection import wait
+
+from . import ipc
+from .config import Config
+from .model_source import resolve
+from .shm import remove_run_segments, remove_stale_segments, segment_path
+
+log = logging.getLogger("gpserve.supervisor")
+RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+def _bind(cfg: Config) -> socket.socket:
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((cfg.host, cfg.port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"gpserve: cannot listen on {cfg.listen}: {e.strerror}"
+                         + (" (is another server running there?)"
+                            if e.errno == 98 else "")) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def inspect_model(cfg: Config):
+    """Load the model once here to fail fast and to learn its spec for the fronts."""
+    from gpserve.workers.backend import backend_name, load
+    try:
+        cfg.backend = cfg.backend or backend_name(cfg.model_path)
+        backend = load(cfg.backend, cfg.model_path, "cpu", 1, cfg.inputs, cfg.outputs)
+    except SystemExit:
+        raise
+    except Exception as e:
+        raise SystemExit(f"gpserve: cannot load model {cfg.model_path} "
+                         f"(backend {cfg.backend or '?'}): {type(e).__name__}: {e}") from None
+    spec = backend.spec
+    del backend
+    return spec
+
+
+class _Child:
+    def __init__(self, role: str, index: int, target, args):
+        self.role, self.index, self.target, self.args = role, index, target, args
+        self.process: mp.Process | None = None
+        self.restarts = 0
+        self.started = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}{self.index}" if self.role != "batcher" else "batcher"
+
+
+class Supervisor:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.ctx = mp.get_context("spawn")
+        self.children: list[_Child] = []
+        self.stopping = False
+
+    def _start(self, child: _Child) -> None:
+        child.process = self.ctx.Process(target=child.target, args=child.args,
+                                         name=f"gpserve-{child.name}", daemon=False)
+        child.process.start()
+        child.started = time.monotonic()
+
+    def run(self) -> int:
+        cfg = self.cfg
+        removed = remove_stale_segments()
+        if removed:
+            log.info("removed %d shared-memory segments left by a killed server", removed)
+        cfg.model_path = resolve(cfg.model, cfg.cache_dir)
+        spec = inspect_model(cfg)
+        sock = _bind(cfg)
+        cfg.run_id = str(os.getpid())
+        self.counters = ipc.Counters(segment_path(cfg.run_id, "counters"), create=True)
+
+        from gpserve.workers import worker
+        from . import batcher, front
+        self.children = (
+            [_Child("batcher", 0, batcher.main, (cfg,))]
+            + [_Child("worker", i, worker.main, (cfg, i)) for i in range(cfg.workers)]
+            + [_Child("front", i, front.main, (cfg, spec, i, sock)) for i in range(cfg.fronts)])
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            for child in self.children:
+                self._start(child)
+            log.info("serving %s (%s backend, %s) on http://%s with %d fronts, %d workers, "
+                     "max batch %d, max delay %g ms", spec.name, spec.backend, cfg.device,
+                     cfg.listen, cfg.fronts, cfg.workers, cfg.max_batch, cfg.max_delay_ms)
+            self._watch()
+        finally:
+            self._stop(sock)
+        return 0
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self.stopping:
+            log.info("received %s: draining", signal.Signals(signum).name)
+        self.stopping = True
+
+    def _watch(self) -> None:
+        slots = {"worker": ipc.Counters.WORKER_RESTARTS, "front": ipc.Counters.FRONT_RESTARTS,
+                 "batcher": ipc.Counters.BATCHER_RESTARTS}
+        while not self.stopping:
+            sentinels = {c.process.sentinel: c for c in self.children}
+            for ready in wait(list(sentinels), timeout=0.5):
+                child = sentinels[ready]
+                if self.stopping:
+                    break
+                child.process.join()
+                code = child.process.exitcode
+                how = f"signal {-code}" if code and code < 0 else f"exit code {code}"
+                lived = time.monotonic() - child.started
+                delay = 0.0 if lived > 30 else RESTART_BACKOFF_S[
+                    min(child.restarts, len(RESTART_BACKOFF_S) - 1)]
+                log.warning("%s (pid %d) died (%s); restarting in %.1fs", child.name,
+                            child.process.pid, how, delay)
+                time.sleep(delay)
+                child.restarts += 1
+                self.counters.slots[slots[child.role]] += 1
+                self._start(child)
+
+    def _stop(self, sock: socket.socket) -> None:
+        self.stopping = True
+        started = [c for c in self.children if c.process is not None]
+        fronts = [c for c in started if c.role == "front"]
+        for child in fronts:
+            _signal(child, signal.SIGTERM)
+        grace = self.cfg.timeout_ms / 1000 + 10
+        for child in fronts:
+            child.process.join(grace)
+        sock.close()
+        for child in started:
+            if child.role != "front":
+                _signal(child, signal.SIGTERM)
+        for child in started:
+            child.process.join(5)
+            if child.process.is_alive():
+                log.warning("%s did not stop; killing it", child.name)
+                child.process.kill()
+                child.process.join(5)
+        removed = remove_run_segments(self.cfg.run_id) if self.cfg.run_id else 0
+        log.info("stopped; removed %d shared-memory segments", removed)
+
+
+def _signal(child: _Child, sig: int) -> None:
+    if child.process.is_alive():
+        try:
+            os.kill(child.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def serve(cfg: Config) -> int:
+    from .logs import setup
+    setup(cfg.verbose, "supervisor")
+    try:
+        return Supervisor(cfg).run()
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 2
+        raise
