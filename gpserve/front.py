@@ -56,6 +56,8 @@ class _Link(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.send(ipc.Hello("front", self.state.index, os.getpid()))
+        if self.role == "worker":
+            self.state.worker_links += 1
 
     def data_received(self, data: bytes) -> None:
         for message in self.frames.feed(data):
@@ -98,6 +100,7 @@ class FrontState:
         self.metadata_body = bytes(P.encode_metadata_response(
             spec.metadata(server=f"gpserve {__version__}", version=__version__)))
         self.tasks: list[asyncio.Task] = []
+        self.worker_links = 0
 
     # -- links -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -128,6 +131,8 @@ class FrontState:
                     self._finish(req_id)
 
     def on_lost(self, link: _Link) -> None:
+        if link.role == "worker":
+            self.worker_links -= 1
         if link is self.batcher:
             self.batcher = None
             log.warning("lost the batcher; reconnecting")
@@ -155,7 +160,7 @@ class FrontState:
     @property
     def ready(self) -> bool:
         draining = self.server is not None and self.server.should_exit
-        return (not draining and self.batcher is not None
+        return (not draining and self.batcher is not None and self.worker_links > 0
                 and self.counters.slots[ipc.Counters.READY_WORKERS] > 0)
 
     # -- one request -------------------------------------------------------------------
@@ -300,7 +305,9 @@ def build_app(state: FrontState) -> Starlette:
                          "max_batch": state.cfg.max_batch,
                          "max_delay_ms": state.cfg.max_delay_ms,
                          "max_queue": state.cfg.max_queue, "timeout_ms": state.cfg.timeout_ms},
-            "processes": {"fronts": state.cfg.fronts, "workers": state.cfg.workers},
+            "processes": {"fronts": state.cfg.fronts, "workers": state.cfg.workers,
+                          "pids": state.counters.pids(state.cfg.workers, state.cfg.fronts),
+                          "this_front": os.getpid()},
             "stats": state.counters.snapshot(),
         })
 

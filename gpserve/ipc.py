@@ -130,13 +130,17 @@ class Counters:
 
     READY_WORKERS, BATCHES, ROWS, MAX_BATCH_ROWS, QUEUED_ROWS, WORKER_RESTARTS, \
         FRONT_RESTARTS, BATCHER_RESTARTS, REJECTED_QUEUE_FULL, EXPIRED = range(10)
+    BATCHER_PID = 10
     HIST_START = 16            # batch-size histogram: slot HIST_START + min(rows, 64) - 1
     HIST_BINS = 64
-    SLOTS = HIST_START + HIST_BINS
+    WORKER_PIDS = HIST_START + HIST_BINS          # one slot per worker, then per front
+    FRONT_PIDS = WORKER_PIDS + 64
+    SLOTS = FRONT_PIDS + 64
 
     def __init__(self, path: str, create: bool = False):
         import mmap
         import os
+        self.path = path
         size = 8 * self.SLOTS
         if create:
             fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
@@ -170,6 +174,13 @@ class Counters:
             "front_restarts": s[self.FRONT_RESTARTS],
             "batcher_restarts": s[self.BATCHER_RESTARTS], "batch_size_histogram": hist,
         }
+
+    def pids(self, workers: int, fronts: int) -> dict:
+        s = self.slots.tolist()
+        return {"supervisor": int(self.path.rsplit("gpserve-", 1)[1].split("-")[0]),
+                "batcher": s[self.BATCHER_PID],
+                "workers": s[self.WORKER_PIDS:self.WORKER_PIDS + workers],
+                "fronts": s[self.FRONT_PIDS:self.FRONT_PIDS + fronts]}
 
 
 def listening_socket(address: str) -> "socket.socket":

@@ -82,6 +82,9 @@ class Supervisor:
                                          name=f"gpserve-{child.name}", daemon=False)
         child.process.start()
         child.started = time.monotonic()
+        slot = {"batcher": ipc.Counters.BATCHER_PID, "worker": ipc.Counters.WORKER_PIDS,
+                "front": ipc.Counters.FRONT_PIDS}[child.role] + child.index
+        self.counters.slots[slot] = child.process.pid
 
     def run(self) -> int:
         cfg = self.cfg
@@ -92,6 +95,8 @@ class Supervisor:
         spec = inspect_model(cfg)
         sock = _bind(cfg)
         cfg.run_id = str(os.getpid())
+        if cfg.workers > 64 or cfg.fronts > 64:
+            raise SystemExit("gpserve: at most 64 workers and 64 fronts")
         self.counters = ipc.Counters(segment_path(cfg.run_id, "counters"), create=True)
 
         from gpserve.workers import worker

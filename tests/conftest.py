@@ -55,3 +55,20 @@ def need_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: these tests need ../shared beside the checkout (CI has it)")
     return path
+
+
+@pytest.fixture(scope="session")
+def minilm_path(tmp_path_factory) -> Path:
+    """The MiniLM model, gunzipped once per session (the server also reads .gz directly)."""
+    import gzip
+    src = need_shared(MODELS / "all-MiniLM-L6-v2_int8.onnx.gz")
+    dst = tmp_path_factory.mktemp("models") / "all-MiniLM-L6-v2_int8.onnx"
+    dst.write_bytes(gzip.decompress(src.read_bytes()))
+    return dst
+
+
+def ort_session(path):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

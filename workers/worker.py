@@ -77,11 +77,46 @@ class Worker:
                 self.sel.register(sock, selectors.EVENT_READ, ("batcher", None))
         for i in range(self.cfg.fronts):
             if i not in self.fronts:
-                sock = _connect(ipc.front_address(self.cfg.run_id, i))
-                if sock is not None:
-                    conn = self.fronts[i] = _Conn(sock)
-                    conn.send(ipc.Hello("worker", self.index, os.getpid()))
+                self._connect_front(i)
+
+    def _connect_front(self, i: int, wait_s: float = 0.0) -> _Conn | None:
+        """Connect to front ``i`` and read its Hello (its pid), retrying up to ``wait_s``."""
+        give_up = time.monotonic() + wait_s
+        while True:
+            sock = _connect(ipc.front_address(self.cfg.run_id, i))
+            if sock is not None:
+                conn = _Conn(sock)
+                conn.send(ipc.Hello("worker", self.index, os.getpid()))
+                sock.settimeout(2.0)
+                try:
+                    while not conn.peer_pid:
+                        data = sock.recv(1 << 16)
+                        if not data:
+                            raise OSError("front closed the connection")
+                        for message in conn.frames.feed(data):
+                            if isinstance(message, ipc.Hello):
+                                conn.peer_pid = message.pid
+                except OSError:
+                    sock.close()
+                else:
+                    sock.settimeout(None)
+                    self.fronts[i] = conn
                     self.sel.register(sock, selectors.EVENT_READ, ("front", i))
+                    return conn
+            if time.monotonic() >= give_up:
+                return None
+            time.sleep(0.02)
+
+    def _front(self, i: int, pid: int) -> _Conn | None:
+        """The link to the front incarnation ``pid`` of index ``i``, connecting if needed."""
+        conn = self.fronts.get(i)
+        if conn is not None and conn.peer_pid != pid and _pid_alive(conn.peer_pid):
+            return None                         # that request's front is gone
+        if conn is None or conn.peer_pid != pid:
+            if conn is not None:
+                self._drop("front", i)
+            conn = self._connect_front(i, wait_s=2.0)
+        return conn if conn is not None and conn.peer_pid == pid else None
 
     def _drop(self, role: str, index: int | None) -> None:
         conn = self.batcher if role == "batcher" else self.fronts.pop(index)
@@ -130,10 +165,6 @@ class Worker:
                     if not held[token]:
                         del held[token]
                 self._release(token, 1)
-        elif isinstance(message, ipc.Hello):
-            conn = self.fronts.get(front_index)
-            if conn is not None:
-                conn.peer_pid = message.pid
 
     def _release(self, token: int, count: int) -> None:
         entry = self.outstanding.get(token)
@@ -222,9 +253,8 @@ class Worker:
             else:
                 slices = tuple(ipc.OutputSlice(ref, start, start + item.rows) for ref in refs)
                 start += item.rows
-            conn = self.fronts.get(item.front)
-            if conn is not None and conn.peer_pid == item.front_pid and conn.send(
-                    ipc.Done(item.req_id, slices, None, token)):
+            conn = self._front(item.front, item.front_pid)
+            if conn is not None and conn.send(ipc.Done(item.req_id, slices, None, token)):
                 if token is not None:
                     self.held_by_front.setdefault(item.front, Counter())[token] += 1
             elif token is not None:
@@ -249,9 +279,19 @@ class Worker:
                             self._handle(message, index)
 
     def _fail(self, item: ipc.Submit, err: GraphPipeError) -> None:
-        conn = self.fronts.get(item.front)
-        if conn is not None and conn.peer_pid == item.front_pid:
+        conn = self._front(item.front, item.front_pid)
+        if conn is not None:
             conn.send(ipc.Done(item.req_id, (), (err.code, err.message), None))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _device(cfg: Config, index: int) -> str:
