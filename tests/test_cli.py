@@ -1,0 +1,104 @@
+"""The command line: fail fast with a clear message; the default model; --model URL."""
+import functools
+import http.server
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from gpserve.client import Client
+from gpserve.workers.default_model import spiral_points
+
+from conftest import MODELS, need_shared
+from server import Server, free_port
+
+
+def serve(*args, timeout=60, env=None):
+    import os
+    return subprocess.run([sys.executable, "-m", "gpserve", "serve", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_bad_flags_fail_fast():
+    r = serve("--model", "echo", "--max-batch", "0")
+    assert r.returncode != 0 and "--max-batch must be at least 1" in r.stderr
+    r = serve("--model", "echo", "--device", "tpu")
+    assert r.returncode != 0 and "--device 'tpu'" in r.stderr
+    r = serve("--model", "echo", "--listen", "nonsense")
+    assert r.returncode != 0 and "is not host:port" in r.stderr
+    r = serve("--no-such-flag")
+    assert r.returncode == 2 and "unrecognized arguments: --no-such-flag" in r.stderr
+
+
+def test_missing_and_unloadable_models(tmp_path):
+    r = serve("--model", str(tmp_path / "absent.onnx"))
+    assert r.returncode != 0 and "no such file or directory" in r.stderr
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"this is not a protobuf")
+    r = serve("--model", str(broken))
+    assert r.returncode != 0 and "cannot load model" in r.stderr and "backend onnx" in r.stderr
+    odd = tmp_path / "model.xyz"
+    odd.write_bytes(b"?")
+    r = serve("--model", str(odd))
+    assert r.returncode != 0 and "cannot tell which backend" in r.stderr
+
+
+def test_wrong_names_for_inputs_flag():
+    r = serve("--model", str(need_shared(MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx")),
+              "--inputs", "image")
+    assert r.returncode != 0 and "--inputs names 'image'" in r.stderr
+
+
+def test_port_in_use():
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = serve("--model", "echo", "--listen", f"127.0.0.1:{port}")
+    assert r.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+def test_default_model_is_built_once_and_classifies(tmp_path):
+    env = {"GP_CACHE_DIR": str(tmp_path / "cache")}
+    points, labels = spiral_points(100, seed=42)
+    with Server(env=env) as s, Client(s.url) as c:
+        assert s.info()["name"] == "spirals"
+        probs = c.execute(points)
+    assert probs.shape == (300, 3)
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    assert (probs.argmax(1) == labels).mean() > 0.95
+    built = tmp_path / "cache" / "models" / "spirals.onnx"
+    assert built.exists()
+    mtime = built.stat().st_mtime_ns
+    with Server(env=env):
+        assert built.stat().st_mtime_ns == mtime       # reused, not rebuilt
+
+
+@pytest.fixture
+def http_models():
+    """A plain HTTP server on loopback serving ../shared/models."""
+    folder = need_shared(MODELS)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_model_from_url_downloaded_once(tmp_path, http_models):
+    url = f"{http_models}/ch_ppocr_mobile_v2.0_cls_infer.onnx"
+    env = {"GP_CACHE_DIR": str(tmp_path)}
+    x = np.load(MODELS / "fixtures" / "ocr_cls_input.npy")
+    with Server("--model", url, env=env) as s, Client(s.url) as c:
+        assert c.execute(x).argmax(1).tolist() == [0, 0, 0, 1, 1, 1]
+        assert "downloading" in s.output()
+    files = list((tmp_path / "downloads").rglob("*.onnx"))
+    assert len(files) == 1 and files[0].stat().st_size == 585532
+    with Server("--model", url, env=env) as s:
+        assert "downloading" not in s.output()
+    r = serve("--model", f"{http_models}/missing.onnx", env=env)
+    assert r.returncode != 0 and "download failed" in r.stderr and "404" in r.stderr
