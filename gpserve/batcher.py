@@ -38,6 +38,10 @@ class _Peer(asyncio.Protocol):
         self.running: ipc.Batch | None = None   # workers: the batch in flight
 
     def connection_made(self, transport) -> None:
+        if not ipc.same_user(transport.get_extra_info("socket")):
+            log.warning("refused an IPC connection from another user's process")
+            transport.close()
+            return
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:

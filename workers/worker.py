@@ -49,6 +49,10 @@ def _connect(address: str) -> socket.socket | None:
     except OSError:
         sock.close()
         return None
+    if not ipc.same_user(sock):
+        log.warning("%r is held by another user's process; not connecting", address)
+        sock.close()
+        return None
     return sock
 
 
@@ -66,6 +70,8 @@ class Worker:
         # output regions: token -> [regions, requests that have not released it yet]
         self.outstanding: dict[int, list] = {}
         self.held_by_front: dict[int, Counter] = {}
+        # frames for each front, sent in one write per front when a batch is done
+        self.outbox: dict[int, list] = {}
 
     # -- connections -------------------------------------------------------------------
     def _reconnect(self) -> None:
@@ -155,6 +161,7 @@ class Worker:
     def _handle(self, message, front_index: int | None) -> None:
         if isinstance(message, ipc.Batch):
             rows = self._run_batch(message)
+            self._flush()
             if self.batcher is not None:
                 self.batcher.send(ipc.Finished(message.batch_id, rows))
         elif isinstance(message, ipc.Release):
@@ -189,7 +196,7 @@ class Worker:
         if not live:
             return 0
         try:
-            outputs = self._compute(live)
+            outputs, single = self._compute(live)
         except Exception as e:  # the model's own error, reported to the caller
             if len(live) > 1:   # find the request that broke the batch; run each alone
                 return sum(self._run_batch(ipc.Batch(batch.batch_id, (item,))) for item in live)
@@ -197,10 +204,11 @@ class Worker:
                 f"the model failed: {type(e).__name__}: {e}")
             self._fail(live[0], err)
             return 0
-        self._deliver(batch.batch_id, live, outputs)
+        self._deliver(batch.batch_id, live, outputs, single)
         return sum(item.rows or 1 for item in live)
 
-    def _compute(self, live: list[ipc.Submit]) -> list[np.ndarray]:
+    def _compute(self, live: list[ipc.Submit]) -> tuple[list, list | None]:
+        """The model's outputs, and the input views when the batch is one request."""
         first = live[0]
         views = [[self.segments.view(ref) for ref in item.inputs] for item in live]
         if len(live) == 1:
@@ -208,7 +216,6 @@ class Worker:
         else:
             feed = {name: np.concatenate([v[k] for v in views])     # the gather: 1 copy
                     for k, name in enumerate(first.input_names)}
-        self.feed_single = views[0] if len(live) == 1 else None
         outputs = self.backend.run(feed, list(first.output_names), first.config)
         if first.rows is not None:
             total = sum(item.rows for item in live)
@@ -217,16 +224,16 @@ class Worker:
                     raise ModelError(f"output {name!r} has shape {list(np.shape(out))} for a "
                                      f"batch of {total} rows; a batchable model must return "
                                      "one row per input row")
-        return outputs
+        return outputs, views[0] if len(live) == 1 else None
 
-    def _deliver(self, batch_id: int, live: list[ipc.Submit], outputs) -> None:
+    def _deliver(self, batch_id: int, live: list[ipc.Submit], outputs, single) -> None:
         refs, regions = [], []
         for k, out in enumerate(outputs):
             out = out if isinstance(out, np.ndarray) else np.asarray(out)
             reused = None
-            if self.feed_single is not None:
-                reused = next((ref for ref, arr in zip(live[0].inputs, self.feed_single)
-                               if arr is out), None)
+            if single is not None:
+                reused = next((ref for ref, arr in zip(live[0].inputs, single) if arr is out),
+                              None)
             if reused is not None:
                 refs.append(reused)                                  # echo: 0 copies
                 continue
@@ -253,8 +260,7 @@ class Worker:
             else:
                 slices = tuple(ipc.OutputSlice(ref, start, start + item.rows) for ref in refs)
                 start += item.rows
-            conn = self._front(item.front, item.front_pid)
-            if conn is not None and conn.send(ipc.Done(item.req_id, slices, None, token)):
+            if self._to_front(item, ipc.Done(item.req_id, slices, None, token)):
                 if token is not None:
                     self.held_by_front.setdefault(item.front, Counter())[token] += 1
             elif token is not None:
@@ -279,9 +285,25 @@ class Worker:
                             self._handle(message, index)
 
     def _fail(self, item: ipc.Submit, err: GraphPipeError) -> None:
-        conn = self._front(item.front, item.front_pid)
-        if conn is not None:
-            conn.send(ipc.Done(item.req_id, (), (err.code, err.message), None))
+        self._to_front(item, ipc.Done(item.req_id, (), (err.code, err.message), None))
+
+    def _to_front(self, item: ipc.Submit, message) -> bool:
+        """Queue a message for the request's front; False if that front is gone."""
+        if self._front(item.front, item.front_pid) is None:
+            return False
+        self.outbox.setdefault(item.front, []).append(ipc.frame(message))
+        return True
+
+    def _flush(self) -> None:
+        """One write per front for everything a batch produced."""
+        for index, frames in self.outbox.items():
+            conn = self.fronts.get(index)
+            if conn is not None:
+                try:
+                    conn.sock.sendall(b"".join(frames))
+                except OSError:
+                    pass     # the front died; its requests' regions go when we see EOF
+        self.outbox = {}
 
 
 def _pid_alive(pid: int) -> bool:
