@@ -58,3 +58,54 @@ def bar_chart(path: str, title: str, labels: list[str], series: dict[str, list[f
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+class Process:
+    """A server subprocess started for a benchmark, waited for, and stopped by its pid."""
+
+    def __init__(self, argv: list[str], ready_url: str, ready_body: bytes | None = None,
+                 timeout: float = 90):
+        import subprocess
+        import urllib.request
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{argv[:4]} exited with {self.proc.returncode}")
+            try:
+                req = urllib.request.Request(ready_url, data=ready_body)
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{argv[:4]} not ready in {timeout}s")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        import signal
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def uvicorn_argv(app: str, port: int, workers: int) -> list[str]:
+    import sys
+    from pathlib import Path
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(__file__).parent), app,
+            "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+            "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
+            "--no-access-log"]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

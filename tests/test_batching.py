@@ -7,7 +7,7 @@ import pytest
 from gpserve.client import AsyncClient, Client
 
 from conftest import MODELS, need_shared
-from server import Server
+from gpserve.testing import Server
 
 CLS = MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 

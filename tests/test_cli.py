@@ -12,7 +12,7 @@ from gpserve.client import Client
 from gpserve.workers.default_model import spiral_points
 
 from conftest import MODELS, need_shared
-from server import Server, free_port
+from gpserve.testing import Server, free_port
 
 
 def serve(*args, timeout=60, env=None):

@@ -12,7 +12,7 @@ from gpserve import protocol as P
 from gpserve.client import Client
 
 from conftest import MODELS, need_shared
-from server import Server
+from gpserve.testing import Server
 
 CLS = MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 ROW = np.zeros((1, 3, 48, 192), np.float32)

@@ -12,7 +12,7 @@ from gpserve.client import Client
 from gpserve.errors import GraphPipeError
 
 from conftest import MODELS, need_shared
-from server import Server
+from gpserve.testing import Server
 
 CLS = MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 TIMEOUT_S = 10

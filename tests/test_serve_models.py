@@ -9,7 +9,7 @@ from gpserve.client import AsyncClient, Client
 from gpserve.errors import UnknownInput
 
 from conftest import MODELS, need_shared, ort_session
-from server import Server
+from gpserve.testing import Server
 
 CLS = MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 REC = MODELS / "ch_PP-OCRv4_rec_infer.onnx"

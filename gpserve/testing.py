@@ -1,4 +1,5 @@
-"""Start the real server as a subprocess on loopback, wait until it is ready, stop it cleanly."""
+"""Run a real gpserve as a subprocess on loopback (for tests and benchmarks): start it, wait
+until it is ready, read its stats, stop it cleanly."""
 from __future__ import annotations
 
 import json
