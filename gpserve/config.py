@@ -9,7 +9,7 @@ from pathlib import Path
 
 from platformdirs import user_cache_dir
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("GP_CACHE_HOME", user_cache_dir("gpserve")))
+CACHE_HOME = Path(user_cache_dir("gpserve"))
 
 
 @dataclass
@@ -29,12 +29,16 @@ class Config:
     threads: int = 0                     # runtime threads per worker; 0: from the machine
     batching: str = "auto"               # auto | off
     shm_mb: int = 0                      # arena size per process; 0: from max_body_mb
-    cache_dir: str = str(DEFAULT_CACHE_DIR)
+    models_dir: str = str(CACHE_HOME / "models")   # downloaded and built models
+    cache: bool = False                  # the LMDB row cache
+    cache_dir: str = str(CACHE_HOME / "rows")
+    cache_size_mb: int = 1024
     verbose: int = 0
     # filled in by the supervisor
     run_id: str = ""
     model_path: str = ""
     backend: str = ""
+    fingerprint: str = ""                # hash of the model's file(s), for cache keys
 
     @property
     def host(self) -> str:
@@ -110,8 +114,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
       help="'off' runs every request alone [GP_BATCHING]")
     a("--shm-mb", type=int, default=int(_env("SHM_MB", 0)),
       help="shared memory per process for tensors (default: max(256, 2 x max body)) [GP_SHM_MB]")
+    a("--models-dir", default=_env("MODELS_DIR", d.models_dir),
+      help="where downloaded and built models are kept [GP_MODELS_DIR]")
+    a("--cache", action=argparse.BooleanOptionalAction,
+      default=_env("CACHE", "0").lower() in ("1", "true", "yes", "on"),
+      help="answer rows seen before from the LMDB row cache [GP_CACHE=1]")
     a("--cache-dir", default=_env("CACHE_DIR", d.cache_dir),
-      help="where downloaded and built models are kept [GP_CACHE_DIR]")
+      help="where the row cache lives, one LMDB environment per model [GP_CACHE_DIR]")
+    a("--cache-size-mb", type=int, default=int(_env("CACHE_SIZE_MB", d.cache_size_mb)),
+      help="hard bound on the row cache's disk use, per model [GP_CACHE_SIZE_MB]")
     a("-v", "--verbose", action="count", default=int(_env("VERBOSE", 0)))
 
 
@@ -131,6 +142,8 @@ def from_args(args: argparse.Namespace) -> Config:
     for name in ("timeout_ms", "max_body_mb"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive")
+    if cfg.cache_size_mb < 1:
+        problems.append("--cache-size-mb must be at least 1")
     if cfg.fronts < 0 or cfg.workers < 0 or cfg.threads < 0:
         problems.append("--fronts, --workers and --threads must not be negative")
     dev = cfg.device

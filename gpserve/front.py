@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import time
 
 import numpy as np
@@ -26,12 +27,13 @@ from . import __version__, ipc
 from . import protocol as P
 from .config import Config
 from .errors import (
-    BodyTooLarge, DeadlineExceeded, GraphPipeError, InternalError, ProtocolError, QueueFull,
+    BadConfig, BodyTooLarge, DeadlineExceeded, GraphPipeError, InternalError, ProtocolError, QueueFull,
     Unavailable, from_code,
 )
 from .modelspec import ModelSpec
 from .protocol.messages import STRING, type_name, type_of
 from .shm import Arena, Segments, segment_path
+from gpserve.cache.keys import row_keys
 
 log = logging.getLogger("gpserve.front")
 OCTETS = "application/octet-stream"
@@ -112,6 +114,11 @@ class FrontState:
             spec.metadata(server=f"gpserve {__version__}", version=__version__)))
         self.tasks: list[asyncio.Task] = []
         self.worker_links = 0
+        self.cache = None
+        if cfg.cache:
+            from gpserve.cache.store import RowCache, environment_path
+            self.cache = RowCache(environment_path(cfg.cache_dir, spec.name, cfg.model_path),
+                                  cfg.cache_size_mb, self.counters, index)
 
     # -- links -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -240,20 +247,59 @@ class FrontState:
     async def infer(self, req: P.InferRequest, regions: list) -> memoryview:
         names, outputs, rows = self.spec.check(list(req.inputs), list(req.input_names),
                                                list(req.output_names))
-        if self.cfg.batching == "off" or not self.spec.batchable:
-            rows = None
-        refs = tuple(self.place(a, regions) for a in req.inputs)
+        tensors = list(req.inputs)
+        if self.cache is not None and rows and _cache_wanted(req.config):
+            return await self._infer_cached(tensors, names, outputs, req.config, rows, regions)
+        refs = tuple(self.place(a, regions) for a in tensors)
+        async with self._compute(refs, names, outputs, req.config, rows, regions) as arrays:
+            return P.encode_response(P.InferResponse(arrays))   # shared memory -> response: 1 copy
+
+    async def _infer_cached(self, tensors, names, outputs, config, rows, regions) -> memoryview:
+        """Answer the rows the cache knows, compute only the others, merge in row order."""
+        keys = row_keys(self.cfg.fingerprint, config, names, tensors)
+        cached = self.cache.lookup(keys, outputs)
+        missing = [i for i, found in enumerate(cached) if found is None]
+        if not missing:                                   # never reaches the batcher
+            self._release_regions(regions)
+            return P.encode_response(P.InferResponse(
+                [np.stack([found[k] for found in cached]) for k in range(len(outputs))]))
+        if len(missing) == rows:
+            refs = tuple(self.place(t, regions) for t in tensors)
+        else:
+            refs = tuple(self.place_rows(t, missing, regions) for t in tensors)
+        async with self._compute(refs, names, outputs, config, len(missing), regions) as computed:
+            merged = computed
+            if len(missing) < rows:
+                hit = [i for i in range(rows) if cached[i] is not None]
+                merged = []
+                for k, rows_k in enumerate(computed):
+                    out = np.empty((rows,) + rows_k.shape[1:], rows_k.dtype)
+                    out[missing] = rows_k
+                    out[hit] = np.stack([cached[i][k] for i in hit])
+                    merged.append(out)
+            body = P.encode_response(P.InferResponse(merged))
+            # The writer thread needs rows that outlive the worker's shared memory: 1 copy.
+            self.cache.store([keys[i] for i in missing], outputs,
+                             [np.array(a, copy=True) for a in computed])
+            return body
+
+    @contextlib.asynccontextmanager
+    async def _compute(self, refs, names, outputs, config, rows, regions):
+        """Submit to the batcher, wait, and yield the output arrays (views of the worker's
+        shared memory, valid inside the block); release everything afterwards."""
         if self.batcher is None:
             raise Unavailable("the server is starting or restarting its batcher; try again")
+        if self.cfg.batching == "off" or not self.spec.batchable:
+            rows = None
         key = (tuple(names), tuple((r.ttype, r.shape[1:]) for r in refs), tuple(outputs),
-               req.config) if rows is not None else ("alone", next(self.ids))
+               config) if rows is not None else ("alone", next(self.ids))
         req_id = next(self.ids)
         deadline = time.monotonic() + self.timeout
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         pending = self.pending[req_id] = _Pending(future, regions, deadline)
         self.batcher.send(ipc.Submit(req_id, self.index, self.pid, refs, tuple(names),
-                                     tuple(outputs), req.config, rows, key, deadline))
+                                     tuple(outputs), config, rows, key, deadline))
         timer = loop.call_later(self.timeout, _expire, future)   # cheaper than wait_for
         try:
             link, message = await future
@@ -272,11 +318,26 @@ class FrontState:
                 arr = self.segments.view(sl.ref) if sl.ref.path != self.arena.path else \
                     self._own_view(sl.ref)
                 arrays.append(arr if sl.stop is None else arr[sl.start:sl.stop])
-            return P.encode_response(P.InferResponse(arrays))   # shared memory -> response: 1 copy
+            yield arrays
         finally:
             if isinstance(message, ipc.Done) and message.token is not None:
                 link.release(message.token)
             self._finish(req_id)
+
+    def place_rows(self, arr: np.ndarray, rows: list[int], regions: list) -> ipc.TensorRef:
+        """Some rows of a tensor, gathered straight into shared memory (1 copy)."""
+        if arr.dtype == object:
+            return self.place(arr[rows], regions)
+        shape = (len(rows),) + arr.shape[1:]
+        nbytes = int(np.prod(shape)) * arr.itemsize
+        offset = self.arena.alloc(nbytes)
+        if offset is None:
+            raise QueueFull(f"this front's shared memory ({self.arena.size >> 20} MiB) is full "
+                            "of requests in flight; retry later or raise --shm-mb")
+        regions.append((offset, nbytes))
+        dst = self.arena.buf[offset:offset + nbytes].view(arr.dtype).reshape(shape)
+        np.take(arr, rows, axis=0, out=dst)
+        return ipc.TensorRef(self.arena.path, offset, type_of(arr.dtype), shape)
 
     def _own_view(self, ref: ipc.TensorRef) -> np.ndarray:
         if ref.ttype == STRING:
@@ -285,6 +346,19 @@ class FrontState:
         count = int(np.prod(ref.shape))
         return self.arena.buf[ref.offset:ref.offset + count * dtype.itemsize].view(
             dtype).reshape(ref.shape)
+
+
+def _cache_wanted(config: str) -> bool:
+    """``cache=off`` in a request's config skips the row cache (no lookup, no write)."""
+    if "cache=" not in config:
+        return True
+    for token in re.split(r"[;,\s]+", config):
+        if token.startswith("cache="):
+            value = token[len("cache="):]
+            if value not in ("on", "off"):
+                raise BadConfig(f"config {token!r}: cache takes 'on' or 'off'")
+            return value == "on"
+    return True
 
 
 def _expire(future: asyncio.Future) -> None:
@@ -357,6 +431,9 @@ def build_app(state: FrontState) -> GraphPipeApp:
                           "pids": state.counters.pids(state.cfg.workers, state.cfg.fronts),
                           "this_front": os.getpid()},
             "stats": state.counters.snapshot(),
+            "cache": None if state.cache is None else {
+                **state.cache.stats(), **state.counters.cache_totals(),
+                "size_mb": state.cfg.cache_size_mb},
         })
 
     async def is_ready(request: Request) -> Response:

@@ -181,7 +181,18 @@ class Counters:
     HIST_BINS = 64
     WORKER_PIDS = HIST_START + HIST_BINS          # one slot per worker, then per front
     FRONT_PIDS = WORKER_PIDS + 64
-    SLOTS = FRONT_PIDS + 64
+    CACHE_START = FRONT_PIDS + 64                 # per front: hits, misses, writes, ...
+    CACHE_HITS, CACHE_MISSES, CACHE_WRITES, CACHE_EVICTIONS, CACHE_ERRORS = range(5)
+    CACHE_FIELDS = 5
+    SLOTS = CACHE_START + 64 * CACHE_FIELDS
+
+    def cache_slot(self, front_index: int) -> int:
+        """First of this front's cache slots (each front writes only its own)."""
+        return self.CACHE_START + self.CACHE_FIELDS * front_index
+
+    def cache_totals(self) -> dict:
+        per = self.slots[self.CACHE_START:].reshape(64, self.CACHE_FIELDS).sum(axis=0).tolist()
+        return dict(zip(("hits", "misses", "writes", "evictions", "errors"), per))
 
     def __init__(self, path: str, create: bool = False):
         import mmap

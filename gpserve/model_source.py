@@ -11,15 +11,15 @@ from pathlib import Path
 DEFAULT_MODEL = "spirals.onnx"
 
 
-def resolve(model: str, cache_dir: str) -> str:
+def resolve(model: str, models_dir: str) -> str:
     """A local path (or 'echo') for ``--model``; raises SystemExit with a clear message."""
     if model == "echo":
         return "echo"
     if not model:
         from gpserve.workers.default_model import ensure
-        return str(ensure(Path(cache_dir) / "models" / DEFAULT_MODEL))
+        return str(ensure(Path(models_dir) / DEFAULT_MODEL))
     if urllib.parse.urlparse(model).scheme in ("http", "https"):
-        return str(download(model, Path(cache_dir) / "downloads"))
+        return str(download(model, Path(models_dir) / "downloads"))
     if not os.path.exists(model):
         raise SystemExit(f"gpserve: --model {model}: no such file or directory")
     return model

@@ -91,8 +91,16 @@ class Supervisor:
         removed = remove_stale_segments()
         if removed:
             log.info("removed %d shared-memory segments left by a killed server", removed)
-        cfg.model_path = resolve(cfg.model, cfg.cache_dir)
+        cfg.model_path = resolve(cfg.model, cfg.models_dir)
         spec = inspect_model(cfg)
+        if cfg.cache:
+            if not spec.batchable:
+                raise SystemExit(
+                    f"gpserve: --cache needs a model whose rows are independent (every input "
+                    f"and output batch-first, -1 in dimension 0); {spec.name} has inputs "
+                    f"{', '.join(s.describe() for s in spec.inputs)}: serve it without --cache")
+            from gpserve.cache.keys import fingerprint
+            cfg.fingerprint = fingerprint(cfg.model_path)
         sock = _bind(cfg)
         cfg.run_id = str(os.getpid())
         if cfg.workers > 64 or cfg.fronts > 64:

@@ -62,7 +62,7 @@ def test_port_in_use():
 
 
 def test_default_model_is_built_once_and_classifies(tmp_path):
-    env = {"GP_CACHE_DIR": str(tmp_path / "cache")}
+    env = {"GP_MODELS_DIR": str(tmp_path / "models")}
     points, labels = spiral_points(100, seed=42)
     with Server(env=env) as s, Client(s.url) as c:
         assert s.info()["name"] == "spirals"
@@ -70,7 +70,7 @@ def test_default_model_is_built_once_and_classifies(tmp_path):
     assert probs.shape == (300, 3)
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     assert (probs.argmax(1) == labels).mean() > 0.95
-    built = tmp_path / "cache" / "models" / "spirals.onnx"
+    built = tmp_path / "models" / "spirals.onnx"
     assert built.exists()
     mtime = built.stat().st_mtime_ns
     with Server(env=env):
@@ -91,7 +91,7 @@ def http_models():
 
 def test_model_from_url_downloaded_once(tmp_path, http_models):
     url = f"{http_models}/ch_ppocr_mobile_v2.0_cls_infer.onnx"
-    env = {"GP_CACHE_DIR": str(tmp_path)}
+    env = {"GP_MODELS_DIR": str(tmp_path)}
     x = np.load(MODELS / "fixtures" / "ocr_cls_input.npy")
     with Server("--model", url, env=env) as s, Client(s.url) as c:
         assert c.execute(x).argmax(1).tolist() == [0, 0, 0, 1, 1, 1]

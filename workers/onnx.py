@@ -42,8 +42,10 @@ class OnnxBackend:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider"
-                                         in ort.get_available_providers()):
+        if device.startswith("cuda"):   # worker_device() says cpu when no GPU is visible
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ValueError(f"--device {device}: this onnxruntime has no CUDA provider "
+                                 "(install onnxruntime-gpu)")
             index = int(device.split(":")[1]) if ":" in device else 0
             providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
         self.session = ort.InferenceSession(raw, opts, providers=providers)
@@ -51,7 +53,7 @@ class OnnxBackend:
         ins = [_io(a) for a in self.session.get_inputs()]
         outs = [_io(a) for a in self.session.get_outputs()]
         self.spec = ModelSpec(
-            name=Path(path).name.split(".")[0], backend="onnx", inputs=ins, outputs=outs,
+            name=Path(path).name.removesuffix(".gz").removesuffix(".onnx"), backend="onnx", inputs=ins, outputs=outs,
             default_inputs=inputs, default_outputs=outputs,
             batchable=ModelSpec.batch_first(ins, outs),
             description=f"ONNX model {Path(path).name} on {self.providers[0]}")

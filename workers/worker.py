@@ -20,9 +20,10 @@ import numpy as np
 from gpserve import ipc
 from gpserve.config import Config
 from gpserve.errors import DeadlineExceeded, GraphPipeError, ModelError
-from gpserve.shm import Arena, Segments, segment_path
+from gpserve.shm import Arena, Segments, pid_alive, segment_path
 
 from .backend import load
+from .devices import worker_device
 
 log = logging.getLogger("gpserve.worker")
 RECONNECT_S = 0.1
@@ -59,7 +60,8 @@ def _connect(address: str) -> socket.socket | None:
 class Worker:
     def __init__(self, cfg: Config, index: int):
         self.cfg, self.index = cfg, index
-        self.backend = load(cfg.backend, cfg.model_path, _device(cfg, index), cfg.threads,
+        self.backend = load(cfg.backend, cfg.model_path, worker_device(cfg.device, index),
+                            cfg.threads,
                             cfg.inputs, cfg.outputs)
         self.arena = Arena(segment_path(cfg.run_id, f"worker{index}-{os.getpid()}"),
                            cfg.arena_bytes)
@@ -116,7 +118,7 @@ class Worker:
     def _front(self, i: int, pid: int) -> _Conn | None:
         """The link to the front incarnation ``pid`` of index ``i``, connecting if needed."""
         conn = self.fronts.get(i)
-        if conn is not None and conn.peer_pid != pid and _pid_alive(conn.peer_pid):
+        if conn is not None and conn.peer_pid != pid and pid_alive(conn.peer_pid):
             return None                         # that request's front is gone
         if conn is None or conn.peer_pid != pid:
             if conn is not None:
@@ -161,9 +163,9 @@ class Worker:
     def _handle(self, message, front_index: int | None) -> None:
         if isinstance(message, ipc.Batch):
             rows = self._run_batch(message)
-            self._flush()
-            if self.batcher is not None:
+            if self.batcher is not None:   # first, so the next batch can be on its way
                 self.batcher.send(ipc.Finished(message.batch_id, rows))
+            self._flush()
         elif isinstance(message, ipc.Release):
             held = self.held_by_front.get(front_index)
             for token in message.tokens:
@@ -304,35 +306,6 @@ class Worker:
                 except OSError:
                     pass     # the front died; its requests' regions go when we see EOF
         self.outbox = {}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _device(cfg: Config, index: int) -> str:
-    """One GPU per worker when there are several: worker i takes GPU i mod count."""
-    if cfg.device in ("cuda", "auto"):
-        count = _gpu_count()
-        if count > 1:
-            return f"cuda:{index % count}"
-    return cfg.device
-
-
-def _gpu_count() -> int:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip()])
-    try:
-        return len([d for d in os.listdir("/proc/driver/nvidia/gpus")])
-    except OSError:
-        return 0
 
 
 def main(cfg: Config, index: int) -> None:

@@ -1,0 +1,248 @@
+"""The LMDB row cache: one environment per model on the host, shared by all fronts.
+
+Each front process opens the environment itself (after ``spawn``; an environment must
+not cross a fork). Reads run in the request path; writes go to a thread of the front,
+so they never delay the response they come from, and are grouped into one LMDB write
+transaction per wake-up. LMDB serialises writers across processes with its own lock.
+
+Values are the output rows of one input row, stored as a GraphPipe ``InferRequest``
+(output names as ``input_names``, one tensor per output, config ``gpserve-row-v1``): the
+codec's validating decoder reads them back, so a corrupt or foreign file can only make a
+row a miss, never crash a front.
+
+Bound and eviction (generations, an LRU approximation): rows go to the *current* of two
+named databases; lookups try the current, then the *old* one, and a hit in the old one is
+copied forward. When the current passes 40% of ``--cache-size-mb``, the old one is
+cleared (its pages become free for reuse) and the roles swap. The map size is the bound,
+so the file never grows past it; a write that still finds the map full clears the old
+generation and retries, and never reaches a client as an error.
+
+If the cache is unusable (unwritable directory, full disk, corrupt or foreign file) the
+front logs it once and serves without it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from gpserve import protocol as P
+from gpserve.errors import ProtocolError
+
+log = logging.getLogger("gpserve.cache")
+VALUE_TAG = "gpserve-row-v1"
+ROTATE_AT = 0.4               # of the map size, for the current generation
+_GENS = (b"gen0", b"gen1")
+
+
+def environment_path(cache_dir: str, model_name: str, model_path: str) -> Path:
+    """One environment per model: named after the model and (a hash of) where it lives."""
+    import blake3
+    where = blake3.blake3(os.path.abspath(model_path).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{model_name}-{where}"
+
+
+def open_environment(path: Path, size_mb: int, readonly: bool = False) -> lmdb.Environment:
+    if not readonly:
+        path.mkdir(parents=True, exist_ok=True)
+    return lmdb.open(str(path), map_size=size_mb << 20, max_dbs=4, subdir=True,
+                     readonly=readonly, lock=not readonly, readahead=False, sync=False,
+                     metasync=False, max_readers=512, create=not readonly)
+
+
+class RowCache:
+    """A front's handle on the shared row cache, with its own writer thread."""
+
+    def __init__(self, path: Path, size_mb: int, counters, front_index: int):
+        self.path, self.size_mb = path, size_mb
+        self.counters, self.slot = counters, counters.cache_slot(front_index)
+        self.enabled = False
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        try:
+            self.env = open_environment(path, size_mb)
+            self.meta = self.env.open_db(b"meta")
+            self.gens = [self.env.open_db(name) for name in _GENS]
+        except (lmdb.Error, OSError) as e:
+            self._disable(f"cannot open {path}: {type(e).__name__}: {e}")
+            return
+        self.enabled = True
+        threading.Thread(target=self._write_loop, name="row-cache-writer", daemon=True).start()
+
+    def _disable(self, why: str) -> None:
+        if self.enabled or not hasattr(self, "_told"):
+            log.error("row cache disabled, serving without it: %s", why)
+            self._told = True
+        self.enabled = False
+        self.counters.slots[self.slot + self.counters.CACHE_ERRORS] += 1
+
+    # -- reads (request path) ----------------------------------------------------------
+    def lookup(self, keys: list[bytes], outputs: list[str]) -> list[list[np.ndarray] | None]:
+        """For each key, the rows of ``outputs`` (views of private copies), or None."""
+        found: list[list[np.ndarray] | None] = [None] * len(keys)
+        if not self.enabled:
+            return found
+        promote = []
+        try:
+            with self.env.begin() as txn:
+                current = self._current(txn)
+                first, second = self.gens[current], self.gens[1 - current]
+                for i, key in enumerate(keys):
+                    value = txn.get(key, db=first)
+                    if value is None:
+                        value = txn.get(key, db=second)
+                        if value is not None:
+                            promote.append((key, value))
+                    if value is not None:
+                        found[i] = _rows(value, outputs)
+        except (lmdb.Error, OSError) as e:
+            self._disable(f"read failed: {type(e).__name__}: {e}")
+            return [None] * len(keys)
+        hits = sum(f is not None for f in found)
+        slots = self.counters.slots
+        slots[self.slot + self.counters.CACHE_HITS] += hits
+        slots[self.slot + self.counters.CACHE_MISSES] += len(keys) - hits
+        if promote:
+            self._queue.put(("raw", promote))
+        return found
+
+    @staticmethod
+    def _current(txn) -> int:
+        return 1 if txn.get(b"current") == b"1" else 0
+
+    # -- writes (writer thread) ----------------------------------------------------------
+    def store(self, keys: list[bytes], outputs: list[str], arrays: list[np.ndarray]) -> None:
+        """Queue computed rows for writing; ``arrays`` must be private (not shared memory)."""
+        if self.enabled and keys:
+            self._queue.put(("rows", (keys, outputs, arrays)))
+
+    def _write_loop(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            while not self._queue.empty() and len(items) < 256:
+                items.append(self._queue.get())
+            if not self.enabled:
+                continue
+            try:
+                self._write(items)
+            except lmdb.MapFullError:
+                try:
+                    self._rotate(clear_both=False)
+                    self._write(items)
+                except lmdb.MapFullError:
+                    self._rotate(clear_both=True)   # a value larger than the bound is dropped
+                except (lmdb.Error, OSError) as e:
+                    self._disable(f"write failed: {type(e).__name__}: {e}")
+            except (lmdb.Error, OSError) as e:
+                self._disable(f"write failed: {type(e).__name__}: {e}")
+
+    def _write(self, items) -> None:
+        with self.env.begin(write=True) as txn:
+            current = self._current(txn)
+            db = self.gens[current]
+            written = 0
+            for kind, payload in items:
+                if kind == "raw":
+                    for key, value in payload:
+                        txn.put(key, value, db=db)
+                        written += 1
+                    continue
+                keys, outputs, arrays = payload
+                for i, key in enumerate(keys):
+                    rows = [a[i] for a in arrays]
+                    names = list(outputs)
+                    old = txn.get(key, db=db)
+                    if old is not None:           # keep outputs computed by other requests
+                        try:
+                            prev = P.decode_request(old)
+                            for n, r in zip(prev.input_names, prev.inputs):
+                                if n not in names:
+                                    names.append(n)
+                                    rows.append(r)
+                        except ProtocolError:
+                            pass
+                    txn.put(key, bytes(P.encode_request(P.InferRequest(rows, names, (),
+                                                                       VALUE_TAG))), db=db)
+                    written += 1
+            used = _pages(txn.stat(db)) * txn.stat(db)["psize"]
+            rotate = used > ROTATE_AT * (self.size_mb << 20)
+        self.counters.slots[self.slot + self.counters.CACHE_WRITES] += written
+        if rotate:
+            self._rotate(clear_both=False)
+
+    def _rotate(self, clear_both: bool) -> None:
+        with self.env.begin(write=True) as txn:
+            current = self._current(txn)
+            old = 1 - current
+            txn.drop(self.gens[old], delete=False)
+            if clear_both:
+                txn.drop(self.gens[current], delete=False)
+            txn.put(b"current", str(old).encode(), db=self.meta)
+        self.counters.slots[self.slot + self.counters.CACHE_EVICTIONS] += 1
+        log.info("row cache: cleared the old generation%s", " and the current" if clear_both
+                 else "")
+
+    def stats(self) -> dict:
+        if not self.enabled:
+            return {"enabled": False, "path": str(self.path)}
+        try:
+            return {"enabled": True, "path": str(self.path),
+                    **environment_stats(self.env, self.gens)}
+        except (lmdb.Error, OSError) as e:
+            return {"enabled": True, "path": str(self.path), "error": str(e)}
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until queued writes are done (for tests and a clean stop)."""
+        import time
+        deadline = time.monotonic() + timeout
+        while not self._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def _rows(value: bytes, outputs: list[str]) -> list[np.ndarray] | None:
+    try:
+        stored = P.decode_request(value)
+    except ProtocolError:
+        return None                     # corrupt or foreign value: a miss
+    if stored.config != VALUE_TAG:
+        return None
+    by_name = dict(zip(stored.input_names, stored.inputs))
+    try:
+        return [by_name[n] for n in outputs]
+    except KeyError:
+        return None                     # computed for other outputs: a miss
+
+
+def _pages(stat: dict) -> int:
+    return stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+
+
+def stats(path: Path) -> dict:
+    """Entries and sizes of one environment, opened read-only (``gpserve cache stats``)."""
+    file_mb = ((Path(path) / "data.mdb").stat().st_size >> 20) + 1
+    env = open_environment(path, file_mb, readonly=True)   # a map at least the file's size
+    try:
+        dbs = []
+        for name in _GENS:
+            try:
+                dbs.append(env.open_db(name, create=False))
+            except lmdb.NotFoundError:
+                pass
+        return environment_stats(env, dbs)
+    finally:
+        env.close()
+
+
+def environment_stats(env: lmdb.Environment, dbs) -> dict:
+    out = {"entries": 0, "used_bytes": 0}
+    with env.begin() as txn:
+        for db in dbs:
+            st = txn.stat(db)
+            out["entries"] += st["entries"]
+            out["used_bytes"] += _pages(st) * st["psize"]
+    out["file_bytes"] = (Path(env.path()) / "data.mdb").stat().st_size
+    return out
