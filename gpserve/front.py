@@ -183,45 +183,57 @@ class FrontState:
 
     # -- one request -------------------------------------------------------------------
     async def read_body(self, scope, receive) -> tuple[memoryview | bytes, list]:
-        """The body, streamed into the arena when its length is known (1 copy here;
-        uvicorn's ASGI ``receive`` has already copied each chunk twice on its side)."""
+        """The request body and the arena regions it occupies.
+
+        A body that arrives in one ASGI message is used as it is (0 copies here; tensors
+        go to shared memory only if a worker needs them, 1 copy, in ``place``). A longer
+        one streams into the arena chunk by chunk (1 copy), so its tensors are already in
+        shared memory when decoded. uvicorn's ``receive`` has copied each chunk twice on
+        its side before we see it."""
         limit = self.cfg.max_body_bytes
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if length is None:
-            chunks, size, more = [], 0, True
+        size = None
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                raise ProtocolError(f"Content-Length {length!r} is not a number") from None
+            if size > limit:
+                raise BodyTooLarge(f"the body is {size} bytes, over --max-body-mb "
+                                   f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
+        chunk, more = await _receive_chunk(receive)
+        if not more:
+            if size is not None and len(chunk) != size:
+                raise ProtocolError(f"the body has {len(chunk)} bytes, its Content-Length "
+                                    f"says {size}")
+            if len(chunk) > limit:
+                raise BodyTooLarge(f"the body is over --max-body-mb {self.cfg.max_body_mb:g} "
+                                   f"MiB ({limit} bytes)")
+            return chunk, []
+        if size is None:                       # chunked transfer: gather, then decode
+            chunks, total = [chunk], len(chunk)
             while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ProtocolError("the client went away while sending the body")
-                chunk, more = message.get("body", b""), message.get("more_body", False)
-                size += len(chunk)
-                if size > limit:
+                chunk, more = await _receive_chunk(receive)
+                total += len(chunk)
+                if total > limit:
                     raise BodyTooLarge(f"the body is over --max-body-mb "
                                        f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
                 chunks.append(chunk)
             return b"".join(chunks), []
-        try:
-            size = int(length)
-        except ValueError:
-            raise ProtocolError(f"Content-Length {length!r} is not a number") from None
-        if size > limit:
-            raise BodyTooLarge(f"the body is {size} bytes, over --max-body-mb "
-                               f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
         offset = self.arena.alloc(size)
         if offset is None:
             raise QueueFull(f"this front's shared memory ({self.arena.size >> 20} MiB) is full "
                             "of requests in flight; retry later or raise --shm-mb")
-        mm, pos, end, more = self.arena.mm, offset, offset + size, True
+        mm, pos, end = self.arena.mm, offset, offset + size
         try:
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ProtocolError("the client went away while sending the body")
-                chunk, more = message.get("body", b""), message.get("more_body", False)
+            while True:
                 if pos + len(chunk) > end:
                     raise ProtocolError(f"the body is longer than its Content-Length {size}")
                 mm[pos:pos + len(chunk)] = chunk          # -> shared memory: 1 copy
                 pos += len(chunk)
+                if not more:
+                    break
+                chunk, more = await _receive_chunk(receive)
             if pos != end:
                 raise ProtocolError(f"the body ended after {pos - offset} of {size} bytes")
         except BaseException:
@@ -346,6 +358,13 @@ class FrontState:
         count = int(np.prod(ref.shape))
         return self.arena.buf[ref.offset:ref.offset + count * dtype.itemsize].view(
             dtype).reshape(ref.shape)
+
+
+async def _receive_chunk(receive) -> tuple[bytes, bool]:
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ProtocolError("the client went away while sending the body")
+    return message.get("body", b""), message.get("more_body", False)
 
 
 def _cache_wanted(config: str) -> bool:

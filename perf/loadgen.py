@@ -50,19 +50,23 @@ def run_wrk(url: str, body: bytes, concurrency: int, seconds: float,
             int(fields["errors"])}
 
 
-async def _async_load(url: str, body: bytes, concurrency: int, seconds: float,
+async def _async_load(url: str, body, concurrency: int, seconds: float,
                       timeout_s: float) -> dict:
+    """``body`` is bytes, or a function of the request number returning the body."""
     import aiohttp
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
+    make = body if callable(body) else (lambda i: body)
+    counter = iter(range(1 << 62))
 
     async def client(session):
         nonlocal errors
         while time.perf_counter() < stop_at:
+            data = make(next(counter))
             t0 = time.perf_counter()
             try:
-                async with session.post(url, data=body) as resp:
+                async with session.post(url, data=data) as resp:
                     await resp.read()
                     if resp.status != 200:
                         errors += 1
@@ -81,7 +85,7 @@ async def _async_load(url: str, body: bytes, concurrency: int, seconds: float,
     return {"engine": "async", "concurrency": concurrency, "requests": n, "seconds": elapsed,
             "rps": n / elapsed, "p50_ms": 1e3 * latencies[n // 2] if n else float("nan"),
             "p99_ms": 1e3 * latencies[min(n - 1, int(n * 0.99))] if n else float("nan"),
-            "req_MBps": n * len(body) / elapsed / 1e6, "errors": errors}
+            "req_MBps": n * len(make(0)) / elapsed / 1e6, "errors": errors}
 
 
 def run_async(url: str, body: bytes, concurrency: int, seconds: float,
@@ -89,11 +93,11 @@ def run_async(url: str, body: bytes, concurrency: int, seconds: float,
     return asyncio.run(_async_load(url, body, concurrency, seconds, timeout_s))
 
 
-def run(url: str, body: bytes, concurrency: int, seconds: float, engine: str = "auto",
+def run(url: str, body, concurrency: int, seconds: float, engine: str = "auto",
         timeout_s: float = 120, repeats: int = 1, warmup_s: float = 1.0) -> dict:
     """Median-of-``repeats`` report (by requests/s) from the chosen engine, after a
     warm-up whose numbers are dropped (first requests fault in shared-memory pages)."""
-    use_wrk = engine == "wrk" or (engine == "auto" and wrk_available())
+    use_wrk = not callable(body) and (engine == "wrk" or (engine == "auto" and wrk_available()))
     fn = run_wrk if use_wrk else run_async
     if warmup_s > 0:
         fn(url, body, concurrency, warmup_s, timeout_s)

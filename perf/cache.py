@@ -1,0 +1,182 @@
+"""Row-cache benchmark: the same runs with the cache off and on, side by side in one run.
+
+For the OCR text-direction classifier and MiniLM (sequence length 32), 16 concurrent
+clients send single-row requests whose rows are 100%, 50% or 0% repeated (a repeated
+row comes from a small pool sent once before timing; a new row has a counter written
+into its data). Reported: rows/s, p50/p99, and the per-row cost of hashing a row and of
+an LMDB lookup (measured in-process). The echo model under the same 100%-repeated load
+is the "trivial model" a cache hit is compared with.
+
+Targets: with 100% repeated rows, >= 10x the uncached rows/s of the OCR classifier and
+>= 0.9x the echo model's requests/s; with 0% repeated rows, >= 0.95x the rows/s with
+the cache off.
+
+    python perf/cache.py [--quick] [--json FILE] [--png FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen  # noqa: E402
+from _common import bar_chart, print_table, write_json  # noqa: E402
+
+from gpserve import protocol as P  # noqa: E402
+from gpserve.testing import Server  # noqa: E402
+
+MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+CLIENTS = 16
+POOL = 64
+
+
+def row_factory(name: str):
+    rng = np.random.default_rng(0)
+    if name == "ocr-cls":
+        return lambda: [rng.uniform(-1, 1, (1, 3, 48, 192)).astype(np.float32)], ["x"]
+    return (lambda: [rng.integers(1000, 5000, (1, 32), dtype=np.int64),
+                     np.ones((1, 32), np.int64), np.zeros((1, 32), np.int64)],
+            ["input_ids", "attention_mask", "token_type_ids"])
+
+
+class Bodies:
+    """Request bodies with a given share of repeated rows."""
+
+    def __init__(self, make, names, repeated: float):
+        self.pool = [bytes(P.encode_request(P.InferRequest(make(), names))) for _ in range(POOL)]
+        template = P.encode_request(P.InferRequest(make(), names))
+        first = P.decode_request(template).inputs[0]
+        self.ids = first.dtype == np.int64            # token ids: stay inside the vocabulary
+        self.template = bytearray(template)
+        self.at = first.__array_interface__["data"][0] - np.frombuffer(
+            template, np.uint8).__array_interface__["data"][0]
+        self.repeated = repeated
+
+    def __call__(self, i: int) -> bytes:
+        if self.repeated >= 1 or (self.repeated > 0 and i % 2 == 0):
+            return self.pool[i % POOL]
+        body = bytearray(self.template)               # a row never seen: a counter in its data
+        if self.ids:
+            digits = [1000 + (i // 4000 ** k) % 4000 for k in range(3)]
+            body[self.at:self.at + 24] = np.array(digits, np.int64).tobytes()
+        else:
+            body[self.at:self.at + 8] = (i + 1 + (os.getpid() << 40)).to_bytes(8, "little")
+        return bytes(body)
+
+
+def per_row_costs(make, names, tmp: Path) -> dict:
+    from gpserve.cache.keys import row_keys
+    from gpserve.cache.store import RowCache
+    from gpserve.ipc import Counters
+    tensors = make()
+    n = 2000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        keys = row_keys("f" * 64, "", names, tensors)
+    hash_us = (time.perf_counter() - t0) / n * 1e6
+    tmp.mkdir(parents=True, exist_ok=True)
+    counters = Counters(str(tmp / "counters"), create=True)
+    cache = RowCache(tmp / "env", 64, counters, 0)
+    out = [np.zeros((1, 384), np.float32)]
+    cache.store(keys, ["out"], out)
+    cache.flush()
+    time.sleep(0.2)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        cache.lookup(keys, ["out"])
+    lookup_us = (time.perf_counter() - t0) / n * 1e6
+    return {"hash_us_per_row": hash_us, "lookup_us_per_row": lookup_us}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--png", metavar="FILE", default="perf/results/cache.png")
+    args = ap.parse_args(argv)
+    if not MODELS.exists():
+        print(f"skipped: {MODELS} is absent (this benchmark needs ../shared/models)")
+        return 0
+    secs = 4 if args.quick else 10
+    reps = 1 if args.quick else 3
+    rows, costs = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        minilm = tmp / "minilm.onnx"
+        minilm.write_bytes(gzip.decompress((MODELS / "all-MiniLM-L6-v2_int8.onnx.gz").read_bytes()))
+        models = {"ocr-cls": MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx", "minilm": minilm}
+        for name, path in models.items():
+            make, names = row_factory(name)
+            costs[name] = per_row_costs(make, names, tmp / f"costs-{name}")
+            print(f"  {name}: hashing {costs[name]['hash_us_per_row']:.1f} us/row, "
+                  f"LMDB lookup {costs[name]['lookup_us_per_row']:.1f} us/row", flush=True)
+            for cache in ("off", "on"):
+                flags = ["--model", str(path)] + (
+                    ["--cache", "--cache-dir", str(tmp / f"rows-{name}")] if cache == "on" else [])
+                with Server(*flags) as s:
+                    for share in (1.0, 0.5, 0.0):
+                        bodies = Bodies(make, names, share)
+                        load = bodies.pool[0] if share == 1.0 else bodies
+                        if share > 0:              # the repeated rows are seen once first
+                            loadgen.run(s.url + "/", bodies.pool[0] if share == 1.0 else
+                                        (lambda i: bodies.pool[i % POOL]), CLIENTS, 1.0,
+                                        warmup_s=0)
+                        rep = loadgen.run(s.url + "/", load, CLIENTS, secs, repeats=reps)
+                        rows.append({"model": name, "cache": cache, "repeated": f"{share:.0%}",
+                                     "rows_s": rep["rps"], "p50_ms": rep["p50_ms"],
+                                     "p99_ms": rep["p99_ms"], "engine": rep["engine"],
+                                     "errors": rep["errors"]})
+                        print(f"  {name} cache {cache} repeated {share:.0%}: {rep['rps']:.0f} "
+                              f"rows/s ({rep['engine']})", flush=True)
+        make, names = row_factory("ocr-cls")
+        with Server("--model", "echo") as s:
+            rep = loadgen.run(s.url + "/", Bodies(make, names, 1.0).pool[0], CLIENTS, secs,
+                              repeats=reps)
+        rows.append({"model": "echo", "cache": "-", "repeated": "100%", "rows_s": rep["rps"],
+                     "p50_ms": rep["p50_ms"], "p99_ms": rep["p99_ms"], "engine": rep["engine"],
+                     "errors": rep["errors"]})
+
+    by = {(r["model"], r["cache"], r["repeated"]): r for r in rows}
+    print(f"\n{CLIENTS} concurrent clients, single-row requests")
+    print_table(rows, [("model", ""), ("cache", ""), ("repeated", ""), ("rows_s", ".0f"),
+                       ("p50_ms", ".2f"), ("p99_ms", ".2f"), ("engine", "")])
+    print("\nPer-row cost, in-process")
+    print_table([{"model": m, **c} for m, c in costs.items()],
+                [("model", ""), ("hash_us_per_row", ".1f"), ("lookup_us_per_row", ".1f")])
+    t = []
+    r = by["ocr-cls", "on", "100%"]["rows_s"] / by["ocr-cls", "off", "100%"]["rows_s"]
+    t.append(("ocr-cls 100% repeated: on / off", r, ">= 10", r >= 10))
+    r = by["ocr-cls", "on", "100%"]["rows_s"] / by["echo", "-", "100%"]["rows_s"]
+    t.append(("ocr-cls 100% repeated hits / echo req/s", r, ">= 0.9", r >= 0.9))
+    for m in ("ocr-cls", "minilm"):
+        r = by[m, "on", "0%"]["rows_s"] / by[m, "off", "0%"]["rows_s"]
+        t.append((f"{m} 0% repeated: on / off", r, ">= 0.95", r >= 0.95))
+        r = by[m, "on", "50%"]["rows_s"] / by[m, "off", "50%"]["rows_s"]
+        t.append((f"{m} 50% repeated: on / off", r, "-", True))
+    print("\nTargets")
+    print_table([{"ratio": a, "value": v, "goal": g, "met": ("yes" if ok else "NO") if g != "-"
+                  else ""} for a, v, g, ok in t],
+                [("ratio", ""), ("value", ".2f"), ("goal", ""), ("met", "")])
+    write_json(args.json, rows, per_row_costs=costs,
+               targets=[{"ratio": a, "value": v, "goal": g, "met": ok} for a, v, g, ok in t])
+    if args.png:
+        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+        labels = [f"{m} {p}" for m in ("ocr-cls", "minilm") for p in ("100%", "50%", "0%")]
+        series = {f"cache {c}": [by[l.split()[0], c, l.split()[1]]["rows_s"] for l in labels]
+                  for c in ("off", "on")}
+        bar_chart(args.png, "Single-row requests, 16 clients: rows/s by share of repeated rows",
+                  labels, series, "rows/s", log=True)
+        print(f"\nchart: {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
