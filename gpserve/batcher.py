@@ -28,32 +28,20 @@ from .shm import segment_path
 log = logging.getLogger("gpserve.batcher")
 
 
-class _Peer(asyncio.Protocol):
+class _Peer(ipc.Link):
     """One front or worker connection; messages go to the Batcher."""
 
     def __init__(self, batcher: "Batcher"):
-        self.batcher, self.frames = batcher, ipc.FrameBuffer()
-        self.transport = None
+        super().__init__()
+        self.batcher = batcher
         self.role, self.index, self.pid = "", -1, 0
         self.running: ipc.Batch | None = None   # workers: the batch in flight
 
-    def connection_made(self, transport) -> None:
-        if not ipc.same_user(transport.get_extra_info("socket")):
-            log.warning("refused an IPC connection from another user's process")
-            transport.close()
-            return
-        self.transport = transport
+    def on_message(self, message) -> None:
+        self.batcher.on_message(self, message)
 
-    def data_received(self, data: bytes) -> None:
-        for message in self.frames.feed(data):
-            self.batcher.on_message(self, message)
-
-    def connection_lost(self, exc) -> None:
+    def on_disconnect(self) -> None:
         self.batcher.on_lost(self)
-
-    def send(self, message) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(ipc.frame(message))
 
 
 class Batcher:

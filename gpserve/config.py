@@ -30,6 +30,9 @@ class Config:
     batching: str = "auto"               # auto | off
     shm_mb: int = 0                      # arena size per process; 0: from max_body_mb
     models_dir: str = str(CACHE_HOME / "models")   # downloaded and built models
+    backend: str = ""                    # "" = tell by the model file; onnx|tensorflow|torch|echo
+    signature: str = "serving_default"   # TensorFlow SavedModel signature
+    shapes: str = ""                     # TorchScript input shapes: name=d0,d1[:dtype];...
     cache: bool = False                  # the LMDB row cache
     cache_dir: str = str(CACHE_HOME / "rows")
     cache_size_mb: int = 1024
@@ -37,7 +40,6 @@ class Config:
     # filled in by the supervisor
     run_id: str = ""
     model_path: str = ""
-    backend: str = ""
     fingerprint: str = ""                # hash of the model's file(s), for cache keys
 
     @property
@@ -87,6 +89,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     a("--model", default=_env("MODEL", d.model),
       help="model file or directory, http(s) URL (downloaded once), or 'echo'; "
            "default: the built-in demo model [GP_MODEL]")
+    a("--backend", default=_env("BACKEND", d.backend),
+      choices=["", "onnx", "tensorflow", "torch", "echo"],
+      help="which runtime serves the model (default: tell by the file) [GP_BACKEND]")
+    a("--signature", default=_env("SIGNATURE", d.signature),
+      help="TensorFlow SavedModel signature to serve [GP_SIGNATURE]")
+    a("--shapes", default=_env("SHAPES", d.shapes),
+      help="TorchScript input shapes, 'name=-1,3,48,192[:dtype];...' (or a MODEL.json "
+           "side file) [GP_SHAPES]")
     a("--listen", default=_env("LISTEN", d.listen), help="host:port [GP_LISTEN]")
     a("--inputs", type=_names, default=_names(_env("INPUTS", "")),
       help="comma-separated default input names [GP_INPUTS]")

@@ -23,6 +23,8 @@ restarted process reconnects by name and nothing is left on disk.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import marshal
 import socket
 import struct
@@ -33,6 +35,7 @@ import numpy as np
 from .shm import TensorRef
 
 _LEN = struct.Struct("<I")
+log = logging.getLogger("gpserve.ipc")
 
 
 def batcher_address(run_id: str) -> str:
@@ -240,6 +243,65 @@ class Counters:
                 "fronts": s[self.FRONT_PIDS:self.FRONT_PIDS + fronts]}
 
 
+class Link(asyncio.Protocol):
+    """The asyncio end of a connection between our processes (fronts, batcher).
+
+    Refuses peers of other users, turns bytes into messages for ``on_message``, and
+    sends everything queued in one event-loop turn in one write (fewer syscalls and
+    wake-ups on the hot path). Subclasses implement ``on_connect``, ``on_message`` and
+    ``on_disconnect``, and may add to a turn's write in ``before_flush``.
+    """
+
+    def __init__(self):
+        self.frames = FrameBuffer()
+        self.transport = None
+        self.outbox: list[bytes] = []
+
+    def connection_made(self, transport) -> None:
+        if not same_user(transport.get_extra_info("socket")):
+            log.warning("refused an IPC connection from another user's process")
+            transport.close()
+            return
+        self.transport = transport
+        self.on_connect()
+
+    def data_received(self, data: bytes) -> None:
+        for message in self.frames.feed(data):
+            self.on_message(message)
+
+    def connection_lost(self, exc) -> None:
+        if self.transport is not None:
+            self.on_disconnect()
+
+    def send(self, message) -> None:
+        self.schedule_flush()
+        self.outbox.append(frame(message))
+
+    def schedule_flush(self) -> None:
+        """Make sure this turn ends with a flush (an empty first entry marks it scheduled)."""
+        if not self.outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+            self.outbox.append(b"")
+
+    def _flush(self) -> None:
+        self.before_flush()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self.outbox))
+        self.outbox = []
+
+    def before_flush(self) -> None:
+        """A last chance to add messages to this turn's write."""
+
+    def on_connect(self) -> None:
+        """Called once the peer is accepted."""
+
+    def on_message(self, message) -> None:
+        """Called for every message received."""
+
+    def on_disconnect(self) -> None:
+        """Called when an accepted connection closes."""
+
+
 def listening_socket(address: str) -> socket.socket:
     """A Unix socket listening on an abstract address (made here: uvloop's ``path=``
     does not take abstract names)."""
@@ -252,7 +314,6 @@ def listening_socket(address: str) -> socket.socket:
 
 async def connect(address: str, protocol_factory):
     """Connect an asyncio protocol to an abstract Unix address; raises OSError if nobody listens."""
-    import asyncio
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)

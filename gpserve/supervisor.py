@@ -43,19 +43,18 @@ def _bind(cfg: Config) -> socket.socket:
 
 
 def inspect_model(cfg: Config):
-    """Load the model once here to fail fast and to learn its spec for the fronts."""
-    from gpserve.workers.backend import backend_name, load
+    """Load the model once, in a short-lived process (so the supervisor never imports a
+    model runtime), to fail fast and to learn its spec for the fronts."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from gpserve.workers.backend import backend_name, inspect
     try:
         cfg.backend = cfg.backend or backend_name(cfg.model_path)
-        backend = load(cfg.backend, cfg.model_path, "cpu", 1, cfg.inputs, cfg.outputs)
-    except SystemExit:
-        raise
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            return pool.submit(inspect, cfg).result()
     except Exception as e:
         raise SystemExit(f"gpserve: cannot load model {cfg.model_path} "
                          f"(backend {cfg.backend or '?'}): {type(e).__name__}: {e}") from None
-    spec = backend.spec
-    del backend
-    return spec
 
 
 class _Child:

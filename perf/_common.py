@@ -101,7 +101,7 @@ def uvicorn_argv(app: str, port: int, workers: int) -> list[str]:
     return [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(__file__).parent), app,
             "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
             "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
-            "--no-access-log"]
+            "--no-access-log", "--timeout-worker-healthcheck", "600"]  # JSON requests block for long
 
 
 def free_port() -> int:
@@ -109,3 +109,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that servers started by a benchmark are stopped
+    (their context managers and finally blocks run) when the benchmark is."""
+    import signal
+    import sys
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

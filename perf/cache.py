@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import os
 import sys
 import tempfile
@@ -27,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402
-from _common import bar_chart, print_table, write_json  # noqa: E402
+from _common import bar_chart, exit_cleanly_on_sigterm, print_table, write_json  # noqa: E402
 
 from gpserve import protocol as P  # noqa: E402
 from gpserve.testing import Server  # noqa: E402
@@ -58,8 +59,10 @@ class Bodies:
         self.at = first.__array_interface__["data"][0] - np.frombuffer(
             template, np.uint8).__array_interface__["data"][0]
         self.repeated = repeated
+        self.count = itertools.count()   # across warm-ups and repeats: new rows stay new
 
-    def __call__(self, i: int) -> bytes:
+    def __call__(self, _request_number: int) -> bytes:
+        i = next(self.count)
         if self.repeated >= 1 or (self.repeated > 0 and i % 2 == 0):
             return self.pool[i % POOL]
         body = bytearray(self.template)               # a row never seen: a counter in its data
@@ -102,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--png", metavar="FILE", default="perf/results/cache.png")
     args = ap.parse_args(argv)
+    exit_cleanly_on_sigterm()
     if not MODELS.exists():
         print(f"skipped: {MODELS} is absent (this benchmark needs ../shared/models)")
         return 0

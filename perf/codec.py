@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import bar_chart, print_table, timed, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    bar_chart, exit_cleanly_on_sigterm, print_table, timed, write_json,
+)
 
 from gpserve import protocol as P  # noqa: E402
 
@@ -133,7 +135,7 @@ def measure(name, codec, arrays, runs, only_small=False):
         rows.append({"message": label, "codec": name, "enc_wall_s": ew / inner,
                      "enc_cpu_s": ec / inner, "dec_wall_s": dw / inner,
                      "dec_cpu_s": dc / inner, "bytes": size, "ok": ok})
-        del body
+        body = None  # free it before the next message
         print(f"  {name:12s} {label:8s} enc {ec / inner:.6f}s dec {dc / inner:.6f}s "
               f"{'ok' if ok else 'MISMATCH'}", flush=True)
     return rows
@@ -148,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--graphpipe-path", type=Path, default=DEFAULT_GP)
     args = ap.parse_args(argv)
+    exit_cleanly_on_sigterm()
     runs = args.runs or (3 if args.quick else 7)
 
     rng = np.random.default_rng(0)

@@ -28,7 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402
-from _common import Process, bar_chart, free_port, print_table, uvicorn_argv, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    Process, bar_chart, exit_cleanly_on_sigterm, free_port, print_table, uvicorn_argv, write_json,
+)
 
 from gpserve import protocol as P  # noqa: E402
 from gpserve.testing import Server  # noqa: E402
@@ -68,6 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", choices=["auto", "wrk", "async"], default="auto")
     ap.add_argument("--fronts", type=int, default=0, help="gpserve fronts (default: machine)")
     args = ap.parse_args(argv)
+    exit_cleanly_on_sigterm()
     secs = 4 if args.quick else 10
     reps = 1 if args.quick else 3
     rng = np.random.default_rng(0)

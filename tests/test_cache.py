@@ -20,7 +20,6 @@ VAD = MODELS / "silero_vad_16k_op15.onnx"
 
 def scale_model(path: Path, factor: float, width: int = 4) -> Path:
     """y = x * factor, z = x + factor: two outputs, float32 [N,width]."""
-    import onnx
     from onnx import TensorProto, helper
     graph = helper.make_graph(
         [helper.make_node("Mul", ["x", "k"], ["y"]), helper.make_node("Add", ["x", "k"], ["z"])],

@@ -140,7 +140,6 @@ def test_deadline_passed():
 
 def failing_model(path):
     """A valid model that fails at run time when its input's size is not a multiple of 3."""
-    import onnx
     from onnx import TensorProto, helper
     node = helper.make_node("Reshape", ["x", "shape"], ["y"])
     graph = helper.make_graph(

@@ -6,6 +6,8 @@ import pytest
 from gpserve import protocol as P
 from gpserve.errors import ProtocolError, UnsupportedRequest
 
+from fbuild import finish_request, tensor_table
+
 ALL_DTYPES = ["uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
               "float16", "float32", "float64"]
 
@@ -93,36 +95,11 @@ def test_error_response_round_trip():
     assert resp.outputs == [] and resp.errors == [P.Error(9, "queue full: 10 rows queued, limit 8")]
 
 
-def _flatbuffers_request(tensors, names, shared_vtables=True):
-    """A Request built by the FlatBuffers library itself (back to front, shared vtables)."""
+def _flatbuffers_request(tensors, names) -> bytes:
     b = flatbuffers.Builder(1024)
-    offs = []
-    for arr in tensors:
-        data = b.CreateNumpyVector(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-        shape = b.CreateNumpyVector(np.array(arr.shape, dtype=np.int64))
-        b.StartObject(4)
-        b.PrependUOffsetTRelativeSlot(2, data, 0)
-        b.PrependUOffsetTRelativeSlot(1, shape, 0)
-        b.PrependUint8Slot(0, P.type_of(arr.dtype), 0)
-        offs.append(b.EndObject())
-    name_offs = [b.CreateString(n) for n in names]
-    b.StartVector(4, len(offs), 4)
-    for o in reversed(offs):
-        b.PrependUOffsetTRelative(o)
-    tensors_vec = b.EndVector()
-    b.StartVector(4, len(name_offs), 4)
-    for o in reversed(name_offs):
-        b.PrependUOffsetTRelative(o)
-    names_vec = b.EndVector()
-    b.StartObject(4)
-    b.PrependUOffsetTRelativeSlot(2, tensors_vec, 0)
-    b.PrependUOffsetTRelativeSlot(1, names_vec, 0)
-    infer = b.EndObject()
-    b.StartObject(2)
-    b.PrependUOffsetTRelativeSlot(1, infer, 0)
-    b.PrependUint8Slot(0, 1, 0)
-    b.Finish(b.EndObject())
-    return bytes(b.Output())
+    tables = [tensor_table(b, P.type_of(a.dtype), a.shape, np.ascontiguousarray(a).tobytes())
+              for a in tensors]
+    return finish_request(b, tables, names)
 
 
 def test_decodes_messages_from_the_flatbuffers_builder():
@@ -148,24 +125,7 @@ def test_garbage_is_a_protocol_error(body, message):
 def _tensor_body(ttype, shape, data):
     """A request whose single tensor says whatever we like (for lying messages)."""
     b = flatbuffers.Builder(256)
-    d = b.CreateByteVector(data)
-    s = b.CreateNumpyVector(np.array(shape, dtype=np.int64))
-    b.StartObject(4)
-    b.PrependUOffsetTRelativeSlot(2, d, 0)
-    b.PrependUOffsetTRelativeSlot(1, s, 0)
-    b.PrependUint8Slot(0, ttype, 0)
-    t = b.EndObject()
-    b.StartVector(4, 1, 4)
-    b.PrependUOffsetTRelative(t)
-    v = b.EndVector()
-    b.StartObject(4)
-    b.PrependUOffsetTRelativeSlot(2, v, 0)
-    infer = b.EndObject()
-    b.StartObject(2)
-    b.PrependUOffsetTRelativeSlot(1, infer, 0)
-    b.PrependUint8Slot(0, 1, 0)
-    b.Finish(b.EndObject())
-    return bytes(b.Output())
+    return finish_request(b, [tensor_table(b, ttype, shape, data)])
 
 
 @pytest.mark.parametrize("ttype, shape, data, message", [

@@ -143,30 +143,11 @@ def test_lying_lengths(length, which):
 def test_aliased_string_offsets_cannot_amplify():
     """Many string offsets pointing at one long string would multiply memory; refused."""
     import flatbuffers
+    from fbuild import finish_request, tensor_table
     b = flatbuffers.Builder(1 << 20)
     big = b.CreateString(b"x" * 200_000)
     count = 5000
-    b.StartVector(4, count, 4)
-    for _ in range(count):
-        b.PrependUOffsetTRelative(big)
-    strings = b.EndVector()
-    shape = b.CreateNumpyVector(np.array([count], dtype=np.int64))
-    b.StartObject(4)
-    b.PrependUOffsetTRelativeSlot(3, strings, 0)
-    b.PrependUOffsetTRelativeSlot(1, shape, 0)
-    b.PrependUint8Slot(0, 12, 0)
-    t = b.EndObject()
-    b.StartVector(4, 1, 4)
-    b.PrependUOffsetTRelative(t)
-    v = b.EndVector()
-    b.StartObject(4)
-    b.PrependUOffsetTRelativeSlot(2, v, 0)
-    infer = b.EndObject()
-    b.StartObject(2)
-    b.PrependUOffsetTRelativeSlot(1, infer, 0)
-    b.PrependUint8Slot(0, 1, 0)
-    b.Finish(b.EndObject())
-    body = bytes(b.Output())
+    body = finish_request(b, [tensor_table(b, 12, [count], strings=[big] * count)])
     _decode_within_bounds(body)
     try:
         P.decode_request(body)

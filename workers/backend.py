@@ -1,12 +1,21 @@
-"""The interface every model backend implements, and how a model file picks its backend."""
+"""The interface every model backend implements, and which backend serves a model file.
+
+Backends: ``onnx`` (ONNX Runtime), ``tensorflow`` (SavedModel directory or frozen
+GraphDef), ``torch`` (TorchScript or torch.export), ``echo``. Each imports its runtime
+only when loaded, in the process that runs it.
+"""
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from gpserve.config import Config
 from gpserve.modelspec import ModelSpec
+
+BACKENDS = ("onnx", "tensorflow", "torch", "echo")
 
 
 class Backend(Protocol):
@@ -18,22 +27,54 @@ class Backend(Protocol):
 
 
 def backend_name(model_path: str) -> str:
+    """Tell the backend by file type and contents: SavedModel directory, zip archive
+    (TorchScript / torch.export), ONNX ModelProto or TensorFlow GraphDef protobuf."""
     if model_path == "echo":
         return "echo"
-    suffix = Path(model_path).suffix.lower()
-    if suffix == ".onnx":
+    p = Path(model_path)
+    if p.is_dir():
+        if (p / "saved_model.pb").exists() or (p / "saved_model.pbtxt").exists():
+            return "tensorflow"
+        raise ValueError(f"{model_path} is a directory without saved_model.pb: not a "
+                         "TensorFlow SavedModel")
+    if zipfile.is_zipfile(p):
+        return "torch"
+    with open(p, "rb") as f:
+        head = f.read(2)
+    if head == b"\x1f\x8b" or p.suffix.lower() == ".onnx":
         return "onnx"
-    raise ValueError(f"cannot tell which backend serves {model_path!r}: expected an .onnx "
-                     "file or 'echo'")
+    # Protobuf's first byte is the first field's tag: ModelProto starts with ir_version
+    # (field 1, varint: 0x08); GraphDef with its nodes (field 1, length-delimited: 0x0a).
+    if head[:1] == b"\x08":
+        return "onnx"
+    if head[:1] == b"\x0a" or p.suffix.lower() == ".pb":
+        return "tensorflow"
+    raise ValueError(f"cannot tell which backend serves {model_path!r}: expected an ONNX "
+                     "model, a TensorFlow SavedModel or frozen graph (.pb), a TorchScript or "
+                     "torch.export file, or 'echo' (or name one with --backend)")
 
 
-def load(backend: str, model_path: str, device: str, threads: int,
-         inputs: list[str], outputs: list[str]) -> Backend:
-    """Load a model in this process (workers; the supervisor to check it and read its spec)."""
-    if backend == "echo":
+def load(cfg: Config, device: str, threads: int) -> Backend:
+    """Load the model in this process (a worker, or the supervisor's inspector)."""
+    if cfg.backend == "echo":
         from .echo import EchoBackend
         return EchoBackend()
-    if backend == "onnx":
+    if cfg.backend == "onnx":
         from .onnx import OnnxBackend
-        return OnnxBackend(model_path, device, threads, inputs, outputs)
-    raise ValueError(f"unknown backend {backend!r}")
+        return OnnxBackend(cfg.model_path, device, threads, cfg.inputs, cfg.outputs)
+    if cfg.backend == "tensorflow":
+        from . import tf
+        if Path(cfg.model_path).is_dir():
+            return tf.SavedModelBackend(cfg.model_path, device, threads, cfg.signature,
+                                        cfg.inputs, cfg.outputs)
+        return tf.FrozenGraphBackend(cfg.model_path, device, threads, cfg.inputs, cfg.outputs)
+    if cfg.backend == "torch":
+        from .torchscript import TorchBackend
+        return TorchBackend(cfg.model_path, device, threads, cfg.inputs, cfg.outputs,
+                            cfg.shapes)
+    raise ValueError(f"unknown backend {cfg.backend!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def inspect(cfg: Config) -> ModelSpec:
+    """The model's spec, read on the CPU (run by the supervisor in a short-lived process)."""
+    return load(cfg, "cpu", 1).spec

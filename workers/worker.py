@@ -60,9 +60,7 @@ def _connect(address: str) -> socket.socket | None:
 class Worker:
     def __init__(self, cfg: Config, index: int):
         self.cfg, self.index = cfg, index
-        self.backend = load(cfg.backend, cfg.model_path, worker_device(cfg.device, index),
-                            cfg.threads,
-                            cfg.inputs, cfg.outputs)
+        self.backend = load(cfg, worker_device(cfg.device, index), cfg.threads)
         self.arena = Arena(segment_path(cfg.run_id, f"worker{index}-{os.getpid()}"),
                            cfg.arena_bytes)
         self.segments = Segments()
