@@ -31,6 +31,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from gpserve import metrics
 from gpserve import protocol as P
 from gpserve.errors import ProtocolError
 
@@ -171,6 +172,7 @@ class RowCache:
             used = _pages(txn.stat(db)) * txn.stat(db)["psize"]
             rotate = used > ROTATE_AT * (self.size_mb << 20)
         self.counters.slots[self.slot + self.counters.CACHE_WRITES] += written
+        metrics.CACHE_BYTES.set(used)
         if rotate:
             self._rotate(clear_both=False)
 
@@ -183,6 +185,7 @@ class RowCache:
                 txn.drop(self.gens[current], delete=False)
             txn.put(b"current", str(old).encode(), db=self.meta)
         self.counters.slots[self.slot + self.counters.CACHE_EVICTIONS] += 1
+        metrics.CACHE_EVICTIONS.inc()
         log.info("row cache: cleared the old generation%s", " and the current" if clear_both
                  else "")
 

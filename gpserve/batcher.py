@@ -20,7 +20,7 @@ import logging
 import time
 from collections import deque
 
-from . import ipc
+from . import ipc, metrics
 from .config import Config
 from .errors import DeadlineExceeded, QueueFull, Unavailable
 from .shm import segment_path
@@ -125,6 +125,7 @@ class Batcher:
     def _queued(self, delta: int) -> None:
         self.queued_rows += delta
         self.counters.slots[ipc.Counters.QUEUED_ROWS] = self.queued_rows
+        metrics.QUEUE_ROWS.set(self.queued_rows)
 
     def _set_group(self, key: tuple, entries: deque) -> None:
         rows = sum(e[1].rows or 1 for e in entries)
@@ -157,7 +158,7 @@ class Batcher:
                 return
             items, rows = [], 0
             while group:
-                item = group[0][1]
+                arrived, item = group[0]
                 if items and (item.rows is None or rows + item.rows > self.max_batch):
                     break
                 group.popleft()
@@ -166,6 +167,7 @@ class Batcher:
                     continue
                 items.append(item)
                 rows += item.rows or 1
+                metrics.QUEUE_WAIT_SECONDS.observe(now - arrived)
                 if item.rows is None or rows >= self.max_batch:
                     break
             self._set_group(key, group)
@@ -192,7 +194,7 @@ async def _serve(cfg: Config) -> None:
 
 def main(cfg: Config) -> None:
     from .logs import setup
-    setup(cfg.verbose, "batcher")
+    setup(cfg.verbose, "batcher", cfg.log_format)
     try:
         import uvloop
         uvloop.install()

@@ -37,6 +37,8 @@ class Config:
     cache_dir: str = str(CACHE_HOME / "rows")
     cache_size_mb: int = 1024
     verbose: int = 0
+    log_format: str = "text"             # text | json
+    access_log: str = "debug"            # level of the one line per request: debug|info|off
     # filled in by the supervisor
     run_id: str = ""
     model_path: str = ""
@@ -133,6 +135,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
       help="where the row cache lives, one LMDB environment per model [GP_CACHE_DIR]")
     a("--cache-size-mb", type=int, default=int(_env("CACHE_SIZE_MB", d.cache_size_mb)),
       help="hard bound on the row cache's disk use, per model [GP_CACHE_SIZE_MB]")
+    a("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", d.log_format),
+      help="one line per event, as text or as JSON objects [GP_LOG_FORMAT]")
+    a("--access-log", choices=["debug", "info", "off"], default=_env("ACCESS_LOG", d.access_log),
+      help="level of the access-log line written for every request; 'debug' shows with "
+           "-vv, 'info' with -v [GP_ACCESS_LOG]")
     a("-v", "--verbose", action="count", default=int(_env("VERBOSE", 0)))
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from . import __version__
+from . import __version__, metrics
 from . import protocol as P
 from .config import Config
 from .errors import GraphPipeError, InternalError
@@ -23,6 +24,7 @@ from .modelspec import ModelSpec
 from .protocol.messages import type_name
 
 log = logging.getLogger("gpserve.front")
+access_log = logging.getLogger("gpserve.access")
 OCTETS = "application/octet-stream"
 _OCTET_HEADERS = [(b"content-type", OCTETS.encode())]
 
@@ -42,33 +44,55 @@ class GraphPipeApp:
 
     def __init__(self, state: FrontState, other: Starlette):
         self.state, self.other = state, other
+        level = state.cfg.access_log
+        self.access_level = None if level == "off" else logging.getLevelName(level.upper())
+        self.counted: dict[tuple[int, str], object] = {}   # prometheus children, per label
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/":
-            status, body = await self.post(scope, receive)
+            started = time.perf_counter()
+            status, kind, size, body = await self.post(scope, receive)
             await _respond(send, status, body)
+            self.record(scope, status, kind, size, len(body), time.perf_counter() - started)
         else:
             await self.other(scope, receive, send)
 
-    async def post(self, scope, receive) -> tuple[int, bytes | memoryview]:
-        state, regions = self.state, []
+    def record(self, scope, status: int, kind: str, size: int, sent: int, seconds: float):
+        """Metrics, and the access-log line, for one GraphPipe request."""
+        counter = self.counted.get((status, kind))
+        if counter is None:
+            counter = self.counted[status, kind] = metrics.REQUESTS.labels(str(status), kind)
+        counter.inc()
+        metrics.REQUEST_SECONDS.observe(seconds)
+        if self.access_level is not None and access_log.isEnabledFor(self.access_level):
+            client = scope.get("client") or ("-", 0)
+            access_log.log(self.access_level, '%s "POST /" %d %s in=%d out=%d %.2fms',
+                           client[0], status, kind, size, sent, seconds * 1e3,
+                           extra={"fields": {"client": client[0], "status": status,
+                                             "kind": kind, "bytes_in": size, "bytes_out": sent,
+                                             "ms": round(seconds * 1e3, 3)}})
+
+    async def post(self, scope, receive) -> tuple[int, str, int, bytes | memoryview]:
+        """(HTTP status, kind of request, body size, response body)."""
+        state, regions, size = self.state, [], 0
         try:
             body, regions = await state.read_body(scope, receive)
+            size = len(body)
             req = P.decode_request(body)
             if isinstance(req, P.MetadataRequest):
                 state._release_regions(regions)
-                return 200, state.metadata_body
-            return 200, await state.infer(req, regions)
+                return 200, "metadata", size, state.metadata_body
+            return 200, "infer", size, await state.infer(req, regions)
         except GraphPipeError as err:
             if not any(p.regions is regions for p in state.pending.values()):
                 state._release_regions(regions)
             log.debug("request failed: %r", err)
-            return err.http_status, P.encode_error(err.code, err.message)
+            return err.http_status, "error", size, P.encode_error(err.code, err.message)
         except Exception as e:  # a bug of ours: answer clearly, keep serving
             log.exception("internal error")
             state._release_regions(regions)
             err = InternalError(f"internal server error: {type(e).__name__}: {e}")
-            return err.http_status, P.encode_error(err.code, err.message)
+            return err.http_status, "error", size, P.encode_error(err.code, err.message)
 
 
 def build_app(state: FrontState) -> GraphPipeApp:
@@ -94,6 +118,10 @@ def build_app(state: FrontState) -> GraphPipeApp:
                 "size_mb": state.cfg.cache_size_mb},
         })
 
+    async def get_metrics(request: Request) -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
     async def is_ready(request: Request) -> Response:
         return PlainTextResponse("ok" if state.ready else "not ready",
                                  status_code=200 if state.ready else 503)
@@ -111,7 +139,7 @@ def build_app(state: FrontState) -> GraphPipeApp:
             task.cancel()
 
     return GraphPipeApp(state, Starlette(routes=[
-        Route("/", get_info, methods=["GET"]),
+        Route("/", get_info, methods=["GET"]), Route("/metrics", get_metrics),
         Route("/control/is_ready", is_ready), Route("/control/is_alive", is_alive),
     ], lifespan=lifespan))
 
@@ -120,11 +148,12 @@ def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
     import uvicorn
 
     from .logs import setup
-    setup(cfg.verbose, f"front{index}")
+    setup(cfg.verbose, f"front{index}", cfg.log_format)
     state = FrontState(cfg, spec, index)
     config = uvicorn.Config(
         build_app(state), loop="uvloop", http="httptools", lifespan="on",
-        access_log=cfg.verbose >= 2, log_level="warning" if cfg.verbose < 2 else "info",
+        access_log=False, log_config=None,     # our own access log and logging setup
+        log_level="warning" if cfg.verbose < 2 else "info",
         timeout_graceful_shutdown=int(cfg.timeout_ms / 1000) + 5, backlog=2048,
         proxy_headers=False, server_header=False)
     state.server = uvicorn.Server(config)

@@ -20,7 +20,7 @@ import numpy as np
 
 from gpserve.cache.keys import row_keys
 
-from . import __version__, ipc
+from . import __version__, ipc, metrics
 from . import protocol as P
 from .config import Config
 from .errors import (
@@ -241,17 +241,26 @@ class FrontState:
             return await self._infer_cached(tensors, names, outputs, req.config, rows, regions)
         refs = tuple(self.place(a, regions) for a in tensors)
         async with self._compute(refs, names, outputs, req.config, rows, regions) as arrays:
-            return P.encode_response(P.InferResponse(arrays))   # shared memory -> response: 1 copy
+            return self._encode(arrays)
+
+    @staticmethod
+    def _encode(arrays: list[np.ndarray]) -> memoryview:
+        """The response from output rows (1 copy: shared memory -> response buffer)."""
+        started = time.perf_counter()
+        body = P.encode_response(P.InferResponse(arrays))
+        metrics.RESPONSE_BUILD_SECONDS.observe(time.perf_counter() - started)
+        return body
 
     async def _infer_cached(self, tensors, names, outputs, config, rows, regions) -> memoryview:
         """Answer the rows the cache knows, compute only the others, merge in row order."""
         keys = row_keys(self.cfg.fingerprint, config, names, tensors)
         cached = self.cache.lookup(keys, outputs)
         missing = [i for i, found in enumerate(cached) if found is None]
+        metrics.ROWS.labels("cache").inc(rows - len(missing))
         if not missing:                                   # never reaches the batcher
             self._release_regions(regions)
-            return P.encode_response(P.InferResponse(
-                [np.stack([found[k] for found in cached]) for k in range(len(outputs))]))
+            return self._encode([np.stack([found[k] for found in cached])
+                                 for k in range(len(outputs))])
         if len(missing) == rows:
             refs = tuple(self.place(t, regions) for t in tensors)
         else:
@@ -266,7 +275,7 @@ class FrontState:
                     out[missing] = rows_k
                     out[hit] = np.stack([cached[i][k] for i in hit])
                     merged.append(out)
-            body = P.encode_response(P.InferResponse(merged))
+            body = self._encode(merged)
             # The writer thread needs rows that outlive the worker's shared memory: 1 copy.
             self.cache.store([keys[i] for i in missing], outputs,
                              [np.array(a, copy=True) for a in computed])
@@ -278,6 +287,7 @@ class FrontState:
         shared memory, valid inside the block); release everything afterwards."""
         if self.batcher is None:
             raise Unavailable("the server is starting or restarting its batcher; try again")
+        served_rows = rows if rows is not None else 1
         if self.cfg.batching == "off" or not self.spec.batchable:
             rows = None
         key = (tuple(names), tuple((r.ttype, r.shape[1:]) for r in refs), tuple(outputs),
@@ -302,6 +312,7 @@ class FrontState:
                 raise from_code(message.code, message.message)
             if message.error is not None:
                 raise from_code(*message.error)
+            metrics.ROWS.labels("model").inc(served_rows)
             arrays = []
             for sl in message.outputs:
                 arr = self.segments.view(sl.ref) if sl.ref.path != self.arena.path else \

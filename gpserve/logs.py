@@ -1,14 +1,38 @@
-"""Logging setup shared by every process: one line per event, tagged with the process role."""
+"""Logging for every process: one line per event, as text or JSON, tagged with the process.
+
+JSON lines carry ``time``, ``level``, ``process`` (front0, worker1, ...), ``pid``,
+``logger`` and ``message``, plus the structured ``fields`` a record was logged with
+(the access log's status, bytes and duration, the startup summary's settings).
+"""
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 
 
-def setup(verbose: int, role: str) -> None:
+class JsonFormatter(logging.Formatter):
+    def __init__(self, role: str):
+        super().__init__()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                + f".{int(record.msecs):03d}Z", "level": record.levelname,
+                "process": self.role, "pid": record.process, "logger": record.name,
+                "message": record.getMessage()}
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def setup(verbose: int, role: str, fmt: str = "text") -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     if role == "supervisor" and verbose <= 0:
         level = logging.INFO
-    logging.basicConfig(
-        level=level, stream=sys.stderr, force=True,
-        format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(role) if fmt == "json" else logging.Formatter(
+        f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)

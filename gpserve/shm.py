@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import os
+import shutil
 from typing import NamedTuple
 
 import numpy as np
@@ -37,17 +38,21 @@ def segment_path(run_id: str, name: str) -> str:
     return os.path.join(SHM_DIR, f"{PREFIX}{run_id}-{name}")
 
 
+def _remove(path: str) -> bool:
+    try:
+        if os.path.isdir(path):
+            shutil.rmtree(path)          # the run's metrics folder
+        else:
+            os.unlink(path)
+        return True
+    except (FileNotFoundError, PermissionError):
+        return False
+
+
 def remove_run_segments(run_id: str) -> int:
-    """Unlink every segment of one server run; returns how many were removed."""
-    removed = 0
-    for name in os.listdir(SHM_DIR):
-        if name.startswith(f"{PREFIX}{run_id}-"):
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-                removed += 1
-            except FileNotFoundError:
-                pass
-    return removed
+    """Remove every segment (and folder) of one server run; returns how many."""
+    return sum(_remove(os.path.join(SHM_DIR, name)) for name in os.listdir(SHM_DIR)
+               if name.startswith(f"{PREFIX}{run_id}-"))
 
 
 def remove_stale_segments() -> int:
@@ -57,13 +62,8 @@ def remove_stale_segments() -> int:
         if not name.startswith(PREFIX):
             continue
         pid = name[len(PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or pid_alive(int(pid)):
-            continue
-        try:
-            os.unlink(os.path.join(SHM_DIR, name))
-            removed += 1
-        except (FileNotFoundError, PermissionError):
-            pass
+        if pid.isdigit() and not pid_alive(int(pid)):
+            removed += _remove(os.path.join(SHM_DIR, name))
     return removed
 
 

@@ -102,6 +102,9 @@ class Supervisor:
             cfg.fingerprint = fingerprint(cfg.model_path)
         sock = _bind(cfg)
         cfg.run_id = str(os.getpid())
+        metrics_dir = segment_path(cfg.run_id, "metrics")
+        os.makedirs(metrics_dir, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir   # before any child starts
         if cfg.workers > 64 or cfg.fronts > 64:
             raise SystemExit("gpserve: at most 64 workers and 64 fronts")
         self.counters = ipc.Counters(segment_path(cfg.run_id, "counters"), create=True)
@@ -117,13 +120,29 @@ class Supervisor:
         try:
             for child in self.children:
                 self._start(child)
-            log.info("serving %s (%s backend, %s) on http://%s with %d fronts, %d workers, "
-                     "max batch %d, max delay %g ms", spec.name, spec.backend, cfg.device,
-                     cfg.listen, cfg.fronts, cfg.workers, cfg.max_batch, cfg.max_delay_ms)
+            self._summary(spec)
             self._watch()
         finally:
             self._stop(sock)
         return 0
+
+    def _summary(self, spec) -> None:
+        """The startup line: what is served, where, and how."""
+        from gpserve.workers.devices import worker_device
+        cfg = self.cfg
+        fields = {
+            "model": cfg.model_path, "name": spec.name, "backend": spec.backend,
+            "devices": sorted({worker_device(cfg.device, i) for i in range(cfg.workers)}),
+            "fronts": cfg.fronts, "workers": cfg.workers, "threads": cfg.threads,
+            "batching": "off" if cfg.batching == "off" or not spec.batchable else
+            f"max {cfg.max_batch} rows, {cfg.max_delay_ms:g} ms",
+            "max_queue": cfg.max_queue, "timeout_ms": cfg.timeout_ms,
+            "cache": f"{cfg.cache_dir} ({cfg.cache_size_mb} MB)" if cfg.cache else "off",
+            "listen": f"http://{cfg.listen}"}
+        log.info("serving %s (%s) on %s: devices %s, %d fronts, %d workers x %d threads, "
+                 "batching %s, cache %s", spec.name, spec.backend, fields["listen"],
+                 ",".join(fields["devices"]), cfg.fronts, cfg.workers, cfg.threads,
+                 fields["batching"], fields["cache"], extra={"fields": fields})
 
     def _on_signal(self, signum, frame) -> None:
         if not self.stopping:
@@ -131,6 +150,7 @@ class Supervisor:
         self.stopping = True
 
     def _watch(self) -> None:
+        from . import metrics        # only now: PROMETHEUS_MULTIPROC_DIR is set
         slots = {"worker": ipc.Counters.WORKER_RESTARTS, "front": ipc.Counters.FRONT_RESTARTS,
                  "batcher": ipc.Counters.BATCHER_RESTARTS}
         while not self.stopping:
@@ -150,6 +170,8 @@ class Supervisor:
                 time.sleep(delay)
                 child.restarts += 1
                 self.counters.slots[slots[child.role]] += 1
+                metrics.RESTARTS.labels(child.role).inc()
+                metrics.process_gone(child.process.pid)
                 self._start(child)
 
     def _stop(self, sock: socket.socket) -> None:
@@ -185,7 +207,7 @@ def _signal(child: _Child, sig: int) -> None:
 
 def serve(cfg: Config) -> int:
     from .logs import setup
-    setup(cfg.verbose, "supervisor")
+    setup(cfg.verbose, "supervisor", cfg.log_format)
     try:
         return Supervisor(cfg).run()
     except SystemExit as e:

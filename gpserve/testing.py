@@ -24,14 +24,17 @@ def free_port() -> int:
 class Server:
     """``gpserve serve`` with the given flags; ``url``, ``info()``, ``stop()``."""
 
-    def __init__(self, *args: str, env: dict | None = None, ready_timeout: float = 90):
-        self.port = free_port()
+    def __init__(self, *args: str, env: dict | None = None, ready_timeout: float = 90,
+                 command: list[str] | None = None, port: int | None = None):
+        """``gpserve serve --listen 127.0.0.1:PORT *args``, or ``gpserve *command`` when
+        given (its environment then says where to listen, on ``port``)."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpserve-test-{self.port}.log"
         self.log = open(self.log_path, "wb")
+        argv = command or ["serve", "--listen", f"127.0.0.1:{self.port}", *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpserve", "serve", "--listen", f"127.0.0.1:{self.port}",
-             *args], stdout=self.log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "gpserve", *argv], stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})})
         self.wait_ready(ready_timeout)
 

@@ -46,7 +46,7 @@ def bar_chart(path: str, title: str, labels: list[str], series: dict[str, list[f
 
     x = np.arange(len(labels))
     width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(labels) + 2), 4))
     for i, (name, values) in enumerate(series.items()):
         ax.bar(x + i * width, values, width, label=name)
     ax.set_xticks(x + width * (len(series) - 1) / 2, labels, rotation=20, ha="right")
@@ -54,7 +54,7 @@ def bar_chart(path: str, title: str, labels: list[str], series: dict[str, list[f
     ax.set_title(title)
     if log:
         ax.set_yscale("log")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)   # outside the bars
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

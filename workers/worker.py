@@ -17,7 +17,7 @@ from collections import Counter
 
 import numpy as np
 
-from gpserve import ipc
+from gpserve import ipc, metrics
 from gpserve.config import Config
 from gpserve.errors import DeadlineExceeded, GraphPipeError, ModelError
 from gpserve.shm import Arena, Segments, pid_alive, segment_path
@@ -60,7 +60,9 @@ def _connect(address: str) -> socket.socket | None:
 class Worker:
     def __init__(self, cfg: Config, index: int):
         self.cfg, self.index = cfg, index
+        started = time.perf_counter()
         self.backend = load(cfg, worker_device(cfg.device, index), cfg.threads)
+        metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - started)
         self.arena = Arena(segment_path(cfg.run_id, f"worker{index}-{os.getpid()}"),
                            cfg.arena_bytes)
         self.segments = Segments()
@@ -210,13 +212,18 @@ class Worker:
     def _compute(self, live: list[ipc.Submit]) -> tuple[list, list | None]:
         """The model's outputs, and the input views when the batch is one request."""
         first = live[0]
+        started = time.perf_counter()
         views = [[self.segments.view(ref) for ref in item.inputs] for item in live]
         if len(live) == 1:
             feed = dict(zip(first.input_names, views[0]))            # 0 copies
         else:
             feed = {name: np.concatenate([v[k] for v in views])     # the gather: 1 copy
                     for k, name in enumerate(first.input_names)}
+        assembled = time.perf_counter()
         outputs = self.backend.run(feed, list(first.output_names), first.config)
+        metrics.BATCH_ASSEMBLY_SECONDS.observe(assembled - started)
+        metrics.MODEL_SECONDS.observe(time.perf_counter() - assembled)
+        metrics.BATCH_ROWS.observe(sum(item.rows or 1 for item in live))
         if first.rows is not None:
             total = sum(item.rows for item in live)
             for name, out in zip(first.output_names, outputs):
@@ -308,7 +315,7 @@ class Worker:
 
 def main(cfg: Config, index: int) -> None:
     from gpserve.logs import setup
-    setup(cfg.verbose, f"worker{index}")
+    setup(cfg.verbose, f"worker{index}", cfg.log_format)
     worker = Worker(cfg, index)
     log.info("worker %d ready: %s (pid %d)", index, worker.backend.spec.description, os.getpid())
     worker.serve_forever()

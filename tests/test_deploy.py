@@ -1,0 +1,239 @@
+"""Deployment: compose.yaml and the Kubernetes manifests are valid, compose's gpserve
+services run as local processes with their own command and environment, nginx balances
+two of them, /metrics counts what happened, and the logs say so."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from gpserve.client import Client
+from gpserve.testing import Server, free_port
+
+from conftest import ROOT
+
+COMPOSE = ROOT / "compose.yaml"
+K8S = ROOT / "deploy" / "kubernetes"
+
+
+def test_compose_file_follows_the_compose_specification():
+    r = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema",
+                        "vendor.compose-spec", str(COMPOSE)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert services["gpserve"]["shm_size"] and "rows:/var/cache/gpserve" in \
+        services["gpserve"]["volumes"]
+    assert services["gpserve-gpu"]["deploy"]["resources"]["reservations"]["devices"][0][
+        "capabilities"] == ["gpu"]
+    assert set(services["nginx"]["profiles"]) == {"lb"} and services["replica"]["deploy"][
+        "replicas"] == 2
+    assert services["prometheus"]["profiles"] == ["monitoring"]
+
+
+@pytest.mark.parametrize("manifest", sorted(p.name for p in K8S.glob("*.yaml")))
+def test_kubernetes_manifests_are_valid(manifest):
+    import kubernetes_validate
+    for doc in yaml.safe_load_all((K8S / manifest).read_text()):
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_deployment_probes_drain_and_shm():
+    dep = yaml.safe_load((K8S / "deployment.yaml").read_text())
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/control/is_ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/control/is_alive"
+    assert "preStop" in c["lifecycle"] and c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+
+
+def compose_service(name: str) -> dict:
+    return yaml.safe_load(COMPOSE.read_text())["services"][name]
+
+
+def local_env(service: dict, models: Path, cache: Path, port: int) -> dict:
+    """The service's environment for a local process: ${VAR:-default} filled with the
+    default, container paths mapped to local folders, loopback instead of 0.0.0.0."""
+    env = {}
+    for key, value in service["environment"].items():
+        value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
+        env[key] = value.replace("/models", str(models)).replace("/var/cache/gpserve",
+                                                                  str(cache))
+    assert env["GP_LISTEN"].startswith("0.0.0.0:")
+    env["GP_LISTEN"] = f"127.0.0.1:{port}"
+    return env
+
+
+def compose_process(name: str, models: Path, cache: Path) -> Server:
+    """A compose service's command and environment, run as a local process."""
+    service, port = compose_service(name), free_port()
+    return Server(command=service["command"], env=local_env(service, models, cache, port),
+                  port=port, ready_timeout=120)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """./models as compose mounts it, with model.onnx (the default model, built here)."""
+    from gpserve.workers.default_model import ensure
+    folder = tmp_path_factory.mktemp("models")
+    ensure(folder / "model.onnx")
+    return folder
+
+
+def spiral_request():
+    from gpserve.workers.default_model import spiral_points
+    return spiral_points(20, seed=3)
+
+
+def test_compose_gpserve_service_runs_locally(models, tmp_path):
+    points, labels = spiral_request()
+    with compose_process("gpserve", models, tmp_path) as s, Client(s.url) as c:
+        probs = c.execute(points)
+        assert (probs.argmax(1) == labels).mean() > 0.9
+        info = s.info()
+        assert info["cache"]["enabled"] and info["batching"]["max_batch"] == 32
+        lines = [json.loads(l) for l in s.output().splitlines() if l.startswith("{")]
+        summary = next(l for l in lines if l["message"].startswith("serving"))
+        assert summary["process"] == "supervisor" and summary["cache"].startswith(str(tmp_path))
+
+
+def test_compose_gpu_service_configuration_is_accepted(models, tmp_path):
+    """Without a GPU here, the gpu service's environment must at least parse and load."""
+    env = local_env(compose_service("gpserve-gpu"), models, tmp_path, free_port())
+    assert env["GP_DEVICE"] == "cuda"
+    r = subprocess.run([sys.executable, "-c", "from gpserve.config import add_serve_arguments, "
+                        "from_args; import argparse; p = argparse.ArgumentParser(); "
+                        "add_serve_arguments(p); c = from_args(p.parse_args([])); "
+                        "print(c.device, c.cache, c.model)"],
+                       env={**os.environ, **env}, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ["cuda", "True", str(models / "model.onnx")]
+
+
+def nginx_binary() -> str | None:
+    """Debian's nginx; installed here when missing and we may (CI runs as root)."""
+    found = shutil.which("nginx") or (Path("/usr/sbin/nginx").exists() and "/usr/sbin/nginx")
+    if not found and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run("apt-get update -qq && apt-get install -y -qq nginx-light",
+                       shell=True, capture_output=True, timeout=600)
+        found = shutil.which("nginx") or (Path("/usr/sbin/nginx").exists() and "/usr/sbin/nginx")
+    return found or None
+
+
+def test_load_balanced_profile_with_nginx(models, tmp_path):
+    nginx = nginx_binary()
+    if nginx is None:
+        pytest.skip("nginx is not installed and cannot be installed here (needs root and apt)")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = compose_process("replica", models, tmp_path / "a")
+    b = compose_process("replica", models, tmp_path / "b")
+    port = free_port()
+    conf = (ROOT / "deploy" / "nginx" / "gpserve.conf").read_text()
+    conf = re.sub(r"server replica:9000;", f"server 127.0.0.1:{a.port};\n    "
+                  f"server 127.0.0.1:{b.port};", conf)
+    conf = conf.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "gpserve.conf").write_text(conf)
+    (tmp_path / "nginx.conf").write_text(
+        f"worker_processes 1;\nerror_log {tmp_path}/error.log;\npid {tmp_path}/nginx.pid;\n"
+        f"events {{ worker_connections 256; }}\nhttp {{\n  access_log off;\n"
+        f"  client_body_temp_path {tmp_path};\n  include {tmp_path}/conf.d/*.conf;\n}}\n")
+    proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                             "-g", "daemon off;"], stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(url + "control/is_ready", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        points, labels = spiral_request()
+        from gpserve import protocol as P
+        body = bytes(P.encode_request(P.InferRequest([points])))
+        upstreams = set()
+        for _ in range(20):
+            req = urllib.request.Request(url, data=body, method="POST")
+            with urllib.request.urlopen(req, timeout=10) as r:
+                upstreams.add(r.headers["X-Upstream"])
+                probs = P.decode_response(r.read()).outputs[0]
+            assert (probs.argmax(1) == labels).mean() > 0.9
+        assert upstreams == {f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"}
+        assert a.stats()["batched_rows"] > 0 and b.stats()["batched_rows"] > 0
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        proc.wait(10)
+        a.stop()
+        b.stop()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        metric_name, _, rest = key.partition("{")
+        got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+        if metric_name == name and got == want:
+            return float(value)
+    return 0.0
+
+
+def test_metrics_count_known_traffic(tmp_path):
+    with Server("--model", "echo", "--cache", "--cache-dir", str(tmp_path)) as s, \
+            Client(s.url) as c:
+        x = np.arange(12, dtype=np.float32).reshape(4, 3)
+        for _ in range(3):
+            c.execute(x)             # 4 rows computed, then 8 answered by the cache
+            time.sleep(0.3)          # let the cache write land
+        with pytest.raises(Exception):
+            c.execute_multi([x], ["a", "b"], None)
+        c.metadata()
+        text = urllib.request.urlopen(s.url + "/metrics").read().decode()
+        assert metric(text, "gpserve_requests_total", status="200", kind="infer") == 3
+        assert metric(text, "gpserve_requests_total", status="400", kind="error") == 1
+        assert metric(text, "gpserve_requests_total", status="200", kind="metadata") == 1
+        assert metric(text, "gpserve_rows_total", source="model") == 4
+        assert metric(text, "gpserve_rows_total", source="cache") == 8
+        assert metric(text, "gpserve_request_seconds_count") == 5
+        assert metric(text, "gpserve_batch_rows_count") == 1
+        assert metric(text, "gpserve_model_seconds_count") == 1
+        assert metric(text, "gpserve_queue_wait_seconds_count") == 1
+        assert metric(text, "gpserve_response_build_seconds_count") == 3
+        assert metric(text, "gpserve_model_load_seconds") > 0
+        assert metric(text, "gpserve_cache_bytes") > 0
+        worker = s.info()["processes"]["pids"]["workers"][0]
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while s.stats()["worker_restarts"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = urllib.request.urlopen(s.url + "/metrics").read().decode()
+        assert metric(text, "gpserve_process_restarts_total", role="worker") == 1
+        assert metric(text, "gpserve_requests_total", status="200", kind="infer") == 3
+
+
+def test_json_logs_with_access_lines():
+    with Server("--model", "echo", "--log-format", "json", "--access-log", "info", "-v") as s, \
+            Client(s.url) as c:
+        c.execute(np.ones((2, 2), np.float32))
+        time.sleep(0.2)
+        lines = [json.loads(l) for l in s.output().splitlines() if l.startswith("{")]
+    access = [l for l in lines if l["logger"] == "gpserve.access"]
+    assert len(access) == 1 and access[0]["status"] == 200 and access[0]["kind"] == "infer"
+    assert access[0]["process"].startswith("front") and access[0]["bytes_out"] > 0
+    summary = next(l for l in lines if l["message"].startswith("serving echo"))
+    assert summary["fronts"] >= 1 and summary["listen"] == s.url
