@@ -3,7 +3,7 @@
 For the OCR text-direction classifier and MiniLM (sequence length 32), 16 concurrent
 clients send single-row requests whose rows are 100%, 50% or 0% repeated (a repeated
 row comes from a small pool sent once before timing; a new row has a counter written
-into its data). Reported: rows/s, p50/p99, and the per-row cost of hashing a row and of
+into its data). Load: wrk with ``perf/rows.lua`` (or aiohttp when wrk is missing). Reported: rows/s, p50/p99, and the per-row cost of hashing a row and of
 an LMDB lookup (measured in-process). The echo model under the same 100%-repeated load
 is the "trivial model" a cache hit is compared with.
 
@@ -19,6 +19,7 @@ import argparse
 import gzip
 import itertools
 import os
+import random
 import sys
 import tempfile
 import time
@@ -45,6 +46,32 @@ def row_factory(name: str):
     return (lambda: [rng.integers(1000, 5000, (1, 32), dtype=np.int64),
                      np.ones((1, 32), np.int64), np.zeros((1, 32), np.int64)],
             ["input_ids", "attention_mask", "token_type_ids"])
+
+
+def run_rows(url: str, bodies: "Bodies", seconds: float, repeats: int) -> dict:
+    """wrk with perf/rows.lua: the same share of repeated rows, generated in C speed."""
+    import re
+    import subprocess
+    with tempfile.TemporaryDirectory() as tmp:
+        pool, template = Path(tmp) / "pool.bin", Path(tmp) / "template.bin"
+        pool.write_bytes(b"".join(b"%08d" % len(b) + b for b in bodies.pool))
+        template.write_bytes(bytes(bodies.template))
+        args = [str(pool), str(template), str(bodies.at), str(bodies.repeated),
+                "ids" if bodies.ids else "raw"]
+        runs = []
+        for i in range(repeats + 1):                      # the first is a warm-up
+            start = str(random.randrange(1, 60_000_000_000))   # new rows never seen before
+            out = subprocess.run(
+                ["wrk", "-t1", f"-c{CLIENTS}", f"-d{1 if i == 0 else round(seconds)}s",
+                 "--timeout", "60s", "-s", str(Path(__file__).parent / "rows.lua"), url, "--",
+                 *args, start], capture_output=True, text=True, timeout=seconds + 120)
+            line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+            f = dict(re.findall(r"(\w+)=([\d.]+)", line))
+            if i:
+                runs.append({"engine": "wrk", "rps": float(f["rps"]), "p50_ms": float(f["p50_ms"]),
+                             "p99_ms": float(f["p99_ms"]),
+                             "errors": int(f["non2xx"]) + int(f["errors"])})
+        return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
 
 
 class Bodies:
@@ -133,7 +160,9 @@ def main(argv=None) -> int:
                             loadgen.run(s.url + "/", bodies.pool[0] if share == 1.0 else
                                         (lambda i: bodies.pool[i % POOL]), CLIENTS, 1.0,
                                         warmup_s=0)
-                        rep = loadgen.run(s.url + "/", load, CLIENTS, secs, repeats=reps)
+                        rep = run_rows(s.url + "/", bodies, secs, reps) \
+                            if loadgen.wrk_available() else \
+                            loadgen.run(s.url + "/", load, CLIENTS, secs, repeats=reps)
                         rows.append({"model": name, "cache": cache, "repeated": f"{share:.0%}",
                                      "rows_s": rep["rps"], "p50_ms": rep["p50_ms"],
                                      "p99_ms": rep["p99_ms"], "engine": rep["engine"],

@@ -61,6 +61,22 @@ def loopback_echo_mbps(nbytes: int) -> float | None:
     return float(np.median([r["mb_s"] for r in rows]))
 
 
+def draw(by: dict, png: str) -> None:
+    """The two charts, from rows keyed by (server, shape, clients)."""
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    labels = [f"{s} c={c}" for s in ("8x224x224x3", "128x224x224x3") for c in (1, 5)]
+    series = {srv: [by.get((srv, l.split()[0], int(l.split("=")[1])), {}).get(
+        "rows_per_s", 0) for l in labels] for srv in ("gpserve", "json")}
+    bar_chart(png, "Echo of large float32 tensors: rows/s (log)", labels, series, "rows/s",
+              log=True)
+    small_png = png.replace(".png", "-small.png")
+    series = {srv: [by[(srv, "1x16", c)]["rps"] for c in (1, 16)]
+              for srv in ("gpserve", "http-floor", "json")}
+    series["go echo (reference)"] = [GO_ECHO[1], GO_ECHO[16]]
+    bar_chart(small_png, "[1,16] echo: requests/s", ["c=1", "c=16"], series, "requests/s")
+    print(f"\ncharts: {png}, {small_png}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -182,19 +198,7 @@ def main(argv=None) -> int:
     write_json(args.json, rows, loopback_echo_MBps=loop_mbps,
                targets=[{"ratio": t, "value": v, "goal": g, "met": m} for t, v, g, m in targets])
     if args.png:
-        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-        labels = [f"{s} c={c}" for s in ("8x224x224x3", "128x224x224x3") for c in (1, 5)]
-        series = {srv: [by.get((srv, l.split()[0], int(l.split("=")[1])), {}).get(
-            "rows_per_s", 0) for l in labels] for srv in ("gpserve", "json")}
-        bar_chart(args.png, "Echo of large float32 tensors: rows/s (log)", labels, series,
-                  "rows/s", log=True)
-        small_png = args.png.replace(".png", "-small.png")
-        labels = ["c=1", "c=16"]
-        series = {srv: [by[(srv, "1x16", c)]["rps"] for c in (1, 16)]
-                  for srv in ("gpserve", "http-floor", "json")}
-        series["go echo (reference)"] = [GO_ECHO[1], GO_ECHO[16]]
-        bar_chart(small_png, "[1,16] echo: requests/s", labels, series, "requests/s")
-        print(f"\ncharts: {args.png}, {small_png}")
+        draw(by, args.png)
     return 0
 
 
