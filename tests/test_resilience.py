@@ -84,19 +84,33 @@ def test_kill_front_under_load(server):
             assert c.execute(np.zeros((1, 3, 48, 192), np.float32)).shape == (1, 2)
 
 
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]    # a zombie counts as gone
+
+
 def test_clean_stop_leaves_nothing_behind():
     s = Server("--model", "echo", "--fronts", "2", "--workers", "2")
     with Client(s.url) as c:
         c.execute(np.ones((4, 4), np.float32))
-    children = s.children()
+    children = {pid: _start_time(pid) for pid in s.children()}
     assert len(children) >= 5              # batcher, 2 workers, 2 fronts
     assert s.segments()                    # counters and arenas exist while serving
     run = s.proc.pid
     assert s.stop() == 0
     assert [p for p in os.listdir("/dev/shm") if p.startswith(f"gpserve-{run}-")] == []
-    for pid in children:
-        assert not os.path.exists(f"/proc/{pid}") or \
-            open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    # multiprocessing's resource tracker leaves when it sees the supervisor gone, a moment
+    # later; every child must be gone within seconds (a reused pid has another start time).
+    deadline = time.monotonic() + 10
+    left = children
+    while left and time.monotonic() < deadline:
+        left = {pid: t for pid, t in left.items() if t is not None and _start_time(pid) == t}
+        time.sleep(0.05)
+    assert not left, f"children still running after the stop: {sorted(left)}"
 
 
 def test_next_start_cleans_up_after_a_killed_server():
