@@ -63,6 +63,7 @@ class RowCache:
         self.path, self.size_mb = path, size_mb
         self.counters, self.slot = counters, counters.cache_slot(front_index)
         self.enabled = False
+        self._told = False                 # the "disabled" error is logged once
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         try:
             self.env = open_environment(path, size_mb)
@@ -75,7 +76,7 @@ class RowCache:
         threading.Thread(target=self._write_loop, name="row-cache-writer", daemon=True).start()
 
     def _disable(self, why: str) -> None:
-        if self.enabled or not hasattr(self, "_told"):
+        if not self._told:
             log.error("row cache disabled, serving without it: %s", why)
             self._told = True
         self.enabled = False

@@ -27,7 +27,7 @@ from .errors import (
     BadConfig, BodyTooLarge, DeadlineExceeded, ProtocolError, QueueFull, Unavailable, from_code,
 )
 from .modelspec import ModelSpec
-from .protocol.messages import STRING, type_of
+from .protocol.messages import type_of
 from .shm import Arena, Segments, segment_path
 
 log = logging.getLogger("gpserve.front")
@@ -80,6 +80,7 @@ class FrontState:
                            cfg.arena_bytes)
         self.arena_view = memoryview(self.arena.mm)
         self.segments = Segments()
+        self.segments.adopt(self.arena)
         self.counters = ipc.Counters(segment_path(cfg.run_id, "counters"))
         self.batcher: _Link | None = None
         self.pending: dict[int, _Pending] = {}
@@ -315,8 +316,7 @@ class FrontState:
             metrics.ROWS.labels("model").inc(served_rows)
             arrays = []
             for sl in message.outputs:
-                arr = self.segments.view(sl.ref) if sl.ref.path != self.arena.path else \
-                    self._own_view(sl.ref)
+                arr = self.segments.view(sl.ref)   # the worker's arena, or ours for echo
                 arrays.append(arr if sl.stop is None else arr[sl.start:sl.stop])
             yield arrays
         finally:
@@ -338,15 +338,6 @@ class FrontState:
         dst = self.arena.buf[offset:offset + nbytes].view(arr.dtype).reshape(shape)
         np.take(arr, rows, axis=0, out=dst)
         return ipc.TensorRef(self.arena.path, offset, type_of(arr.dtype), shape)
-
-    def _own_view(self, ref: ipc.TensorRef) -> np.ndarray:
-        if ref.ttype == STRING:
-            return self.segments.view(ref)
-        dtype = P.TYPE_TO_DTYPE[ref.ttype]
-        count = int(np.prod(ref.shape))
-        return self.arena.buf[ref.offset:ref.offset + count * dtype.itemsize].view(
-            dtype).reshape(ref.shape)
-
 
 async def _receive_chunk(receive) -> tuple[bytes, bool]:
     message = await receive()

@@ -256,6 +256,7 @@ class Link(asyncio.Protocol):
         self.frames = FrameBuffer()
         self.transport = None
         self.outbox: list[bytes] = []
+        self.flush_scheduled = False
 
     def connection_made(self, transport) -> None:
         if not same_user(transport.get_extra_info("socket")):
@@ -278,12 +279,13 @@ class Link(asyncio.Protocol):
         self.outbox.append(frame(message))
 
     def schedule_flush(self) -> None:
-        """Make sure this turn ends with a flush (an empty first entry marks it scheduled)."""
-        if not self.outbox:
+        """Make sure this event-loop turn ends with one write of everything queued."""
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-            self.outbox.append(b"")
 
     def _flush(self) -> None:
+        self.flush_scheduled = False
         self.before_flush()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(self.outbox))

@@ -200,6 +200,10 @@ class Segments:
         dtype = TYPE_TO_DTYPE[ref.ttype]
         return buf[ref.offset:ref.offset + count * dtype.itemsize].view(dtype).reshape(ref.shape)
 
+    def adopt(self, arena: "Arena") -> None:
+        """View this process's own arena through the same ``view`` (no second mapping)."""
+        self._maps[arena.path] = arena.buf
+
     def forget_prefix(self, prefix: str) -> None:
         """Drop mappings whose owner is gone (the memory is freed once their views die)."""
         for path in [p for p in self._maps if p.startswith(prefix)]:

@@ -147,18 +147,22 @@ class Worker:
                 last_try = now
             for key, _ in self.sel.select(timeout=RECONNECT_S):
                 role, index = key.data
-                conn = self.batcher if role == "batcher" else self.fronts.get(index)
-                if conn is None:
-                    continue
-                try:
-                    data = conn.sock.recv(1 << 16)
-                except OSError:
-                    data = b""
-                if not data:
-                    self._drop(role, index)
-                    continue
-                for message in conn.frames.feed(data):
+                for message in self._read(role, index):
                     self._handle(message, index)
+
+    def _read(self, role: str, index: int | None) -> list:
+        """The whole messages waiting on one connection ([] and dropped when it closed)."""
+        conn = self.batcher if role == "batcher" else self.fronts.get(index)
+        if conn is None:
+            return []
+        try:
+            data = conn.sock.recv(1 << 16)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(role, index)
+            return []
+        return conn.frames.feed(data)
 
     def _handle(self, message, front_index: int | None) -> None:
         if isinstance(message, ipc.Batch):
@@ -282,14 +286,9 @@ class Worker:
                 return placed
             for key, _ in self.sel.select(timeout=0.01):   # take Release messages meanwhile
                 role, index = key.data
-                if role == "front" and index in self.fronts:
-                    data = self.fronts[index].sock.recv(1 << 16)
-                    if not data:
-                        self._drop(role, index)
-                        continue
-                    for message in self.fronts[index].frames.feed(data):
-                        if isinstance(message, ipc.Release):
-                            self._handle(message, index)
+                if role == "front":                        # fronts send only Releases
+                    for message in self._read(role, index):
+                        self._handle(message, index)
 
     def _fail(self, item: ipc.Submit, err: GraphPipeError) -> None:
         self._to_front(item, ipc.Done(item.req_id, (), (err.code, err.message), None))
