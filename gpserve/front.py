@@ -84,8 +84,7 @@ class GraphPipeApp:
                 return 200, "metadata", size, state.metadata_body
             return 200, "infer", size, await state.infer(req, regions)
         except GraphPipeError as err:
-            if not any(p.regions is regions for p in state.pending.values()):
-                state._release_regions(regions)
+            state._release_regions(regions)   # a timed-out request has taken its own
             log.debug("request failed: %r", err)
             return err.http_status, "error", size, P.encode_error(err.code, err.message)
         except Exception as e:  # a bug of ours: answer clearly, keep serving

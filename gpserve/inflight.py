@@ -304,7 +304,11 @@ class FrontState:
         try:
             link, message = await future
         except asyncio.TimeoutError:
-            pending.abandoned = True      # its memory is freed when the answer comes
+            # A worker may still read this memory: the abandoned request keeps it (freed
+            # when the answer comes) and the caller's list is emptied, so the caller can
+            # always release what it holds.
+            pending.abandoned, pending.regions = True, regions[:]
+            regions.clear()
             raise DeadlineExceeded(f"no result within --timeout-ms {self.cfg.timeout_ms:g}")
         finally:
             timer.cancel()
