@@ -178,7 +178,6 @@ class Batcher:
                 worker.send(worker.running)
 
     def _drop_expired(self, item: ipc.Submit) -> None:
-        self.counters.slots[ipc.Counters.EXPIRED] += 1
         self.reject(item, DeadlineExceeded(
             "the request's deadline passed while it waited in the queue "
             f"(--timeout-ms {self.cfg.timeout_ms:g})"))

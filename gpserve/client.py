@@ -11,13 +11,14 @@ Output arrays view the received response body (no copy; read-only).
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
 import urllib3
 
 from . import protocol as P
-from .errors import GraphPipeError, InternalError, ProtocolError, from_code
+from .errors import GraphPipeError, InternalError, ProtocolError, Unavailable, from_code
 
 _HEADERS = {"Content-Type": "application/octet-stream"}
 
@@ -27,6 +28,34 @@ def _request_body(inputs, input_names, output_names, config) -> memoryview:
         inputs=[a if isinstance(a, np.ndarray) else np.asarray(a) for a in inputs],
         input_names=list(input_names or ()), output_names=list(output_names or ()),
         config=config or ""))
+
+
+class ConnectionFailed(Unavailable):
+    """No HTTP answer came back: the server is not up, or the connection broke.
+
+    ``http_status`` is 0 (there was none); the message names the URL and the cause.
+    """
+
+    http_status = 0
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost reason of a connection failure, in a few words."""
+    while True:
+        inner = getattr(exc, "reason", None) or getattr(exc, "os_error", None) or exc.__cause__
+        if not isinstance(inner, BaseException) or inner is exc:
+            break
+        exc = inner
+    if isinstance(exc, OSError) and (exc.errno or exc.strerror):
+        text = os.strerror(exc.errno) if exc.errno else exc.strerror
+        return text[:1].lower() + text[1:]
+    text = str(exc)
+    return text.split("Failed to establish a new connection: ")[-1].split("] ", 1)[-1] or \
+        type(exc).__name__
+
+
+def _connection_failed(uri: str, exc: BaseException) -> ConnectionFailed:
+    return ConnectionFailed(f"cannot connect to {uri}: {_cause(exc)}")
 
 
 def _raise_for(status: int, body: bytes, uri: str) -> None:
@@ -73,7 +102,10 @@ class Client:
             timeout=urllib3.Timeout(total=timeout))
 
     def _post(self, body) -> tuple[int, bytes]:
-        resp = self._pool.request("POST", self.uri, body=body, headers=_HEADERS)
+        try:
+            resp = self._pool.request("POST", self.uri, body=body, headers=_HEADERS)
+        except urllib3.exceptions.HTTPError as e:
+            raise _connection_failed(self.uri, e) from None
         return resp.status, resp.data
 
     def execute(self, array, input_name: str | None = None, output_name: str | None = None):
@@ -112,8 +144,12 @@ class AsyncClient:
             connector=aiohttp.TCPConnector(limit=max_connections))
 
     async def _post(self, body) -> tuple[int, bytes]:
-        async with self._session.post(self.uri, data=body, headers=_HEADERS) as resp:
-            return resp.status, await resp.read()
+        import aiohttp
+        try:
+            async with self._session.post(self.uri, data=body, headers=_HEADERS) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientConnectionError, OSError) as e:
+            raise _connection_failed(self.uri, e) from None
 
     async def execute(self, array, input_name: str | None = None,
                       output_name: str | None = None):
@@ -166,4 +202,5 @@ def metadata(uri: str) -> P.MetadataResponse:
     return _client(uri).metadata()
 
 
-__all__ = ["Client", "AsyncClient", "execute", "execute_multi", "metadata", "GraphPipeError"]
+__all__ = ["Client", "AsyncClient", "execute", "execute_multi", "metadata", "GraphPipeError",
+           "ConnectionFailed"]

@@ -28,6 +28,12 @@ class Config:
     max_body_mb: float = 256.0
     threads: int = 0                     # runtime threads per worker; 0: from the machine
     batching: str = "auto"               # auto | off
+    batch_check_every: int = 64          # merged batches between re-runs of one alone
+    max_strings: int = 65536             # String elements per request
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 5.0
+    max_connections: int = 1024          # per front
     shm_mb: int = 0                      # arena size per process; 0: from max_body_mb
     models_dir: str = str(CACHE_HOME / "models")   # downloaded and built models
     backend: str = ""                    # "" = tell by the model file; onnx|tensorflow|torch|echo
@@ -76,71 +82,117 @@ class Config:
         return self
 
 
-def _env(name: str, default):
-    value = os.environ.get(f"GP_{name}")
-    return default if value in (None, "") else value
-
-
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
+
+
+def _bool(text: str) -> bool:
+    try:
+        return _BOOLEANS[text.lower()]
+    except KeyError:
+        raise ValueError("expected one of 1/0, true/false, yes/no, on/off") from None
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """Every ``gpserve serve`` flag, each with its ``GP_*`` variable as the default.
+
+    A variable is converted and checked (type, choices) like its flag, and a bad one
+    stops the command with one line and exit status 2, as a bad flag does."""
     d = Config()
-    a = p.add_argument
-    a("--model", default=_env("MODEL", d.model),
+
+    def a(flag: str, *rest, env: str, default, type=str, choices=None, help: str = "",
+          **kw):
+        value = os.environ.get(f"GP_{env}")
+        if value not in (None, ""):
+            try:
+                default = type(value)
+            except (TypeError, ValueError) as e:
+                why = {int: "expected a whole number", float: "expected a number"}.get(type, e)
+                p.error(f"GP_{env}={value!r}: {why}")
+            if choices is not None and default not in choices:
+                p.error(f"GP_{env}={value!r}: expected one of "
+                        f"{', '.join(repr(c) for c in choices)}")
+        if type is _bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif "action" not in kw:
+            kw["type"] = type
+        if choices is not None:
+            kw["choices"] = choices
+        p.add_argument(flag, *rest, default=default, help=f"{help} [GP_{env}]", **kw)
+
+    a("--model", env="MODEL", default=d.model,
       help="model file or directory, http(s) URL (downloaded once), or 'echo'; "
-           "default: the built-in demo model [GP_MODEL]")
-    a("--backend", default=_env("BACKEND", d.backend),
+           "default: the built-in demo model")
+    a("--backend", env="BACKEND", default=d.backend,
       choices=["", "onnx", "tensorflow", "torch", "echo"],
-      help="which runtime serves the model (default: tell by the file) [GP_BACKEND]")
-    a("--signature", default=_env("SIGNATURE", d.signature),
-      help="TensorFlow SavedModel signature to serve [GP_SIGNATURE]")
-    a("--shapes", default=_env("SHAPES", d.shapes),
+      help="which runtime serves the model (default: tell by the file)")
+    a("--signature", env="SIGNATURE", default=d.signature,
+      help="TensorFlow SavedModel signature to serve")
+    a("--shapes", env="SHAPES", default=d.shapes,
       help="TorchScript input shapes, 'name=-1,3,48,192[:dtype];...' (or a MODEL.json "
-           "side file) [GP_SHAPES]")
-    a("--listen", default=_env("LISTEN", d.listen), help="host:port [GP_LISTEN]")
-    a("--inputs", type=_names, default=_names(_env("INPUTS", "")),
-      help="comma-separated default input names [GP_INPUTS]")
-    a("--outputs", type=_names, default=_names(_env("OUTPUTS", "")),
-      help="comma-separated default output names [GP_OUTPUTS]")
-    a("--fronts", type=int, default=int(_env("FRONTS", 0)),
-      help="HTTP front processes (default: one per core, at most 8) [GP_FRONTS]")
-    a("--workers", type=int, default=int(_env("WORKERS", 0)),
-      help="worker processes (model instances) per device (default 1) [GP_WORKERS]")
-    a("--device", default=_env("DEVICE", d.device),
-      help="auto, cpu, cuda or cuda:N [GP_DEVICE]")
-    a("--max-batch", type=int, default=int(_env("MAX_BATCH", d.max_batch)),
-      help="most rows in one batch [GP_MAX_BATCH]")
-    a("--max-delay-ms", type=float, default=float(_env("MAX_DELAY_MS", d.max_delay_ms)),
-      help="longest a row waits for a batch to fill while others run [GP_MAX_DELAY_MS]")
-    a("--max-queue", type=int, default=int(_env("MAX_QUEUE", d.max_queue)),
-      help="rows that may wait in the batcher before requests are refused [GP_MAX_QUEUE]")
-    a("--timeout-ms", type=float, default=float(_env("TIMEOUT_MS", d.timeout_ms)),
-      help="per-request deadline [GP_TIMEOUT_MS]")
-    a("--max-body-mb", type=float, default=float(_env("MAX_BODY_MB", d.max_body_mb)),
-      help="largest request body [GP_MAX_BODY_MB]")
-    a("--threads", type=int, default=int(_env("THREADS", 0)),
-      help="runtime threads per worker (default: cores / workers) [GP_THREADS]")
-    a("--batching", choices=["auto", "off"], default=_env("BATCHING", d.batching),
-      help="'off' runs every request alone [GP_BATCHING]")
-    a("--shm-mb", type=int, default=int(_env("SHM_MB", 0)),
-      help="shared memory per process for tensors (default: max(256, 2 x max body)) [GP_SHM_MB]")
-    a("--models-dir", default=_env("MODELS_DIR", d.models_dir),
-      help="where downloaded and built models are kept [GP_MODELS_DIR]")
-    a("--cache", action=argparse.BooleanOptionalAction,
-      default=_env("CACHE", "0").lower() in ("1", "true", "yes", "on"),
-      help="answer rows seen before from the LMDB row cache [GP_CACHE=1]")
-    a("--cache-dir", default=_env("CACHE_DIR", d.cache_dir),
-      help="where the row cache lives, one LMDB environment per model [GP_CACHE_DIR]")
-    a("--cache-size-mb", type=int, default=int(_env("CACHE_SIZE_MB", d.cache_size_mb)),
-      help="hard bound on the row cache's disk use, per model [GP_CACHE_SIZE_MB]")
-    a("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", d.log_format),
-      help="one line per event, as text or as JSON objects [GP_LOG_FORMAT]")
-    a("--access-log", choices=["debug", "info", "off"], default=_env("ACCESS_LOG", d.access_log),
+           "side file)")
+    a("--listen", env="LISTEN", default=d.listen, help="host:port")
+    a("--inputs", env="INPUTS", type=_names, default=[],
+      help="comma-separated default input names")
+    a("--outputs", env="OUTPUTS", type=_names, default=[],
+      help="comma-separated default output names")
+    a("--fronts", env="FRONTS", type=int, default=0,
+      help="HTTP front processes (default: one per core, at most 8)")
+    a("--workers", env="WORKERS", type=int, default=0,
+      help="worker processes (model instances) per device (default 1)")
+    a("--device", env="DEVICE", default=d.device, help="auto, cpu, cuda or cuda:N")
+    a("--max-batch", env="MAX_BATCH", type=int, default=d.max_batch,
+      help="most rows in one batch")
+    a("--max-delay-ms", env="MAX_DELAY_MS", type=float, default=d.max_delay_ms,
+      help="longest a row waits for a batch to fill while others run")
+    a("--max-queue", env="MAX_QUEUE", type=int, default=d.max_queue,
+      help="rows that may wait in the batcher before requests are refused; a request "
+           "with more rows than this is refused with 413 (split it)")
+    a("--timeout-ms", env="TIMEOUT_MS", type=float, default=d.timeout_ms,
+      help="per-request deadline")
+    a("--max-body-mb", env="MAX_BODY_MB", type=float, default=d.max_body_mb,
+      help="largest request body")
+    a("--max-strings", env="MAX_STRINGS", type=int, default=d.max_strings,
+      help="most String elements in one request (each costs a Python object)")
+    a("--threads", env="THREADS", type=int, default=0,
+      help="runtime threads per worker (default: cores / workers)")
+    a("--batching", env="BATCHING", choices=["auto", "off"], default=d.batching,
+      help="'off' runs every request alone: bit-stable answers for models whose rows "
+           "change with the rows batched beside them")
+    a("--batch-check-every", env="BATCH_CHECK_EVERY", type=int,
+      default=d.batch_check_every,
+      help="re-run one request of every Nth merged batch alone and compare, to see "
+           "whether batching changes answers (0: never)")
+    a("--shm-mb", env="SHM_MB", type=int, default=0,
+      help="shared memory per process for tensors (default: max(256, 2 x max body))")
+    a("--header-timeout-s", env="HEADER_TIMEOUT_S", type=float, default=d.header_timeout_s,
+      help="a connection that has not sent a request's headers in this long is closed")
+    a("--body-timeout-s", env="BODY_TIMEOUT_S", type=float, default=d.body_timeout_s,
+      help="a request whose body stops arriving for this long is answered 408")
+    a("--keepalive-timeout-s", env="KEEPALIVE_TIMEOUT_S", type=float,
+      default=d.keepalive_timeout_s, help="an idle keep-alive connection is closed after this")
+    a("--max-connections", env="MAX_CONNECTIONS", type=int, default=d.max_connections,
+      help="open connections per front; past it new requests get 503")
+    a("--models-dir", env="MODELS_DIR", default=d.models_dir,
+      help="where downloaded and built models are kept")
+    a("--cache", env="CACHE", type=_bool, default=d.cache,
+      help="answer rows seen before from the LMDB row cache (GP_CACHE=1)")
+    a("--cache-dir", env="CACHE_DIR", default=d.cache_dir,
+      help="where the row cache lives, one LMDB environment per model")
+    a("--cache-size-mb", env="CACHE_SIZE_MB", type=int, default=d.cache_size_mb,
+      help="hard bound on the row cache's disk use, per model")
+    a("--log-format", env="LOG_FORMAT", choices=["text", "json"], default=d.log_format,
+      help="one line per event, as text or as JSON objects")
+    a("--access-log", env="ACCESS_LOG", choices=["debug", "info", "off"],
+      default=d.access_log,
       help="level of the access-log line written for every request; 'debug' shows with "
-           "-vv, 'info' with -v [GP_ACCESS_LOG]")
-    a("-v", "--verbose", action="count", default=int(_env("VERBOSE", 0)))
+           "-vv, 'info' with -v")
+    a("-v", "--verbose", env="VERBOSE", type=int, default=0, action="count",
+      help="more logging; -vv for debug")
 
 
 def from_args(args: argparse.Namespace) -> Config:
@@ -159,6 +211,13 @@ def from_args(args: argparse.Namespace) -> Config:
     for name in ("timeout_ms", "max_body_mb"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive")
+    for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+        if getattr(cfg, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive")
+    if cfg.max_connections < 1:
+        problems.append("--max-connections must be at least 1")
+    if cfg.max_strings < 0 or cfg.batch_check_every < 0:
+        problems.append("--max-strings and --batch-check-every must not be negative")
     if cfg.cache_size_mb < 1:
         problems.append("--cache-size-mb must be at least 1")
     if cfg.fronts < 0 or cfg.workers < 0 or cfg.threads < 0:

@@ -87,10 +87,22 @@ class BadConfig(GraphPipeError):
     code, http_status = 14, 400
 
 
+class TooManyRows(GraphPipeError):
+    """A request with more rows than the queue holds: it could never be queued."""
+
+    code, http_status = 15, 413
+
+
+class RequestTimeout(GraphPipeError):
+    """The request's body stopped arriving."""
+
+    code, http_status = 16, 408
+
+
 ALL_ERRORS: tuple[type[GraphPipeError], ...] = (
     ProtocolError, UnsupportedRequest, UnknownInput, UnknownOutput, WrongInputCount,
     DtypeMismatch, ShapeMismatch, BodyTooLarge, QueueFull, DeadlineExceeded,
-    ModelError, Unavailable, InternalError, BadConfig,
+    ModelError, Unavailable, InternalError, BadConfig, TooManyRows, RequestTimeout,
 )
 BY_CODE: dict[int, type[GraphPipeError]] = {e.code: e for e in ALL_ERRORS}
 

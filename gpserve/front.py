@@ -83,15 +83,32 @@ class GraphPipeApp:
                 state._release_regions(regions)
                 return 200, "metadata", size, state.metadata_body
             return 200, "infer", size, await state.infer(req, regions)
-        except GraphPipeError as err:
+        except GraphPipeError as e:
             state._release_regions(regions)   # a timed-out request has taken its own
-            log.debug("request failed: %r", err)
-            return err.http_status, "error", size, P.encode_error(err.code, err.message)
+            log.debug("request failed: %r", e)
+            failure = e
         except Exception as e:  # a bug of ours: answer clearly, keep serving
             log.exception("internal error")
             state._release_regions(regions)
-            err = InternalError(f"internal server error: {type(e).__name__}: {e}")
-            return err.http_status, "error", size, P.encode_error(err.code, err.message)
+            failure = InternalError(f"internal server error: {type(e).__name__}: {e}")
+        state.counters.count_error(state.index, failure.code)
+        return (failure.http_status, "error", size,
+                P.encode_error(failure.code, failure.message))
+
+
+def batching_verdict(probe: dict | None, traffic: dict) -> dict:
+    """Does batching change this model's answers? ``invariant`` is True, False, or None
+    (not known yet), from the probe at load and the checks on live traffic together."""
+    probe = probe or {"invariant": None, "max_difference": 0.0, "relative": 0.0}
+    if traffic["changed"] or probe["invariant"] is False:
+        invariant = False
+    elif probe["invariant"] or traffic["checks"]:
+        invariant = True
+    else:
+        invariant = None
+    return {"invariant": invariant,
+            "max_difference": max(probe["max_difference"], traffic["max_difference"]),
+            "checks": {"probe": probe, "traffic": traffic}}
 
 
 def build_app(state: FrontState) -> GraphPipeApp:
@@ -107,7 +124,8 @@ def build_app(state: FrontState) -> GraphPipeApp:
             "batching": {"enabled": spec.batchable and state.cfg.batching != "off",
                          "max_batch": state.cfg.max_batch,
                          "max_delay_ms": state.cfg.max_delay_ms,
-                         "max_queue": state.cfg.max_queue, "timeout_ms": state.cfg.timeout_ms},
+                         "max_queue": state.cfg.max_queue, "timeout_ms": state.cfg.timeout_ms,
+                         **batching_verdict(spec.batch_probe, state.counters.batch_checks())},
             "processes": {"fronts": state.cfg.fronts, "workers": state.cfg.workers,
                           "pids": state.counters.pids(state.cfg.workers, state.cfg.fronts),
                           "this_front": os.getpid()},

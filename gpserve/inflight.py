@@ -24,7 +24,8 @@ from . import __version__, ipc, metrics
 from . import protocol as P
 from .config import Config
 from .errors import (
-    BadConfig, BodyTooLarge, DeadlineExceeded, ProtocolError, QueueFull, Unavailable, from_code,
+    BadConfig, BodyTooLarge, DeadlineExceeded, ProtocolError, QueueFull, TooManyRows,
+    Unavailable, from_code,
 )
 from .modelspec import ModelSpec
 from .protocol.messages import type_of
@@ -92,6 +93,8 @@ class FrontState:
             spec.metadata(server=f"gpserve {__version__}", version=__version__)))
         self.tasks: list[asyncio.Task] = []
         self.worker_links = 0
+        if spec.batch_probe:
+            metrics.BATCH_DIFFERENCE.set(spec.batch_probe["max_difference"])
         self.cache = None
         if cfg.cache:
             from gpserve.cache.store import RowCache, environment_path
@@ -237,11 +240,19 @@ class FrontState:
     async def infer(self, req: P.InferRequest, regions: list) -> memoryview:
         names, outputs, rows = self.spec.check(list(req.inputs), list(req.input_names),
                                                list(req.output_names))
+        if rows is not None and rows > self.cfg.max_queue:
+            raise TooManyRows(f"the request has {rows} rows, more than the queue holds "
+                              f"(--max-queue {self.cfg.max_queue}); split it into requests "
+                              f"of at most {self.cfg.max_queue} rows")
+        options = request_options(req.config)
+        alone = not options["batch"]
         tensors = list(req.inputs)
-        if self.cache is not None and rows and _cache_wanted(req.config):
-            return await self._infer_cached(tensors, names, outputs, req.config, rows, regions)
+        if self.cache is not None and rows and options["cache"]:
+            return await self._infer_cached(tensors, names, outputs, req.config, rows, regions,
+                                            alone)
         refs = tuple(self.place(a, regions) for a in tensors)
-        async with self._compute(refs, names, outputs, req.config, rows, regions) as arrays:
+        async with self._compute(refs, names, outputs, req.config, rows, regions,
+                                 alone) as arrays:
             return self._encode(arrays)
 
     @staticmethod
@@ -252,7 +263,8 @@ class FrontState:
         metrics.RESPONSE_BUILD_SECONDS.observe(time.perf_counter() - started)
         return body
 
-    async def _infer_cached(self, tensors, names, outputs, config, rows, regions) -> memoryview:
+    async def _infer_cached(self, tensors, names, outputs, config, rows, regions,
+                            alone: bool) -> memoryview:
         """Answer the rows the cache knows, compute only the others, merge in row order."""
         keys = row_keys(self.cfg.fingerprint, config, names, tensors)
         cached = self.cache.lookup(keys, outputs)
@@ -266,7 +278,8 @@ class FrontState:
             refs = tuple(self.place(t, regions) for t in tensors)
         else:
             refs = tuple(self.place_rows(t, missing, regions) for t in tensors)
-        async with self._compute(refs, names, outputs, config, len(missing), regions) as computed:
+        async with self._compute(refs, names, outputs, config, len(missing), regions,
+                                 alone) as computed:
             merged = computed
             if len(missing) < rows:
                 hit = [i for i in range(rows) if cached[i] is not None]
@@ -283,13 +296,14 @@ class FrontState:
             return body
 
     @contextlib.asynccontextmanager
-    async def _compute(self, refs, names, outputs, config, rows, regions):
+    async def _compute(self, refs, names, outputs, config, rows, regions, alone=False):
         """Submit to the batcher, wait, and yield the output arrays (views of the worker's
-        shared memory, valid inside the block); release everything afterwards."""
+        shared memory, valid inside the block); release everything afterwards. ``alone``
+        (or ``--batching off``, or a model that cannot batch) runs the request by itself."""
         if self.batcher is None:
             raise Unavailable("the server is starting or restarting its batcher; try again")
         served_rows = rows if rows is not None else 1
-        if self.cfg.batching == "off" or not self.spec.batchable:
+        if alone or self.cfg.batching == "off" or not self.spec.batchable:
             rows = None
         key = (tuple(names), tuple((r.ttype, r.shape[1:]) for r in refs), tuple(outputs),
                config) if rows is not None else ("alone", next(self.ids))
@@ -350,17 +364,20 @@ async def _receive_chunk(receive) -> tuple[bytes, bool]:
     return message.get("body", b""), message.get("more_body", False)
 
 
-def _cache_wanted(config: str) -> bool:
-    """``cache=off`` in a request's config skips the row cache (no lookup, no write)."""
-    if "cache=" not in config:
-        return True
+def request_options(config: str) -> dict[str, bool]:
+    """The options gpserve reads from a request's ``config`` (other text goes to the model
+    unchanged): ``cache=on|off`` (the row cache) and ``batch=on|off`` (``off`` runs the
+    request alone: its answer cannot depend on other requests' rows)."""
+    options = {"cache": True, "batch": True}
+    if "=" not in config:
+        return options
     for token in re.split(r"[;,\s]+", config):
-        if token.startswith("cache="):
-            value = token[len("cache="):]
+        key, _, value = token.partition("=")
+        if key in options:
             if value not in ("on", "off"):
-                raise BadConfig(f"config {token!r}: cache takes 'on' or 'off'")
-            return value == "on"
-    return True
+                raise BadConfig(f"config {token!r}: {key} takes 'on' or 'off'")
+            options[key] = value == "on"
+    return options
 
 
 def _expire(future: asyncio.Future) -> None:

@@ -178,7 +178,7 @@ class Counters:
     """
 
     READY_WORKERS, BATCHES, ROWS, MAX_BATCH_ROWS, QUEUED_ROWS, WORKER_RESTARTS, \
-        FRONT_RESTARTS, BATCHER_RESTARTS, REJECTED_QUEUE_FULL, EXPIRED = range(10)
+        FRONT_RESTARTS, BATCHER_RESTARTS, REJECTED_QUEUE_FULL, _UNUSED = range(10)
     BATCHER_PID = 10
     HIST_START = 16            # batch-size histogram: slot HIST_START + min(rows, 64) - 1
     HIST_BINS = 64
@@ -187,14 +187,20 @@ class Counters:
     CACHE_START = FRONT_PIDS + 64                 # per front: hits, misses, writes, ...
     CACHE_HITS, CACHE_MISSES, CACHE_WRITES, CACHE_EVICTIONS, CACHE_ERRORS = range(5)
     CACHE_FIELDS = 5
-    SLOTS = CACHE_START + 64 * CACHE_FIELDS
+    CHECK_START = CACHE_START + 64 * CACHE_FIELDS  # per worker: batching checks
+    CHECKS, CHECKS_CHANGED, CHECK_ABS, CHECK_REL = range(4)   # the last two are float64
+    CHECK_FIELDS = 4
+    ERRORS_START = CHECK_START + 64 * CHECK_FIELDS   # per front: answers by error code
+    ERROR_CODES = 32
+    SLOTS = ERRORS_START + 64 * ERROR_CODES
 
     def cache_slot(self, front_index: int) -> int:
         """First of this front's cache slots (each front writes only its own)."""
         return self.CACHE_START + self.CACHE_FIELDS * front_index
 
     def cache_totals(self) -> dict:
-        per = self.slots[self.CACHE_START:].reshape(64, self.CACHE_FIELDS).sum(axis=0).tolist()
+        per = self.slots[self.CACHE_START:self.CHECK_START].reshape(64, self.CACHE_FIELDS)
+        per = per.sum(axis=0).tolist()
         return dict(zip(("hits", "misses", "writes", "evictions", "errors"), per))
 
     def __init__(self, path: str, create: bool = False):
@@ -212,6 +218,27 @@ class Counters:
         finally:
             os.close(fd)
         self.slots = np.frombuffer(self._mm, dtype=np.int64)
+        self.floats = np.frombuffer(self._mm, dtype=np.float64)   # the same slots, as floats
+
+    def record_check(self, worker_index: int, absolute: float, relative: float,
+                     changed: bool) -> None:
+        """A worker re-ran one request of a merged batch alone (see batch_check.py)."""
+        at = self.CHECK_START + self.CHECK_FIELDS * worker_index
+        self.slots[at + self.CHECKS] += 1
+        self.slots[at + self.CHECKS_CHANGED] += int(changed)
+        f = self.floats
+        f[at + self.CHECK_ABS] = max(f[at + self.CHECK_ABS], absolute)
+        f[at + self.CHECK_REL] = max(f[at + self.CHECK_REL], relative)
+
+    def batch_checks(self) -> dict:
+        """Checks on live traffic, all workers together."""
+        per = self.slots[self.CHECK_START:self.CHECK_START + 64 * self.CHECK_FIELDS]
+        per = per.reshape(64, self.CHECK_FIELDS)
+        floats = per.view(np.float64)
+        return {"checks": int(per[:, self.CHECKS].sum()),
+                "changed": int(per[:, self.CHECKS_CHANGED].sum()),
+                "max_difference": float(floats[:, self.CHECK_ABS].max()),
+                "relative": float(floats[:, self.CHECK_REL].max())}
 
     def add_batch(self, rows: int) -> None:
         s = self.slots
@@ -221,7 +248,21 @@ class Counters:
             s[self.MAX_BATCH_ROWS] = rows
         s[self.HIST_START + min(max(rows, 1), self.HIST_BINS) - 1] += 1
 
+    def count_error(self, front_index: int, code: int) -> None:
+        """A front answered a request with this error code (each front writes its own)."""
+        self.slots[self.ERRORS_START + self.ERROR_CODES * front_index
+                   + min(max(code, 0), self.ERROR_CODES - 1)] += 1
+
+    def errors(self) -> dict:
+        """Requests answered with an error, by the error's name, all fronts together."""
+        from .errors import BY_CODE
+        per = self.slots[self.ERRORS_START:self.ERRORS_START + 64 * self.ERROR_CODES]
+        totals = per.reshape(64, self.ERROR_CODES).sum(axis=0).tolist()
+        return {(BY_CODE[c].__name__ if c in BY_CODE else f"code{c}"): n
+                for c, n in enumerate(totals) if n}
+
     def snapshot(self) -> dict:
+        errors = self.errors()
         s = self.slots.tolist()
         hist = {str(i + 1) if i + 1 < self.HIST_BINS else f"{self.HIST_BINS}+": n
                 for i, n in enumerate(s[self.HIST_START:self.HIST_START + self.HIST_BINS]) if n}
@@ -230,7 +271,8 @@ class Counters:
             "batched_rows": s[self.ROWS], "max_batch_rows": s[self.MAX_BATCH_ROWS],
             "mean_batch_rows": round(s[self.ROWS] / s[self.BATCHES], 3) if s[self.BATCHES] else 0,
             "queued_rows": s[self.QUEUED_ROWS], "rejected_queue_full": s[self.REJECTED_QUEUE_FULL],
-            "expired": s[self.EXPIRED], "worker_restarts": s[self.WORKER_RESTARTS],
+            "expired": errors.get("DeadlineExceeded", 0), "errors": errors,
+            "worker_restarts": s[self.WORKER_RESTARTS],
             "front_restarts": s[self.FRONT_RESTARTS],
             "batcher_restarts": s[self.BATCHER_RESTARTS], "batch_size_histogram": hist,
         }

@@ -41,6 +41,12 @@ ROWS = Counter("gpserve_rows", "Rows answered, by where they came from (cache or
 CACHE_EVICTIONS = Counter("gpserve_cache_evictions", "Row-cache generations cleared")
 CACHE_BYTES = Gauge("gpserve_cache_bytes", "Bytes the row cache holds",
                     multiprocess_mode="livemax")
+BATCH_CHECKS = Counter("gpserve_batch_checks",
+                       "Requests of merged batches re-run alone to see whether batching "
+                       "changes answers, by result (same or changed)", ["result"])
+BATCH_DIFFERENCE = Gauge("gpserve_batch_difference",
+                         "Largest difference seen between a row run in a batch and alone "
+                         "(the load probe and live checks)", multiprocess_mode="max")
 RESTARTS = Counter("gpserve_process_restarts", "Child processes restarted, by role", ["role"])
 MODEL_LOAD_SECONDS = Gauge("gpserve_model_load_seconds", "Time a worker took to load the model",
                            multiprocess_mode="max")

@@ -30,6 +30,7 @@ class ModelSpec:
     batchable: bool = True        # rows independent along dim 0, every input and output
     echo: bool = False            # any inputs; outputs are the inputs
     description: str = ""
+    batch_probe: dict | None = None   # workers/batch_check.py: does batching change answers?
 
     def __post_init__(self):
         self._inputs = {s.name: s for s in self.inputs}

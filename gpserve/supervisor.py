@@ -139,10 +139,31 @@ class Supervisor:
             "max_queue": cfg.max_queue, "timeout_ms": cfg.timeout_ms,
             "cache": f"{cfg.cache_dir} ({cfg.cache_size_mb} MB)" if cfg.cache else "off",
             "listen": f"http://{cfg.listen}"}
+        probe = spec.batch_probe or {}
+        fields["batch_invariant"] = probe.get("invariant")
+        fields["batch_max_difference"] = probe.get("max_difference", 0.0)
+        verdict = {True: "answers do not depend on the batch",
+                   False: "ANSWERS CHANGE WITH THE BATCH",
+                   None: "unknown whether answers depend on the batch"}[probe.get("invariant")]
         log.info("serving %s (%s) on %s: devices %s, %d fronts, %d workers x %d threads, "
-                 "batching %s, cache %s", spec.name, spec.backend, fields["listen"],
-                 ",".join(fields["devices"]), cfg.fronts, cfg.workers, cfg.threads,
-                 fields["batching"], fields["cache"], extra={"fields": fields})
+                 "batching %s (%s: largest difference %.3g; %s), cache %s", spec.name,
+                 spec.backend, fields["listen"], ",".join(fields["devices"]), cfg.fronts,
+                 cfg.workers, cfg.threads, fields["batching"], verdict,
+                 fields["batch_max_difference"], probe.get("note", ""), fields["cache"],
+                 extra={"fields": fields})
+        if probe.get("invariant") is False:
+            batching = cfg.batching != "off" and spec.batchable
+            log.warning(
+                "batching changes %s's answers: a row run in a batch differs from the same "
+                "row run alone by up to %.3g (%.3g of the output's scale), so a request's "
+                "answer depends on the requests batched beside it.%s", spec.name,
+                probe["max_difference"], probe["relative"],
+                " Serve with --batching off, or send config 'batch=off' on requests, where "
+                "bit-stable answers matter." if batching else " Batching is off: answers "
+                "are stable.")
+            if cfg.cache and batching:
+                log.warning("--cache with a model whose answers depend on the batch: cached "
+                            "rows hold whichever batch's answer came first")
 
     def _on_signal(self, signum, frame) -> None:
         if not self.stopping:

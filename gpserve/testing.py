@@ -21,6 +21,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one sample in Prometheus text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        metric_name, _, rest = key.partition("{")
+        got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+        if metric_name == name and got == want:
+            return float(value)
+    return 0.0
+
+
+def eventually(condition, timeout: float = 30, what: str = "the condition") -> None:
+    """Wait until ``condition()`` is true, polling; fail after ``timeout`` seconds.
+
+    Tests synchronise on what the server reports (its counters, logs, answers), never on
+    a fixed sleep: a slow or loaded machine then only takes longer, it does not fail."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
 class Server:
     """``gpserve serve`` with the given flags; ``url``, ``info()``, ``stop()``."""
 
@@ -60,8 +86,22 @@ class Server:
     def stats(self) -> dict:
         return self.info()["stats"]
 
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def metric(self, name: str, **labels) -> float:
+        """One sample of ``GET /metrics`` (0 when absent)."""
+        return metric(self.metrics_text(), name, **labels)
+
+    def rows_computed(self) -> int:
+        """Rows the model computed for answered requests. A front counts them before it
+        answers, so once a client has its answer the count includes it: no race."""
+        return int(self.metric("gpserve_rows_total", source="model"))
+
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def segments(self) -> list[str]:

@@ -38,8 +38,13 @@ def write_json(path: str | None, rows: list[dict], **meta) -> None:
 
 def bar_chart(path: str, title: str, labels: list[str], series: dict[str, list[float]],
               ylabel: str, log: bool = False) -> None:
-    """A grouped bar chart (matplotlib, headless)."""
-    import matplotlib
+    """A grouped bar chart (matplotlib, headless); skipped, saying so, without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"\n[skip] chart {path}: matplotlib is not installed "
+              "(pip install -e '.[bench]' installs every benchmark extra)")
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -58,6 +63,8 @@ def bar_chart(path: str, title: str, labels: list[str], series: dict[str, list[f
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    print(f"\nchart: {path}")
+    return True
 
 
 class Process:

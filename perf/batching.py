@@ -200,7 +200,6 @@ def main(argv=None) -> int:
                   for b in ("on", "off")}
         bar_chart(args.png, "Served rows/s over offline ONNX Runtime rows/s", labels, series,
                   "ratio")
-        print(f"\nchart: {args.png}")
     return 0
 
 

@@ -212,7 +212,6 @@ def main(argv=None) -> int:
                   for c in ("off", "on")}
         bar_chart(args.png, "Single-row requests, 16 clients: rows/s by share of repeated rows",
                   labels, series, "rows/s", log=True)
-        print(f"\nchart: {args.png}")
     return 0
 
 

@@ -74,7 +74,7 @@ def draw(by: dict, png: str) -> None:
               for srv in ("gpserve", "http-floor", "json")}
     series["go echo (reference)"] = [GO_ECHO[1], GO_ECHO[16]]
     bar_chart(small_png, "[1,16] echo: requests/s", ["c=1", "c=16"], series, "requests/s")
-    print(f"\ncharts: {png}, {small_png}")
+
 
 
 def main(argv=None) -> int:

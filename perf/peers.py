@@ -154,7 +154,6 @@ def main(argv=None) -> int:
                              {}).get("rows_s", 0) for l in labels] for s in servers}
         bar_chart(args.png, "Single-row requests: rows/s, gpserve and established servers",
                   labels, series, "rows/s")
-        print(f"\nchart: {args.png}")
     return 0
 
 

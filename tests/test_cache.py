@@ -2,7 +2,6 @@
 import asyncio
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 
 from gpserve.client import AsyncClient, Client
 from gpserve.errors import BadConfig
-from gpserve.testing import Server
+from gpserve.testing import Server, eventually
 
 from conftest import MODELS, need_shared
 
@@ -33,25 +32,15 @@ def scale_model(path: Path, factor: float, width: int = 4) -> Path:
     return path
 
 
-def computed_rows(server) -> int:
-    return server.stats()["batched_rows"]
+def computed_since(server, before: int, expected: int | None = None) -> int:
+    """Rows the model computed since ``before`` (``Server.rows_computed``: exact as soon
+    as the client has its answer; ``expected`` is only for the reader)."""
+    return server.rows_computed() - before
 
 
-def computed_since(server, before: int, expected: int, timeout: float = 5) -> int:
-    """Rows computed since ``before``, once the count stops moving (it is updated when the
-    batcher hears the worker is done, which can be just after the client has its answer)."""
-    deadline = time.monotonic() + timeout
-    while computed_rows(server) - before != expected and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.1)
-    return computed_rows(server) - before
-
-
-def wait_for_writes(server, count: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while server.info()["cache"]["writes"] < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.info()["cache"]["writes"] >= count
+def wait_for_writes(server, count: int, timeout: float = 30) -> None:
+    eventually(lambda: server.info()["cache"]["writes"] >= count, timeout,
+               f"{count} cache writes")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +58,7 @@ def test_all_miss_all_hit_and_mixed_match_uncached(cls_pair):
     x = rng.uniform(-1, 1, (6, 3, 48, 192)).astype(np.float32)
     with Client(on.url) as c_on, Client(off.url) as c_off:
         want = c_off.execute(x)
-        before = computed_rows(on)
+        before = on.rows_computed()
         first = c_on.execute(x)                       # all miss
         assert computed_since(on, before, 6) == 6
         wait_for_writes(on, 6)
@@ -105,7 +94,7 @@ def test_config_opt_out_and_config_in_the_key(cls_pair):
     with Client(on.url) as c:
         c.execute(x)
         wait_for_writes(on, on.info()["cache"]["writes"])
-        before = computed_rows(on)
+        before = on.rows_computed()
         c.execute_multi([x], None, None, config="cache=off")   # computed afresh
         assert computed_since(on, before, 2) == 2
         c.execute_multi([x], None, None, config="tenant=a")    # another config: a new key
@@ -124,7 +113,7 @@ def test_minilm_multi_input_multi_output_and_subsets(minilm_path, tmp_path):
         want = c_off.execute_multi(inputs, names, ["last_hidden_state", "sentence_embedding"])
         emb = c_on.execute_multi(inputs, names, ["sentence_embedding"])[0]     # subset first
         wait_for_writes(on, 8)
-        before = computed_rows(on)
+        before = on.rows_computed()
         both = c_on.execute_multi(inputs, names, ["last_hidden_state", "sentence_embedding"])
         assert computed_since(on, before, 8) == 8          # the other output was not cached yet
         wait_for_writes(on, 16)
@@ -223,7 +212,7 @@ def test_string_rows_through_echo(tmp_path):
             Client(s.url) as c:
         assert c.execute(arr).tolist() == arr.tolist()
         wait_for_writes(s, 3)
-        before = computed_rows(s)
+        before = s.rows_computed()
         assert c.execute(arr[::-1]).tolist() == arr[::-1].tolist()
         assert computed_since(s, before, 0) == 0
 

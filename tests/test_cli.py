@@ -32,6 +32,28 @@ def test_bad_flags_fail_fast():
     assert r.returncode == 2 and "unrecognized arguments: --no-such-flag" in r.stderr
 
 
+@pytest.mark.parametrize("name,value,says", [
+    ("GP_FRONTS", "abc", "GP_FRONTS='abc': expected a whole number"),
+    ("GP_MAX_DELAY_MS", "soon", "GP_MAX_DELAY_MS='soon': expected a number"),
+    ("GP_BATCHING", "sometimes", "GP_BATCHING='sometimes': expected one of 'auto', 'off'"),
+    ("GP_CACHE", "maybe", "GP_CACHE='maybe': expected one of 1/0"),
+    ("GP_LOG_FORMAT", "xml", "GP_LOG_FORMAT='xml': expected one of 'text', 'json'"),
+])
+def test_bad_environment_variables_fail_fast(name, value, says):
+    r = serve("--model", "echo", env={name: value}, timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert says in r.stderr and "Traceback" not in r.stderr
+
+
+def test_client_against_a_server_that_is_not_up():
+    from gpserve.client import ConnectionFailed, execute
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionFailed) as info:
+        execute(url, np.zeros((1, 2), np.float32))
+    assert str(info.value) == f"cannot connect to {url}: connection refused"
+    assert info.value.http_status == 0
+
+
 def test_missing_and_unloadable_models(tmp_path):
     r = serve("--model", str(tmp_path / "absent.onnx"))
     assert r.returncode != 0 and "no such file or directory" in r.stderr

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from gpserve.client import Client
-from gpserve.testing import Server, free_port
+from gpserve.testing import Server, eventually, free_port, metric
 
 from conftest import ROOT
 
@@ -180,26 +180,14 @@ def test_load_balanced_profile_with_nginx(models, tmp_path):
         b.stop()
 
 
-def metric(text: str, name: str, **labels) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        metric_name, _, rest = key.partition("{")
-        got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
-        if metric_name == name and got == want:
-            return float(value)
-    return 0.0
-
-
 def test_metrics_count_known_traffic(tmp_path):
     with Server("--model", "echo", "--cache", "--cache-dir", str(tmp_path)) as s, \
             Client(s.url) as c:
         x = np.arange(12, dtype=np.float32).reshape(4, 3)
-        for _ in range(3):
-            c.execute(x)             # 4 rows computed, then 8 answered by the cache
-            time.sleep(0.3)          # let the cache write land
+        c.execute(x)                 # 4 rows computed, then 8 answered by the cache
+        eventually(lambda: s.info()["cache"]["writes"] >= 4, 30, "the cache write")
+        c.execute(x)
+        c.execute(x)
         with pytest.raises(Exception):
             c.execute_multi([x], ["a", "b"], None)
         c.metadata()
@@ -218,9 +206,7 @@ def test_metrics_count_known_traffic(tmp_path):
         assert metric(text, "gpserve_cache_bytes") > 0
         worker = s.info()["processes"]["pids"]["workers"][0]
         os.kill(worker, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while s.stats()["worker_restarts"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        eventually(lambda: s.stats()["worker_restarts"] >= 1, 30, "the worker's restart")
         text = urllib.request.urlopen(s.url + "/metrics").read().decode()
         assert metric(text, "gpserve_process_restarts_total", role="worker") == 1
         assert metric(text, "gpserve_requests_total", status="200", kind="infer") == 3
@@ -230,7 +216,7 @@ def test_json_logs_with_access_lines():
     with Server("--model", "echo", "--log-format", "json", "--access-log", "info", "-v") as s, \
             Client(s.url) as c:
         c.execute(np.ones((2, 2), np.float32))
-        time.sleep(0.2)
+        eventually(lambda: '"gpserve.access"' in s.output(), 30, "the access-log line")
         lines = [json.loads(l) for l in s.output().splitlines() if l.startswith("{")]
     access = [l for l in lines if l["logger"] == "gpserve.access"]
     assert len(access) == 1 and access[0]["status"] == 200 and access[0]["kind"] == "infer"

@@ -1,4 +1,4 @@
-"""Processes die; requests still get an answer or a clear error in time; the server heals;
+"""Processes die (on the default model, so a fresh clone runs these too); requests still get an answer or a clear error in time; the server heals;
 a clean stop leaves nothing behind."""
 import os
 import signal
@@ -8,80 +8,80 @@ import time
 import numpy as np
 import pytest
 
-from gpserve.client import Client
+from gpserve.client import Client, ConnectionFailed
 from gpserve.errors import GraphPipeError
+from gpserve.testing import Server, eventually
 
-from conftest import MODELS, need_shared
-from gpserve.testing import Server
-
-CLS = MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 TIMEOUT_S = 10
+ROWS = np.random.default_rng(0).uniform(-1, 1, (4, 2)).astype(np.float32)
 
 
-def load(url, stop: threading.Event, results: list, rows: int = 4):
-    x = np.random.default_rng(0).uniform(-1, 1, (rows, 3, 48, 192)).astype(np.float32)
+def load(url, stop: threading.Event, results: list):
+    """One client in a loop: each result is (kind, detail, seconds)."""
     while not stop.is_set():
         started = time.monotonic()
         try:
             with Client(url, timeout=TIMEOUT_S + 5) as c:
-                out = c.execute(x)
+                out = c.execute(ROWS)
             results.append(("ok", out.shape, time.monotonic() - started))
+        except ConnectionFailed as e:     # a connection of the dying front
+            results.append(("conn", str(e), time.monotonic() - started))
         except GraphPipeError as e:
             results.append(("error", f"{type(e).__name__}: {e}", time.monotonic() - started))
-        except Exception as e:   # connection reset by a dying front
-            results.append(("conn", f"{type(e).__name__}: {e}", time.monotonic() - started))
 
 
-def run_load_and_kill(server, role: str):
+def run_load_and_kill(server, role: str, restarts_slot: str):
+    """Kill one process once requests flow; keep the load on until it is back and
+    requests flow again. Synchronised on what the server reports, never on sleeps."""
     stop, results = threading.Event(), []
     threads = [threading.Thread(target=load, args=(server.url, stop, results)) for _ in range(6)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
-    pids = server.info()["processes"]["pids"]
-    victim = pids["workers"][0] if role == "worker" else pids["fronts"][0]
-    os.kill(victim, signal.SIGKILL)
-    time.sleep(3)
-    stop.set()
-    for t in threads:
-        t.join(TIMEOUT_S + 10)
-        assert not t.is_alive(), "a request hung"
+    try:
+        eventually(lambda: sum(r[0] == "ok" for r in results) >= 50, 60, "requests flow")
+        pids = server.info()["processes"]["pids"]
+        victim = pids["workers"][0] if role == "worker" else pids["fronts"][0]
+        os.kill(victim, signal.SIGKILL)
+        eventually(lambda: server.stats()[restarts_slot] >= 1, 60, f"the {role} restarts")
+        server.wait_ready(30)
+        flowing = len(results)
+        eventually(lambda: sum(r[0] == "ok" for r in results[flowing:]) >= 50, 60,
+                   "requests flow again")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(TIMEOUT_S + 10)
+    assert not any(t.is_alive() for t in threads), "a request hung"
     return victim, results
 
 
 @pytest.fixture
 def server():
-    with Server("--model", str(need_shared(CLS)), "--timeout-ms", str(TIMEOUT_S * 1000),
-                "--fronts", "2") as s:
+    with Server("--timeout-ms", str(TIMEOUT_S * 1000), "--fronts", "2") as s:
         yield s
 
 
 def test_kill_worker_under_load(server):
-    victim, results = run_load_and_kill(server, "worker")
+    victim, results = run_load_and_kill(server, "worker", "worker_restarts")
     assert all(r[2] < TIMEOUT_S + 1 for r in results), "a request outlived its deadline"
     failures = [r for r in results if r[0] != "ok"]
     assert all("Unavailable" in r[1] and "exited while running" in r[1] or
                "DeadlineExceeded" in r[1] for r in failures), failures
-    server.wait_ready(30)
     info = server.info()
     assert info["stats"]["worker_restarts"] == 1
     assert info["processes"]["pids"]["workers"][0] != victim
     with Client(server.url) as c:
-        assert c.execute(np.zeros((2, 3, 48, 192), np.float32)).shape == (2, 2)
+        assert c.execute(ROWS).shape == (4, 3)
 
 
 def test_kill_front_under_load(server):
-    victim, results = run_load_and_kill(server, "front")
+    victim, results = run_load_and_kill(server, "front", "front_restarts")
     assert all(r[2] < TIMEOUT_S + 1 for r in results), "a request outlived its deadline"
-    assert sum(r[0] == "ok" for r in results) > 0
     assert all(r[0] in ("ok", "conn") for r in results), [r for r in results if r[0] != "ok"]
-    deadline = time.monotonic() + 30
-    while server.stats()["front_restarts"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.2)
     assert server.info()["stats"]["front_restarts"] == 1
     for _ in range(10):   # both fronts answer again (connections land on either)
         with Client(server.url) as c:
-            assert c.execute(np.zeros((1, 3, 48, 192), np.float32)).shape == (1, 2)
+            assert c.execute(ROWS).shape == (4, 3)
 
 
 def _start_time(pid: int) -> str | None:

@@ -76,5 +76,10 @@ def load(cfg: Config, device: str, threads: int) -> Backend:
 
 
 def inspect(cfg: Config) -> ModelSpec:
-    """The model's spec, read on the CPU (run by the supervisor in a short-lived process)."""
-    return load(cfg, "cpu", 1).spec
+    """The model's spec, read on the CPU (run by the supervisor in a short-lived process),
+    with what the batching probe found (see batch_check.py)."""
+    from .batch_check import probe
+    backend = load(cfg, "cpu", 1)
+    spec = backend.spec
+    spec.batch_probe = probe(backend).as_dict()
+    return spec

@@ -23,6 +23,7 @@ from gpserve.errors import DeadlineExceeded, GraphPipeError, ModelError
 from gpserve.shm import Arena, Segments, pid_alive, segment_path
 
 from .backend import load
+from .batch_check import compare
 from .devices import worker_device
 
 log = logging.getLogger("gpserve.worker")
@@ -74,6 +75,9 @@ class Worker:
         self.held_by_front: dict[int, Counter] = {}
         # frames for each front, sent in one write per front when a batch is done
         self.outbox: dict[int, list] = {}
+        self.counters = ipc.Counters(segment_path(cfg.run_id, "counters"))
+        self.merged_batches = 0       # for --batch-check-every
+        self.largest_difference = 0.0
 
     # -- connections -------------------------------------------------------------------
     def _reconnect(self) -> None:
@@ -210,8 +214,32 @@ class Worker:
                 f"the model failed: {type(e).__name__}: {e}")
             self._fail(live[0], err)
             return 0
+        if len(live) > 1 and self.cfg.batch_check_every:
+            self.merged_batches += 1
+            if self.merged_batches % self.cfg.batch_check_every == 1 % self.cfg.batch_check_every:
+                self._check_batching(live[0], outputs)
         self._deliver(batch.batch_id, live, outputs, single)
         return sum(item.rows or 1 for item in live)
+
+    def _check_batching(self, item: ipc.Submit, outputs: list) -> None:
+        """Re-run the batch's first request alone and compare it with its rows of the
+        batch: does batching change this model's answers (on this device)?"""
+        feed = dict(zip(item.input_names, (self.segments.view(r) for r in item.inputs)))
+        try:
+            alone = self.backend.run(feed, list(item.output_names), item.config)
+        except Exception as e:     # it ran in the batch; alone it fails: say so, carry on
+            log.warning("batching check: the request failed when run alone: %s", e)
+            return
+        d = compare([np.asarray(o)[:item.rows] for o in outputs], alone)
+        self.counters.record_check(self.index, d.absolute, d.relative, d.changed)
+        metrics.BATCH_CHECKS.labels("changed" if d.changed else "same").inc()
+        self.largest_difference = max(self.largest_difference, d.absolute)
+        metrics.BATCH_DIFFERENCE.set(self.largest_difference)
+        if d.changed and self.counters.batch_checks()["changed"] == 1:
+            log.warning("batching changes this model's answers: a request run alone differs "
+                        "from its rows in a batch by up to %.3g (%.3g of the output's "
+                        "scale); serve with --batching off, or send config 'batch=off', "
+                        "where bit-stable answers matter", d.absolute, d.relative)
 
     def _compute(self, live: list[ipc.Submit]) -> tuple[list, list | None]:
         """The model's outputs, and the input views when the batch is one request."""
