@@ -11,14 +11,18 @@ codec's validating decoder reads them back, so a corrupt or foreign file can onl
 row a miss, never crash a front.
 
 Bound and eviction (generations, an LRU approximation): rows go to the *current* of two
-named databases; lookups try the current, then the *old* one, and a hit in the old one is
-copied forward. When the current passes 40% of ``--cache-size-mb``, the old one is
-cleared (its pages become free for reuse) and the roles swap. The map size is the bound,
-so the file never grows past it; a write that still finds the map full clears the old
-generation and retries, and never reaches a client as an error.
+named databases (which one is recorded in the ``meta`` database, read and written in the
+same transaction as the rows); lookups try the current, then the *old* one, and a hit in
+the old one is copied forward. When the current passes 40% of ``--cache-size-mb``, the
+old one is cleared (its pages become free for reuse) and the roles swap, so the two
+together stay under 80% of the map and a rotation always has room for its own pages.
+The map size is the bound, so the file never grows past it. A write that still finds
+the map full clears the old generation and retries, then both; it never reaches a client.
 
-If the cache is unusable (unwritable directory, full disk, corrupt or foreign file) the
-front logs it once and serves without it.
+The writer thread never dies: a failed write is logged, counted (``errors`` in
+``GET /``, with the last message) and dropped, and the next write tries again. If the
+cache cannot be opened at all (unwritable directory, full disk, corrupt or foreign
+file) the front logs it once and serves without it.
 """
 from __future__ import annotations
 
@@ -64,6 +68,7 @@ class RowCache:
         self.counters, self.slot = counters, counters.cache_slot(front_index)
         self.enabled = False
         self._told = False                 # the "disabled" error is logged once
+        self.last_error = ""
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         try:
             self.env = open_environment(path, size_mb)
@@ -80,7 +85,9 @@ class RowCache:
             log.error("row cache disabled, serving without it: %s", why)
             self._told = True
         self.enabled = False
+        self.last_error = why
         self.counters.slots[self.slot + self.counters.CACHE_ERRORS] += 1
+        metrics.CACHE_ERRORS.inc()
 
     # -- reads (request path) ----------------------------------------------------------
     def lookup(self, keys: list[bytes], outputs: list[str]) -> list[list[np.ndarray] | None]:
@@ -112,9 +119,8 @@ class RowCache:
             self._queue.put(("raw", promote))
         return found
 
-    @staticmethod
-    def _current(txn) -> int:
-        return 1 if txn.get(b"current") == b"1" else 0
+    def _current(self, txn) -> int:
+        return 1 if txn.get(b"current", db=self.meta) == b"1" else 0
 
     # -- writes (writer thread) ----------------------------------------------------------
     def store(self, keys: list[bytes], outputs: list[str], arrays: list[np.ndarray]) -> None:
@@ -127,20 +133,53 @@ class RowCache:
             items = [self._queue.get()]
             while not self._queue.empty() and len(items) < 256:
                 items.append(self._queue.get())
-            if not self.enabled:
-                continue
+            flushes = [payload for kind, payload in items if kind == "flush"]
+            items = [item for item in items if item[0] != "flush"]
+            for group in self._groups(items):
+                if not self.enabled:
+                    break
+                try:
+                    self._write_with_room(group)
+                except Exception as e:        # never let the writer die: count, say, go on
+                    self._failed(f"{type(e).__name__}: {e}")
+            for done in flushes:
+                done.set()
+
+    def _groups(self, items):
+        """Items in transactions of at most a tenth of the map each: a transaction's pages
+        must fit beside both generations (80% of the map at most)."""
+        limit = (self.size_mb << 20) // 10
+        group, size = [], 0
+        for kind, payload in items:
+            n = (sum(len(v) for _, v in payload) if kind == "raw"
+                 else sum(a.nbytes for a in payload[2]))
+            if group and size + n > limit:
+                yield group
+                group, size = [], 0
+            group.append((kind, payload))
+            size += n
+        if group:
+            yield group
+
+    def _write_with_room(self, items) -> None:
+        """Write; on a full map clear the old generation and retry, then both."""
+        for clear_both in (None, False, True):
+            if clear_both is not None:
+                self._rotate(clear_both)
             try:
                 self._write(items)
+                return
             except lmdb.MapFullError:
-                try:
-                    self._rotate(clear_both=False)
-                    self._write(items)
-                except lmdb.MapFullError:
-                    self._rotate(clear_both=True)   # a value larger than the bound is dropped
-                except (lmdb.Error, OSError) as e:
-                    self._disable(f"write failed: {type(e).__name__}: {e}")
-            except (lmdb.Error, OSError) as e:
-                self._disable(f"write failed: {type(e).__name__}: {e}")
+                continue
+        self._failed(f"{len(items)} writes larger than --cache-size-mb "
+                     f"{self.size_mb} even in an empty cache; dropped")
+
+    def _failed(self, why: str) -> None:
+        self.counters.slots[self.slot + self.counters.CACHE_ERRORS] += 1
+        metrics.CACHE_ERRORS.inc()
+        if why != self.last_error:
+            log.error("row cache write failed, rows dropped (the cache goes on): %s", why)
+        self.last_error = why
 
     def _write(self, items) -> None:
         with self.env.begin(write=True) as txn:
@@ -181,30 +220,33 @@ class RowCache:
         with self.env.begin(write=True) as txn:
             current = self._current(txn)
             old = 1 - current
+            evicted = txn.stat(self.gens[old])["entries"]
             txn.drop(self.gens[old], delete=False)
             if clear_both:
+                evicted += txn.stat(self.gens[current])["entries"]
                 txn.drop(self.gens[current], delete=False)
             txn.put(b"current", str(old).encode(), db=self.meta)
-        self.counters.slots[self.slot + self.counters.CACHE_EVICTIONS] += 1
-        metrics.CACHE_EVICTIONS.inc()
+        self.counters.slots[self.slot + self.counters.CACHE_EVICTIONS] += evicted
+        self.counters.slots[self.slot + self.counters.CACHE_ROTATIONS] += 1
+        metrics.CACHE_EVICTIONS.inc(evicted)
         log.info("row cache: cleared the old generation%s", " and the current" if clear_both
                  else "")
 
     def stats(self) -> dict:
+        """This front's view: the environment's sizes, and its own last write error."""
         if not self.enabled:
             return {"enabled": False, "path": str(self.path)}
         try:
-            return {"enabled": True, "path": str(self.path),
+            return {"enabled": True, "path": str(self.path), "last_error": self.last_error,
                     **environment_stats(self.env, self.gens)}
         except (lmdb.Error, OSError) as e:
             return {"enabled": True, "path": str(self.path), "error": str(e)}
 
-    def flush(self, timeout: float = 5.0) -> None:
-        """Wait until queued writes are done (for tests and a clean stop)."""
-        import time
-        deadline = time.monotonic() + timeout
-        while not self._queue.empty() and time.monotonic() < deadline:
-            time.sleep(0.01)
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every write queued before this call is done (tests, a clean stop)."""
+        done = threading.Event()
+        self._queue.put(("flush", done))
+        return done.wait(timeout)
 
 
 def _rows(value: bytes, outputs: list[str]) -> list[np.ndarray] | None:

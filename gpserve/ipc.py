@@ -185,8 +185,9 @@ class Counters:
     WORKER_PIDS = HIST_START + HIST_BINS          # one slot per worker, then per front
     FRONT_PIDS = WORKER_PIDS + 64
     CACHE_START = FRONT_PIDS + 64                 # per front: hits, misses, writes, ...
-    CACHE_HITS, CACHE_MISSES, CACHE_WRITES, CACHE_EVICTIONS, CACHE_ERRORS = range(5)
-    CACHE_FIELDS = 5
+    CACHE_HITS, CACHE_MISSES, CACHE_WRITES, CACHE_EVICTIONS, CACHE_ERRORS, \
+        CACHE_ROTATIONS = range(6)
+    CACHE_FIELDS = 6
     CHECK_START = CACHE_START + 64 * CACHE_FIELDS  # per worker: batching checks
     CHECKS, CHECKS_CHANGED, CHECK_ABS, CHECK_REL = range(4)   # the last two are float64
     CHECK_FIELDS = 4
@@ -201,7 +202,7 @@ class Counters:
     def cache_totals(self) -> dict:
         per = self.slots[self.CACHE_START:self.CHECK_START].reshape(64, self.CACHE_FIELDS)
         per = per.sum(axis=0).tolist()
-        return dict(zip(("hits", "misses", "writes", "evictions", "errors"), per))
+        return dict(zip(("hits", "misses", "writes", "evictions", "errors", "rotations"), per))
 
     def __init__(self, path: str, create: bool = False):
         import mmap

@@ -38,7 +38,10 @@ QUEUE_ROWS = Gauge("gpserve_queue_rows", "Rows waiting in the batcher",
                    multiprocess_mode="livemax")
 ROWS = Counter("gpserve_rows", "Rows answered, by where they came from (cache or model)",
                ["source"])
-CACHE_EVICTIONS = Counter("gpserve_cache_evictions", "Row-cache generations cleared")
+CACHE_EVICTIONS = Counter("gpserve_cache_evictions",
+                          "Rows evicted from the row cache (its old generation cleared)")
+CACHE_ERRORS = Counter("gpserve_cache_errors",
+                       "Row-cache failures (writes dropped, or the cache disabled)")
 CACHE_BYTES = Gauge("gpserve_cache_bytes", "Bytes the row cache holds",
                     multiprocess_mode="livemax")
 BATCH_CHECKS = Counter("gpserve_batch_checks",
