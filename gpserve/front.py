@@ -78,7 +78,7 @@ class GraphPipeApp:
         try:
             body, regions = await state.read_body(scope, receive)
             size = len(body)
-            req = P.decode_request(body)
+            req = P.decode_request(body, *state.string_limit)
             if isinstance(req, P.MetadataRequest):
                 state._release_regions(regions)
                 return 200, "metadata", size, state.metadata_body
@@ -161,17 +161,29 @@ def build_app(state: FrontState) -> GraphPipeApp:
     ], lifespan=lifespan))
 
 
+def _raise_file_limit() -> None:
+    """Open files up to the hard limit: each connection is one, and the common soft limit
+    of 1,024 is below --max-connections' default once the other files are counted."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
     import uvicorn
 
     from .logs import setup
     setup(cfg.verbose, f"front{index}", cfg.log_format)
+    from .connections import guarded_protocol
+    _raise_file_limit()
     state = FrontState(cfg, spec, index)
     config = uvicorn.Config(
-        build_app(state), loop="uvloop", http="httptools", lifespan="on",
-        access_log=False, log_config=None,     # our own access log and logging setup
+        build_app(state), loop="uvloop", http=guarded_protocol(cfg.header_timeout_s),
+        lifespan="on", access_log=False, log_config=None,   # our own access log and logging
         log_level="warning" if cfg.verbose < 2 else "info",
         timeout_graceful_shutdown=int(cfg.timeout_ms / 1000) + 5, backlog=2048,
+        timeout_keep_alive=cfg.keepalive_timeout_s, limit_concurrency=cfg.max_connections,
         proxy_headers=False, server_header=False)
     state.server = uvicorn.Server(config)
     try:

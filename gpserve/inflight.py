@@ -23,9 +23,10 @@ from gpserve.cache.keys import row_keys
 from . import __version__, ipc, metrics
 from . import protocol as P
 from .config import Config
+from .connections import NOTES
 from .errors import (
-    BadConfig, BodyTooLarge, DeadlineExceeded, ProtocolError, QueueFull, TooManyRows,
-    Unavailable, from_code,
+    BadConfig, BodyTooLarge, DeadlineExceeded, ProtocolError, QueueFull, RequestTimeout,
+    TooManyRows, Unavailable, from_code,
 )
 from .modelspec import ModelSpec
 from .protocol.messages import type_of
@@ -49,6 +50,7 @@ class _Link(ipc.Link):
         super().__init__()
         self.state, self.role = state, role
         self.releases: list[int] = []
+        self.peer: tuple[int, int] | None = None    # a worker's (index, pid), from its Hello
 
     def on_connect(self) -> None:
         self.send(ipc.Hello("front", self.state.index, os.getpid()))
@@ -56,6 +58,9 @@ class _Link(ipc.Link):
             self.state.worker_links += 1
 
     def on_message(self, message) -> None:
+        if isinstance(message, ipc.Hello):
+            self.peer = (message.index, message.pid)
+            return
         self.state.on_message(self, message)
 
     def on_disconnect(self) -> None:
@@ -93,6 +98,13 @@ class FrontState:
             spec.metadata(server=f"gpserve {__version__}", version=__version__)))
         self.tasks: list[asyncio.Task] = []
         self.worker_links = 0
+        self.unfilled = 0           # arena bytes reserved for bodies not yet arrived
+        # String elements a request may hold: each becomes a Python object, so they are
+        # bounded before any is decoded; none at all for a model that takes no String.
+        takes_strings = spec.echo or any(s.dtype == object for s in spec.inputs)
+        self.string_limit = ((cfg.max_strings, "--max-strings") if takes_strings else
+                             (0, f"the model takes no String inputs, only "
+                                 f"{', '.join(s.describe() for s in spec.inputs)}"))
         if spec.batch_probe:
             metrics.BATCH_DIFFERENCE.set(spec.batch_probe["max_difference"])
         self.cache = None
@@ -132,6 +144,9 @@ class FrontState:
     def on_lost(self, link: _Link) -> None:
         if link.role == "worker":
             self.worker_links -= 1
+            if link.peer is not None:     # unmap its arena once no answer views it
+                index, pid = link.peer
+                self.segments.forget(segment_path(self.cfg.run_id, f"worker{index}-{pid}"))
         if link is self.batcher:
             self.batcher = None
             log.warning("lost the batcher; reconnecting")
@@ -170,7 +185,13 @@ class FrontState:
         go to shared memory only if a worker needs them, 1 copy, in ``place``). A longer
         one streams into the arena chunk by chunk (1 copy), so its tensors are already in
         shared memory when decoded. uvicorn's ``receive`` has copied each chunk twice on
-        its side before we see it."""
+        its side before we see it.
+
+        A body that stops arriving for ``--body-timeout-s`` is answered 408. A streamed
+        body reserves its whole length in the arena before its bytes come, so the bytes
+        reserved and not yet arrived, over all of this front's connections, may take at
+        most half the arena: idle clients that announce large bodies cannot shut others
+        out."""
         limit = self.cfg.max_body_bytes
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         size = None
@@ -182,45 +203,80 @@ class FrontState:
             if size > limit:
                 raise BodyTooLarge(f"the body is {size} bytes, over --max-body-mb "
                                    f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
-        chunk, more = await _receive_chunk(receive)
-        if not more:
-            if size is not None and len(chunk) != size:
-                raise ProtocolError(f"the body has {len(chunk)} bytes, its Content-Length "
-                                    f"says {size}")
-            if len(chunk) > limit:
-                raise BodyTooLarge(f"the body is over --max-body-mb {self.cfg.max_body_mb:g} "
-                                   f"MiB ({limit} bytes)")
-            return chunk, []
-        if size is None:                       # chunked transfer: gather, then decode
-            chunks, total = [chunk], len(chunk)
-            while more:
+        patience = self.cfg.body_timeout_s
+        received = 0
+        try:
+            async with asyncio.timeout(patience) as timer:
                 chunk, more = await _receive_chunk(receive)
-                total += len(chunk)
-                if total > limit:
-                    raise BodyTooLarge(f"the body is over --max-body-mb "
-                                       f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
-                chunks.append(chunk)
-            return b"".join(chunks), []
+                received = len(chunk)
+                if not more:
+                    if size is not None and len(chunk) != size:
+                        raise ProtocolError(f"the body has {len(chunk)} bytes, its "
+                                            f"Content-Length says {size}")
+                    if len(chunk) > limit:
+                        raise BodyTooLarge(f"the body is over --max-body-mb "
+                                           f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
+                    return chunk, []
+                loop = asyncio.get_running_loop()
+                if size is None:                   # chunked transfer: gather, then decode
+                    chunks = [chunk]
+                    while more:
+                        timer.reschedule(loop.time() + patience)
+                        chunk, more = await _receive_chunk(receive)
+                        received += len(chunk)
+                        if received > limit:
+                            raise BodyTooLarge(f"the body is over --max-body-mb "
+                                               f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
+                        chunks.append(chunk)
+                    return b"".join(chunks), []
+                offset = self._reserve(size)
+                mm, pos, end = self.arena.mm, offset, offset + size
+                self.unfilled += size
+                try:
+                    while True:
+                        if pos + len(chunk) > end:
+                            raise ProtocolError(f"the body is longer than its Content-Length "
+                                                f"{size}")
+                        mm[pos:pos + len(chunk)] = chunk          # -> shared memory: 1 copy
+                        pos += len(chunk)
+                        self.unfilled -= len(chunk)
+                        if not more:
+                            break
+                        timer.reschedule(loop.time() + patience)
+                        chunk, more = await _receive_chunk(receive)
+                    received = pos - offset
+                    if pos != end:
+                        raise ProtocolError(f"the body ended after {pos - offset} of {size} "
+                                            "bytes")
+                except BaseException:
+                    received = pos - offset
+                    self.arena.release(offset, size)
+                    raise
+                finally:
+                    self.unfilled -= end - pos
+                return self.arena_view[offset:end], [(offset, size)]
+        except TimeoutError:
+            NOTES.acted("body_timeout", f"answered 408 to requests whose body stopped "
+                                        f"arriving for --body-timeout-s {patience:g}")
+            raise RequestTimeout(
+                f"the body stopped arriving: no bytes for {patience:g} s (--body-timeout-s) "
+                f"after {received} of {size if size is not None else '?'} bytes") from None
+
+    def _reserve(self, size: int) -> int:
+        """Arena space for a body of ``size`` bytes that is still to arrive."""
+        if self.unfilled + size > self.arena.size // 2:
+            NOTES.acted("memory_held_by_slow_bodies",
+                        "refused bodies: half of this front's shared memory is reserved for "
+                        "bodies still arriving")
+            raise QueueFull(
+                f"this front's shared memory is held by bodies still arriving "
+                f"({self.unfilled} bytes announced and not yet received; at most half of "
+                f"{self.arena.size >> 20} MiB); retry later")
         offset = self.arena.alloc(size)
         if offset is None:
             raise QueueFull(f"this front's shared memory ({self.arena.size >> 20} MiB) is full "
                             "of requests in flight; retry later or raise --shm-mb")
-        mm, pos, end = self.arena.mm, offset, offset + size
-        try:
-            while True:
-                if pos + len(chunk) > end:
-                    raise ProtocolError(f"the body is longer than its Content-Length {size}")
-                mm[pos:pos + len(chunk)] = chunk          # -> shared memory: 1 copy
-                pos += len(chunk)
-                if not more:
-                    break
-                chunk, more = await _receive_chunk(receive)
-            if pos != end:
-                raise ProtocolError(f"the body ended after {pos - offset} of {size} bytes")
-        except BaseException:
-            self.arena.release(offset, size)
-            raise
-        return self.arena_view[offset:end], [(offset, size)]
+        return offset
 
     def place(self, arr: np.ndarray, regions: list) -> "ipc.TensorRef":
         """A descriptor for a decoded tensor: its own bytes when they already sit aligned

@@ -4,7 +4,13 @@ Why plain mmap over /dev/shm files rather than ``multiprocessing.shared_memory``
 Python 3.11 every process that attaches a SharedMemory registers it with its own
 resource tracker, which unlinks or warns about it at exit. Here ownership is simple:
 the supervisor names every segment ``gpserve-<supervisor pid>-...``, removes them all
-on a clean stop, and on start removes those whose supervisor is gone.
+on a clean stop, and removes a dead child's own arena when it restarts it.
+
+Whether a run is alive is told by its *lock* (``gpserve-<pid>-lock``): the supervisor
+and every child hold a shared ``flock`` on it for their whole life, so it is free only
+once every process of the run is gone. A start removes the segments of runs whose lock
+it can take, and never touches a run any of whose processes still lives (a killed
+supervisor's orphans, say), nor one whose pid was reused.
 
 A ``TensorRef`` (path, offset, GraphPipe type, shape) is all that crosses processes;
 numeric data sits at ``offset`` row-major; a String tensor's region holds int64 end
@@ -55,14 +61,45 @@ def remove_run_segments(run_id: str) -> int:
                if name.startswith(f"{PREFIX}{run_id}-"))
 
 
+def hold_run_lock(run_id: str) -> int:
+    """Take a shared hold on the run's lock for this process's life; returns the fd."""
+    import fcntl
+    fd = os.open(segment_path(run_id, "lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def run_is_alive(run_id: str) -> bool:
+    """True while any process of the run holds its lock (or, for a run without a lock,
+    while its supervisor pid is alive)."""
+    import fcntl
+    try:
+        fd = os.open(segment_path(run_id, "lock"), os.O_RDWR)
+    except FileNotFoundError:
+        return pid_alive(int(run_id))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def remove_stale_segments() -> int:
-    """Unlink segments left by servers that were killed (their supervisor pid is gone)."""
+    """Unlink segments left by servers that were killed, once every process of theirs is
+    gone (see the module docstring)."""
     removed = 0
+    runs: dict[str, bool] = {}
     for name in os.listdir(SHM_DIR):
         if not name.startswith(PREFIX):
             continue
-        pid = name[len(PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        run = name[len(PREFIX):].split("-", 1)[0]
+        if not run.isdigit():
+            continue
+        if run not in runs:
+            runs[run] = run_is_alive(run)
+        if not runs[run]:
             removed += _remove(os.path.join(SHM_DIR, name))
     return removed
 
@@ -203,6 +240,10 @@ class Segments:
     def adopt(self, arena: "Arena") -> None:
         """View this process's own arena through the same ``view`` (no second mapping)."""
         self._maps[arena.path] = arena.buf
+
+    def forget(self, path: str) -> None:
+        """Drop one mapping (its memory is freed once the views of it die)."""
+        self._maps.pop(path, None)
 
     def forget_prefix(self, prefix: str) -> None:
         """Drop mappings whose owner is gone (the memory is freed once their views die)."""

@@ -20,7 +20,9 @@ from multiprocessing.connection import wait
 from . import ipc
 from .config import Config
 from .model_source import resolve
-from .shm import remove_run_segments, remove_stale_segments, segment_path
+from .shm import (
+    hold_run_lock, remove_run_segments, remove_stale_segments, segment_path,
+)
 
 log = logging.getLogger("gpserve.supervisor")
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
@@ -57,6 +59,21 @@ def inspect_model(cfg: Config):
                          f"(backend {cfg.backend or '?'}): {type(e).__name__}: {e}") from None
 
 
+def _child_main(target, args, run_id: str, supervisor_pid: int) -> None:
+    """Every child's entry: die with the supervisor, hold the run's lock, then work.
+
+    ``PR_SET_PDEATHSIG`` has the kernel SIGKILL this process when the supervisor dies,
+    however it dies (kill -9 included): no orphan keeps serving a port that a new server
+    then cannot take. The check after it covers a supervisor that died first."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != supervisor_pid:
+        os._exit(1)
+    hold_run_lock(run_id)
+    target(*args)
+
+
 class _Child:
     def __init__(self, role: str, index: int, target, args):
         self.role, self.index, self.target, self.args = role, index, target, args
@@ -77,8 +94,9 @@ class Supervisor:
         self.stopping = False
 
     def _start(self, child: _Child) -> None:
-        child.process = self.ctx.Process(target=child.target, args=child.args,
-                                         name=f"gpserve-{child.name}", daemon=False)
+        child.process = self.ctx.Process(
+            target=_child_main, args=(child.target, child.args, self.cfg.run_id, os.getpid()),
+            name=f"gpserve-{child.name}", daemon=False)
         child.process.start()
         child.started = time.monotonic()
         slot = {"batcher": ipc.Counters.BATCHER_PID, "worker": ipc.Counters.WORKER_PIDS,
@@ -102,6 +120,7 @@ class Supervisor:
             cfg.fingerprint = fingerprint(cfg.model_path)
         sock = _bind(cfg)
         cfg.run_id = str(os.getpid())
+        hold_run_lock(cfg.run_id)
         metrics_dir = segment_path(cfg.run_id, "metrics")
         os.makedirs(metrics_dir, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir   # before any child starts
@@ -193,12 +212,23 @@ class Supervisor:
                 self.counters.slots[slots[child.role]] += 1
                 metrics.RESTARTS.labels(child.role).inc()
                 metrics.process_gone(child.process.pid)
+                if child.role != "batcher":    # its arena: nobody writes there any more
+                    gone = segment_path(self.cfg.run_id, f"{child.name}-{child.process.pid}")
+                    if os.path.exists(gone):
+                        os.unlink(gone)
                 self._start(child)
 
     def _stop(self, sock: socket.socket) -> None:
         self.stopping = True
         started = [c for c in self.children if c.process is not None]
         fronts = [c for c in started if c.role == "front"]
+        # Stop listening first, for every process that shares the socket: new connections
+        # are then refused (a load balancer tries another server) rather than accepted
+        # into a backlog that no front will read, and reset when the socket closes.
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
         for child in fronts:
             _signal(child, signal.SIGTERM)
         grace = self.cfg.timeout_ms / 1000 + 10

@@ -142,9 +142,33 @@ def test_lying_tensors_are_protocol_errors(ttype, shape, data, message):
         P.decode_request(_tensor_body(ttype, shape, data))
 
 
-def test_zero_sized_dimension_with_huge_neighbour_is_empty():
-    got = P.decode_request(_tensor_body(10, [0, 1 << 40], b"")).inputs[0]
-    assert got.shape == (0, 1 << 40) and got.size == 0
+def test_zero_sized_dimension_with_huge_neighbour_is_refused():
+    """An empty tensor may not claim more rows (or any dimension) than its message has
+    bytes: [1e11, 3, 0, 192] in 152 bytes once pinned a front in a per-row loop."""
+    assert P.decode_request(_tensor_body(10, [0, 5], b"")).inputs[0].shape == (0, 5)
+    assert P.decode_request(_tensor_body(10, [3, 0], b"")).inputs[0].shape == (3, 0)
+    for shape in ([0, 1 << 40], [10 ** 11, 3, 0, 192]):
+        with pytest.raises(ProtocolError, match="no elements but a dimension larger than"):
+            P.decode_request(_tensor_body(10, shape, b""))
+
+
+def test_aliased_strings_cost_their_overhead():
+    """Every String element counts 8 bytes against the message size, so millions of
+    entries aliased to one empty string are refused before any is read; --max-strings
+    bounds honest ones."""
+    from gpserve.protocol.encode import encode_request
+    honest = np.array([b""] * 1000, dtype=object)
+    body = bytes(encode_request(P.InferRequest([honest])))
+    assert P.decode_request(body).inputs[0].shape == (1000,)
+    with pytest.raises(ProtocolError, match="more String elements than this server takes"):
+        P.decode_request(body, max_strings=999)
+    assert P.decode_request(body, max_strings=1000).inputs[0].shape == (1000,)
+    b = flatbuffers.Builder(0)
+    one = b.CreateString("")
+    n = 100_000                                    # 400 KB of offsets, all to one string
+    aliased = finish_request(b, [tensor_table(b, 12, [n], strings=[one] * n)])
+    with pytest.raises(ProtocolError, match="more bytes than the message holds"):
+        P.decode_request(aliased)
 
 
 def test_unknown_union_tag_is_unsupported_request():

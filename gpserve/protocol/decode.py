@@ -10,8 +10,15 @@ Limits on untrusted input (each violation is a ``ProtocolError``):
 - at most ``MAX_TENSORS`` tensors and names per list, rank at most ``MAX_RANK``;
 - every dimension is non-negative and the element count (ignoring zero dimensions)
   is below 2**48;
-- tensor data and string bytes together can never exceed the message's own size,
-  so aliased offsets (many entries pointing at one big blob) cannot amplify memory.
+- no dimension is larger than the message: a tensor that holds data cannot have one,
+  and a tensor with no elements must not either, or ``[1e11, 3, 0, 192]`` in 152 bytes
+  would claim 1e11 rows for any per-row work downstream;
+- tensor data and string bytes together can never exceed the message's own size, and
+  each String element costs ``STRING_OVERHEAD`` bytes besides its own, so aliased
+  offsets (many entries pointing at one string, even an empty one) cannot amplify
+  memory or time: an honest String element takes at least that much of the message;
+- at most ``max_strings`` String elements in all (a caller's limit: each becomes a
+  Python object), checked before any element is read.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from .messages import (
 MAX_TENSORS = 4096
 MAX_RANK = 32
 MAX_ELEMENTS = 1 << 48
+STRING_OVERHEAD = 8      # an element's offset (4) and length prefix (4) in the message
 
 _u8 = struct.Struct("<B").unpack_from
 _u32 = struct.Struct("<I").unpack_from
@@ -41,9 +49,9 @@ _EMPTY_SHAPE: tuple[int, ...] = ()
 class _Reader:
     """Bounds-checked access to FlatBuffers tables, vectors and strings in one buffer."""
 
-    __slots__ = ("buf", "n", "budget")
+    __slots__ = ("buf", "n", "budget", "strings_left", "strings_limit")
 
-    def __init__(self, buf):
+    def __init__(self, buf, max_strings: int | None = None, why: str = ""):
         if not isinstance(buf, bytes):
             try:
                 view = memoryview(buf)
@@ -55,6 +63,8 @@ class _Reader:
         self.n = len(buf)
         # Tensor data and string bytes may add up to at most the message size.
         self.budget = self.n
+        self.strings_left = max_strings
+        self.strings_limit = (max_strings, why)
 
     def fail(self, what: str, problem: str):
         raise ProtocolError(f"malformed GraphPipe message ({self.n} bytes): {what}: {problem}")
@@ -179,12 +189,24 @@ class _Reader:
                     self.fail(what, f"shape {list(shape)} has too many elements")
         if 0 in shape:
             count = 0
+            if max(shape) > self.n:
+                self.fail(what, f"shape {list(shape)} has no elements but a dimension larger "
+                                f"than the message itself")
         data_pos = self.offset_field(table, 2, what)
         data_start, data_len = self.vector(data_pos, 1, what) if data_pos else (0, 0)
 
         if ttype == STRING:
             if data_len:
                 self.fail(what, f"String tensor carries {data_len} bytes of numeric data")
+            if self.strings_left is not None:
+                self.strings_left -= count
+                if self.strings_left < 0:
+                    limit, why = self.strings_limit
+                    raise ProtocolError(
+                        f"{what}: a String tensor of shape {list(shape)} takes the request "
+                        f"to more String elements than this server takes in one request "
+                        f"({limit}{': ' + why if why else ''})")
+            self.spend(STRING_OVERHEAD * count, what)
             strings = self.element_positions(table, 3, what, limit=None)
             if len(strings) != count:
                 self.fail(what, f"String tensor of shape {list(shape)} needs {count} strings, "
@@ -234,9 +256,12 @@ class _Reader:
             description=self.text_field(table, 1, what))
 
 
-def decode_request(buf) -> InferRequest | MetadataRequest:
-    """Decode a GraphPipe ``Request``; numeric input tensors view ``buf``."""
-    r = _Reader(buf)
+def decode_request(buf, max_strings: int | None = None,
+                   why: str = "") -> InferRequest | MetadataRequest:
+    """Decode a GraphPipe ``Request``; numeric input tensors view ``buf``. ``max_strings``
+    bounds the String elements of all its tensors together (None: only by size), checked
+    before any is read; ``why`` explains the limit in the error."""
+    r = _Reader(buf, max_strings, why)
     root = r.root("Request")
     tag = r.u8_field(root, 0, "Request.req_type")
     if tag == 2:

@@ -1,0 +1,96 @@
+"""Guards on a front's HTTP connections that uvicorn lacks: a header timeout, and a log
+line and a count when a guard acts.
+
+uvicorn bounds idle keep-alive connections (``timeout_keep_alive``) and open
+connections (``limit_concurrency``: past it, requests get 503), but a client that opens
+a connection and sends its headers slowly, or never, holds a file descriptor for as
+long as it likes. Here a connection must send a request's headers within
+``--header-timeout-s`` of opening or of its first byte; otherwise it gets ``408`` and is
+closed. Each guard that acts is counted in ``gpserve_connections_refused_total`` and
+logged at most once every ``LOG_EVERY_S`` per front with how many times it acted.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from . import metrics
+
+log = logging.getLogger("gpserve.front")
+LOG_EVERY_S = 10.0
+_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n"
+                     b"content-length: 0\r\n\r\n")
+
+
+class _Notes:
+    """Rate-limited warnings: the first at once, then one summary per LOG_EVERY_S."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.last: dict[str, float] = {}
+
+    def acted(self, reason: str, message: str) -> None:
+        metrics.CONNECTIONS_REFUSED.labels(reason).inc()
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        now = time.monotonic()
+        last = self.last.get(reason)
+        if last is None or now - last >= LOG_EVERY_S:
+            if last is None:
+                log.warning("%s", message)
+            else:
+                log.warning("%s (%d times in the last %.0f s)", message, self.counts[reason],
+                            now - last)
+            self.counts[reason], self.last[reason] = 0, now
+
+
+NOTES = _Notes()
+
+
+def guarded_protocol(header_timeout_s: float):
+    """uvicorn's httptools protocol with a header timeout, for ``uvicorn.Config(http=...)``."""
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        header_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self.header_timer is None:
+                self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            limit = self.limit_concurrency
+            if limit is not None and (len(self.connections) >= limit
+                                      or len(self.tasks) >= limit):
+                NOTES.acted("connection_limit",
+                            f"--max-connections {limit} reached: requests get 503")
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self.header_timer = self.loop.call_later(header_timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _too_slow(self) -> None:
+            self.header_timer = None
+            if not self.transport.is_closing():
+                NOTES.acted("header_timeout",
+                            f"closed connections that sent no complete request headers "
+                            f"within --header-timeout-s {header_timeout_s:g}")
+                self.transport.write(_TIMEOUT_RESPONSE)
+                self.transport.close()
+
+    return GuardedHttpToolsProtocol

@@ -1,0 +1,299 @@
+"""Hostile clients, crashes and a full cache: each defect found by trying gpserve as an
+attacker and as an operator would, kept fixed. Bounded in time and size; synchronised
+on what the server says, never on sleeps. Runs on echo, the default model and models
+the tests build, so a fresh clone runs all of it."""
+import os
+import signal
+import socket
+import threading
+import time
+
+import flatbuffers
+import numpy as np
+import pytest
+
+from gpserve import errors as E
+from gpserve import protocol as P
+from gpserve.client import Client
+from gpserve.shm import hold_run_lock, remove_stale_segments, run_is_alive, segment_path
+from gpserve.testing import Server, eventually
+
+from fbuild import finish_request, tensor_table
+from test_cache import scale_model
+from test_errors import assert_error, slow_model
+
+
+def raw(port: int, data: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(data)
+    return s
+
+
+def read_all(s: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        try:
+            data = s.recv(1 << 16)
+        except (ConnectionResetError, socket.timeout):
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def post_head(length: int) -> bytes:
+    return (b"POST / HTTP/1.1\r\nHost: gpserve\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\n\r\n" % length)
+
+
+def shape_only_body(shape) -> bytes:
+    """A Float32 tensor with this shape and no data (valid only if the shape is empty)."""
+    b = flatbuffers.Builder(0)
+    return finish_request(b, [tensor_table(b, 10, shape, data=b"")])
+
+
+# 1. A full row cache keeps caching --------------------------------------------------
+
+def test_a_full_cache_keeps_caching_through_a_server(tmp_path):
+    model = scale_model(tmp_path / "wide.onnx", 2.0, width=4096)        # 16 KiB rows
+    with Server("--model", str(model), "--cache", "--cache-dir", str(tmp_path / "rows"),
+                "--cache-size-mb", "1", "--fronts", "1") as s, Client(s.url) as c:
+        rng = np.random.default_rng(0)
+        for _ in range(40):                                # 10 MiB through a 1 MiB cache
+            c.execute(rng.standard_normal((16, 4096)).astype(np.float32), output_name="y")
+        writes = s.info()["cache"]["writes"]
+        eventually(lambda: s.info()["cache"]["writes"] >= 640, 60, "the writes")
+        last = rng.standard_normal((8, 4096)).astype(np.float32)
+        first = c.execute(last, output_name="y")
+        eventually(lambda: s.info()["cache"]["writes"] >= 648, 60, "the last rows' write")
+        before = s.rows_computed()
+        np.testing.assert_array_equal(c.execute(last, output_name="y"), first)
+        assert s.rows_computed() == before                 # still caching: all 8 were hits
+        cache = s.info()["cache"]
+    assert writes <= 640 and cache["errors"] == 0 and cache["last_error"] == ""
+    assert cache["rotations"] >= 3 and cache["evictions"] > 0
+    assert cache["file_bytes"] <= 1 << 20
+
+
+# 2. An empty tensor that claims 1e11 rows -------------------------------------------
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_an_empty_tensor_with_a_huge_dimension_is_refused_at_once(tmp_path, cache):
+    flags = ["--cache", "--cache-dir", str(tmp_path)] if cache else []
+    body = shape_only_body([10 ** 11, 3, 0, 192])
+    assert len(body) < 200
+    with Server("--model", "echo", *flags) as s:
+        assert_error(s.url, body, 400, E.ProtocolError, "no elements but a dimension larger")
+        with Client(s.url) as c:
+            assert c.execute(np.ones((2, 2), np.float32)).tolist() == [[1, 1], [1, 1]]
+
+
+# 3. Idle clients that announce large bodies ------------------------------------------
+
+def test_idle_clients_announcing_huge_bodies_cannot_shut_others_out():
+    with Server("--model", "echo", "--fronts", "1", "--body-timeout-s", "2") as s:
+        idle = [raw(s.port, post_head(256 << 20) + b"0123456789") for _ in range(4)]
+        try:
+            big = np.random.default_rng(0).random((64, 1024), np.float32)   # 256 KiB
+            with Client(s.url) as c:
+                for _ in range(20):
+                    np.testing.assert_array_equal(c.execute(np.ones((1, 4), np.float32)), 1)
+                # a large body may be refused while idle bodies hold the memory, never hang
+                try:
+                    np.testing.assert_array_equal(c.execute(big), big)
+                except E.QueueFull as e:
+                    assert "held by bodies still arriving" in str(e)
+            answers = [read_all(sock) for sock in idle]      # each within --body-timeout-s
+        finally:
+            for sock in idle:
+                sock.close()
+        assert sum(a.startswith(b"HTTP/1.1 408") for a in answers) >= 1
+        assert all(a.startswith((b"HTTP/1.1 408", b"HTTP/1.1 503")) for a in answers), answers
+        assert any(b"held by bodies still arriving" in a for a in answers)
+        with Client(s.url) as c:                 # once they are gone, large bodies pass
+            np.testing.assert_array_equal(c.execute(big), big)
+        assert s.metric("gpserve_connections_refused_total", reason="body_timeout") >= 1
+        assert s.stats()["errors"]["RequestTimeout"] >= 1
+    assert "body stopped arriving" in s.output()
+
+
+# 4 and 10. String tensors that amplify ----------------------------------------------
+
+def test_aliased_empty_strings_are_refused_before_any_is_read():
+    b = flatbuffers.Builder(0)
+    one = b.CreateString("")
+    n = 1_000_000                                       # 4 MB of offsets to one string
+    body = finish_request(b, [tensor_table(b, 12, [n], strings=[one] * n)])
+    with Server("--model", "echo", "--max-strings", str(2 * n)) as s:   # past the count bound
+        assert_error(s.url, body, 400, E.ProtocolError, "more bytes than the message holds")
+
+
+def test_many_honest_strings_are_bounded_and_refused_early():
+    many = np.array([[b""] * 100_000], dtype=object)            # one row of 100,000
+    body = P.encode_request(P.InferRequest([many]))
+    with Server("--model", "echo", "--max-strings", "65536") as s:
+        assert_error(s.url, body, 400, E.ProtocolError, "more String elements",
+                     "65536: --max-strings")
+        with Client(s.url) as c:                        # up to the bound: served
+            assert c.execute(many[:, :65536]).shape == (1, 65536)
+    with Server() as s:                                 # a model with no String inputs
+        assert_error(s.url, P.encode_request(P.InferRequest([many[:, :4]])), 400,
+                     E.ProtocolError, "the model takes no String inputs",
+                     "point Float32[-1, 2]")
+
+
+# 5. kill -9 of the supervisor ---------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_children_die_with_a_killed_supervisor_and_their_segments_go_next_start():
+    s = Server("--model", "echo", "--fronts", "2")
+    run, children = s.proc.pid, s.children()
+    assert len(children) >= 4
+    os.kill(run, signal.SIGKILL)
+    s.proc.wait()
+    s.log.close()
+    eventually(lambda: not any(_alive(p) for p in children), 30, "the orphans to die")
+    assert not run_is_alive(str(run))
+    with Server("--model", "echo", "--fronts", "1"):
+        assert [p for p in os.listdir("/dev/shm") if p.startswith(f"gpserve-{run}-")] == []
+
+
+def test_a_start_never_removes_the_segments_of_a_live_run():
+    run = "4000001"                  # above any pid: only the lock can say it is alive
+    lock, seg = segment_path(run, "lock"), segment_path(run, "front0-1")
+    fd = hold_run_lock(run)
+    try:
+        open(seg, "wb").close()
+        assert run_is_alive(run)
+        remove_stale_segments()
+        assert os.path.exists(seg) and os.path.exists(lock)
+    finally:
+        os.close(fd)                 # the last process of the run is gone
+    assert not run_is_alive(run)
+    remove_stale_segments()
+    assert not os.path.exists(seg) and not os.path.exists(lock)
+
+
+# 6. A dead child's shared memory ----------------------------------------------------
+
+def test_a_dead_front_s_shared_memory_goes_when_it_is_restarted():
+    with Server("--model", "echo", "--fronts", "1") as s, Client(s.url) as c:
+        big = np.random.default_rng(1).random((256, 1024), np.float32)   # 1 MiB, streamed
+        np.testing.assert_array_equal(c.execute(big), big)
+        front = s.info()["processes"]["pids"]["fronts"][0]
+        assert f"gpserve-{s.proc.pid}-front0-{front}" in s.segments()
+        os.kill(front, signal.SIGKILL)
+        eventually(lambda: s.stats()["front_restarts"] == 1, 30, "the front's restart")
+        s.wait_ready(30)
+        assert f"gpserve-{s.proc.pid}-front0-{front}" not in s.segments()
+        new = s.info()["processes"]["pids"]["fronts"][0]
+        assert new != front and f"gpserve-{s.proc.pid}-front0-{new}" in s.segments()
+
+
+# 8. The drain refuses new connections instead of resetting them ----------------------
+
+def test_the_drain_refuses_new_connections_and_resets_none():
+    s = Server("--model", "echo", "--fronts", "2")
+    body = bytes(P.encode_request(P.InferRequest([np.ones((1, 4), np.float32)])))
+    request = post_head(len(body)) + body
+    outcomes: dict[str, int] = {}
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                sock = raw(s.port, request)
+                head = sock.recv(64)
+                sock.close()
+                kind = "ok" if head.startswith(b"HTTP/1.1 200") else f"other {head[:16]!r}"
+            except ConnectionRefusedError:
+                kind = "refused"
+            except (ConnectionResetError, BrokenPipeError):
+                kind = "reset"
+            outcomes[kind] = outcomes.get(kind, 0) + 1
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        eventually(lambda: outcomes.get("ok", 0) >= 200, 60, "requests flow")
+        s.proc.send_signal(signal.SIGTERM)
+        eventually(lambda: outcomes.get("refused", 0) >= 50, 60, "refused connections")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        s.stop()
+    assert outcomes.get("reset", 0) == 0, outcomes
+    assert set(outcomes) <= {"ok", "refused"}, outcomes
+
+
+# 9. Header, keep-alive and connection limits ------------------------------------------
+
+def test_slow_headers_and_idle_keepalive_connections_are_closed():
+    with Server("--model", "echo", "--header-timeout-s", "1", "--keepalive-timeout-s", "1",
+                "--fronts", "1") as s:
+        slow = [raw(s.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Le") for _ in range(20)]
+        silent = raw(s.port, b"")
+        answers = [read_all(sock) for sock in slow + [silent]]
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers[:2]
+        body = bytes(P.encode_request(P.InferRequest([np.ones((1, 4), np.float32)])))
+        idle = raw(s.port, post_head(len(body)) + body)
+        reply = read_all(idle)                  # answered, then closed after the idle time
+        assert reply.startswith(b"HTTP/1.1 200") and reply.count(b"HTTP/1.1") == 1
+        assert s.metric("gpserve_connections_refused_total", reason="header_timeout") == 21
+    assert "within --header-timeout-s 1" in s.output()
+
+
+def test_connection_limit_answers_503_and_says_so():
+    with Server("--model", "echo", "--max-connections", "4", "--fronts", "1") as s:
+        held = [raw(s.port, b"") for _ in range(4)]
+        try:
+            body = bytes(P.encode_request(P.InferRequest([np.ones((1, 4), np.float32)])))
+            extra = raw(s.port, post_head(len(body)) + body)
+            assert read_all(extra).startswith(b"HTTP/1.1 503")
+        finally:
+            for sock in held:
+                sock.close()
+        assert s.metric("gpserve_connections_refused_total", reason="connection_limit") == 1
+        with Client(s.url) as c:                        # served again once they are gone
+            eventually(lambda: c.execute(np.ones((1, 1), np.float32)).shape == (1, 1), 30,
+                       "service again")
+    assert "--max-connections 4 reached" in s.output()
+
+
+# Also: every failure is visible --------------------------------------------------------
+
+def test_requests_held_by_a_killed_batcher_are_counted_as_expired(tmp_path):
+    model = slow_model(tmp_path / "slow.onnx")
+    with Server("--model", str(model), "--timeout-ms", "5000", "--batch-check-every", "0",
+                "--fronts", "1") as s:
+        results = {}
+
+        def call(name, rows):
+            try:
+                with Client(s.url) as c:
+                    results[name] = c.execute(np.ones((rows, 4), np.float32))
+            except E.GraphPipeError as e:
+                results[name] = e
+        first = threading.Thread(target=call, args=("first", 1))
+        first.start()
+        eventually(lambda: s.metric("gpserve_queue_wait_seconds_count") == 1, 30,
+                   "the first request to be running")
+        second = threading.Thread(target=call, args=("second", 2))
+        second.start()
+        eventually(lambda: s.stats()["queued_rows"] == 2, 30, "the second to wait in the queue")
+        os.kill(s.info()["processes"]["pids"]["batcher"], signal.SIGKILL)
+        first.join(60)
+        second.join(60)
+        assert isinstance(results["second"], E.DeadlineExceeded), results
+        stats = s.stats()
+        assert stats["expired"] == 1 and stats["errors"] == {"DeadlineExceeded": 1}
+        assert s.metric("gpserve_requests_total", status="504", kind="error") == 1
