@@ -16,6 +16,19 @@ GRAPHPIPE_DIR = Path(os.environ.get(
     "GPSERVE_TEST_CACHE", Path.home() / ".cache" / "gpserve-tests")) / "graphpipe-1.0.4"
 
 
+# flatbuffers 1.12 (what graphpipe 1.0.4 needs) imports `imp`, which Python 3.12 removed,
+# only for `imp.find_module("numpy")`. This stand-in, in the isolated folder alone, keeps
+# the unmodified client running on every Python gpserve supports.
+_IMP_SHIM = '''"""Stand-in for the `imp` module (removed in Python 3.12) for flatbuffers 1.12."""
+import importlib.util
+
+
+def find_module(name, path=None):
+    if importlib.util.find_spec(name) is None:
+        raise ImportError(f"No module named {name!r}")
+'''
+
+
 def _install_graphpipe() -> Path:
     """graphpipe 1.0.4 + flatbuffers 1.12 in a folder of their own (not the project's env)."""
     marker = GRAPHPIPE_DIR / ".installed"
@@ -25,6 +38,8 @@ def _install_graphpipe() -> Path:
              "--target", str(GRAPHPIPE_DIR), "graphpipe==1.0.4", "flatbuffers==1.12"],
             check=True)
         marker.write_text("ok\n")
+    if sys.version_info >= (3, 12) and not (GRAPHPIPE_DIR / "imp.py").exists():
+        (GRAPHPIPE_DIR / "imp.py").write_text(_IMP_SHIM)
     return GRAPHPIPE_DIR
 
 

@@ -124,3 +124,18 @@ def test_model_from_url_downloaded_once(tmp_path, http_models):
         assert "downloading" not in s.output()
     r = serve("--model", f"{http_models}/missing.onnx", env=env)
     assert r.returncode != 0 and "download failed" in r.stderr and "404" in r.stderr
+
+
+def test_auto_device_falls_back_to_the_cpu_without_a_cuda_provider(caplog):
+    """A GPU is visible but onnxruntime is the CPU-only package (as on our GPU hosts):
+    --device auto serves on the CPU, saying so; --device cuda is an error."""
+    from gpserve.workers.onnx import providers_for
+    cpu_only = ["CPUExecutionProvider"]
+    assert providers_for("cuda:0", cpu_only, chosen_by_user=False) == cpu_only
+    assert "no CUDA provider: running on the CPU" in caplog.text
+    with pytest.raises(ValueError, match="--device cuda:1: this onnxruntime has no CUDA"):
+        providers_for("cuda:1", cpu_only, chosen_by_user=True)
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert providers_for("cuda:1", both, chosen_by_user=False)[0] == (
+        "CUDAExecutionProvider", {"device_id": 1})
+    assert providers_for("cpu", both, chosen_by_user=True) == cpu_only

@@ -61,7 +61,8 @@ def load(cfg: Config, device: str, threads: int) -> Backend:
         return EchoBackend()
     if cfg.backend == "onnx":
         from .onnx import OnnxBackend
-        return OnnxBackend(cfg.model_path, device, threads, cfg.inputs, cfg.outputs)
+        return OnnxBackend(cfg.model_path, device, threads, cfg.inputs, cfg.outputs,
+                           device_chosen_by_user=cfg.device != "auto")
     if cfg.backend == "tensorflow":
         from . import tf
         if Path(cfg.model_path).is_dir():
@@ -71,7 +72,7 @@ def load(cfg: Config, device: str, threads: int) -> Backend:
     if cfg.backend == "torch":
         from .torchscript import TorchBackend
         return TorchBackend(cfg.model_path, device, threads, cfg.inputs, cfg.outputs,
-                            cfg.shapes)
+                            cfg.shapes, device_chosen_by_user=cfg.device != "auto")
     raise ValueError(f"unknown backend {cfg.backend!r}; expected one of {', '.join(BACKENDS)}")
 
 

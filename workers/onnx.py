@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import gzip
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from gpserve.modelspec import IOSpec, ModelSpec
+
+log = logging.getLogger("gpserve.worker")
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
@@ -27,9 +30,26 @@ def _io(arg) -> IOSpec:
     return IOSpec(arg.name, np.dtype(kind), _dims(arg.shape))
 
 
+def providers_for(device: str, available: list[str], chosen_by_user: bool) -> list:
+    """ONNX Runtime providers for a worker's device. A GPU chosen by ``--device auto``
+    (one is visible) falls back to the CPU, with a warning, when this onnxruntime has no
+    CUDA provider (the CPU-only package); a GPU the user asked for is an error."""
+    if not device.startswith("cuda"):       # worker_device() says cpu when no GPU is visible
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        if chosen_by_user:
+            raise ValueError(f"--device {device}: this onnxruntime has no CUDA provider "
+                             "(install onnxruntime-gpu)")
+        log.warning("a GPU is visible but this onnxruntime has no CUDA provider: running on "
+                    "the CPU (install onnxruntime-gpu, or say --device cpu)")
+        return ["CPUExecutionProvider"]
+    index = int(device.split(":")[1]) if ":" in device else 0
+    return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+
+
 class OnnxBackend:
     def __init__(self, path: str, device: str, threads: int, inputs: list[str],
-                 outputs: list[str]):
+                 outputs: list[str], device_chosen_by_user: bool = True):
         import onnxruntime as ort
 
         raw = Path(path).read_bytes()
@@ -41,13 +61,7 @@ class OnnxBackend:
         # Spinning threads fight the fronts for cores; measured slower on small machines.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda"):   # worker_device() says cpu when no GPU is visible
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise ValueError(f"--device {device}: this onnxruntime has no CUDA provider "
-                                 "(install onnxruntime-gpu)")
-            index = int(device.split(":")[1]) if ":" in device else 0
-            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        providers = providers_for(device, ort.get_available_providers(), device_chosen_by_user)
         self.session = ort.InferenceSession(raw, opts, providers=providers)
         self.providers = self.session.get_providers()
         ins = [_io(a) for a in self.session.get_inputs()]

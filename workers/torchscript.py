@@ -15,6 +15,7 @@ Runs on CUDA when the worker has a GPU, under ``torch.inference_mode()``.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +45,16 @@ def _side_file(path: Path) -> dict | None:
 
 class TorchBackend:
     def __init__(self, path: str, device: str, threads: int, inputs: list[str],
-                 outputs: list[str], shapes: str):
+                 outputs: list[str], shapes: str, device_chosen_by_user: bool = True):
         import torch
         torch.set_num_threads(threads)
         self.torch = torch
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            if device_chosen_by_user:
+                raise ValueError(f"--device {device}: this PyTorch cannot use CUDA")
+            logging.getLogger("gpserve.worker").warning(
+                "a GPU is visible but this PyTorch cannot use CUDA: running on the CPU")
+            device = "cpu"
         self.device = torch.device("cuda" if device == "cuda" else device
                                    if device.startswith("cuda:") else "cpu")
         p = Path(path)
