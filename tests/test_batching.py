@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gpserve.client import AsyncClient, Client
+from gpserve.errors import BadConfig
 from gpserve.testing import Server, eventually
 
 from conftest import MODELS, need_shared, ort_session
@@ -75,6 +76,8 @@ def test_config_batch_off_runs_that_request_alone():
         asyncio.run(concurrent(s.url, [np.repeat(r, 3, axis=0) for r in points(16, 7)],
                                config="batch=off"))
         stats = s.stats()
+        with Client(s.url) as c, pytest.raises(BadConfig, match="batch takes 'on' or 'off'"):
+            c.execute_multi([points(1, 0)[0]], None, None, "batch=sometimes")
     assert stats["batches"] == 16            # one batch per request, never merged
 
 

@@ -215,9 +215,11 @@ class Worker:
             self._fail(live[0], err)
             return 0
         if len(live) > 1 and self.cfg.batch_check_every:
-            self.merged_batches += 1
-            if self.merged_batches % self.cfg.batch_check_every == 1 % self.cfg.batch_check_every:
+            # the 1st merged batch, then every Nth; before delivery, while the request's
+            # inputs are surely still in the front's shared memory
+            if self.merged_batches % self.cfg.batch_check_every == 0:
                 self._check_batching(live[0], outputs)
+            self.merged_batches += 1
         self._deliver(batch.batch_id, live, outputs, single)
         return sum(item.rows or 1 for item in live)
 
