@@ -18,7 +18,6 @@ cache keeps writing and hitting to the end; no cache error; every request answer
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -33,7 +32,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import exit_cleanly_on_sigterm, print_table, write_json  # noqa: E402
 
-from gpserve import protocol as P  # noqa: E402
 from gpserve.client import Client  # noqa: E402
 from gpserve.errors import GraphPipeError  # noqa: E402
 from gpserve.testing import Server  # noqa: E402

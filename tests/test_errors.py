@@ -1,6 +1,5 @@
 """Every bad request gets a non-200 status and a GraphPipe Error naming what was wrong,
 and the server keeps serving everyone else."""
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
