@@ -226,6 +226,11 @@ class RowCache:
                 evicted += txn.stat(self.gens[current])["entries"]
                 txn.drop(self.gens[current], delete=False)
             txn.put(b"current", str(old).encode(), db=self.meta)
+        # LMDB reuses the pages a transaction freed only from the transaction after next
+        # (the last committed snapshot stays readable): commit one more, tiny, so that
+        # the very next write can use them.
+        with self.env.begin(write=True) as txn:
+            txn.put(b"rotated", str(old).encode(), db=self.meta)
         self.counters.slots[self.slot + self.counters.CACHE_EVICTIONS] += evicted
         self.counters.slots[self.slot + self.counters.CACHE_ROTATIONS] += 1
         metrics.CACHE_EVICTIONS.inc(evicted)

@@ -79,3 +79,15 @@ def test_the_current_generation_is_kept_in_one_place(tmp_path, counters):
         sizes = [txn.stat(db)["entries"] for db in cache.gens]
     assert min(sizes) > 0 and totals(counters)["rotations"] >= 2
     assert totals(counters)["errors"] == 0
+
+
+def test_writes_near_the_map_size_never_fail(tmp_path, counters):
+    """Rows of 8 x 16 KiB (a tenth of a 1 MiB map each) written one after another: a
+    rotation must leave room for the next write at once (LMDB reuses freed pages only
+    from the transaction after next)."""
+    cache = RowCache(tmp_path / "env", 1, counters, 0)
+    for start in range(0, 8 * 200, 8):
+        fill(cache, start, 8)
+        assert cache.flush()
+    assert totals(counters)["errors"] == 0, cache.last_error
+    assert totals(counters)["rotations"] >= 10

@@ -78,7 +78,7 @@ def test_async_client(cls_server):
 
 
 def test_ocr_recogniser_decodes_text():
-    x = np.load(FIXTURES / "ocr_rec_input.npy")
+    x = np.load(need_shared(FIXTURES / "ocr_rec_input.npy"))
     want = ort_session(need_shared(REC)).run(None, {"x": x})[0]
     with Server("--model", str(REC)) as s, Client(s.url) as c:
         got = c.execute(x)
