@@ -204,11 +204,11 @@ class FrontState:
                 raise BodyTooLarge(f"the body is {size} bytes, over --max-body-mb "
                                    f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
         patience = self.cfg.body_timeout_s
-        received = 0
+        got = [0]                                   # bytes received, for the 408's message
         try:
             async with asyncio.timeout(patience) as timer:
                 chunk, more = await _receive_chunk(receive)
-                received = len(chunk)
+                got[0] = len(chunk)
                 if not more:
                     if size is not None and len(chunk) != size:
                         raise ProtocolError(f"the body has {len(chunk)} bytes, its "
@@ -217,50 +217,58 @@ class FrontState:
                         raise BodyTooLarge(f"the body is over --max-body-mb "
                                            f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
                     return chunk, []
-                loop = asyncio.get_running_loop()
-                if size is None:                   # chunked transfer: gather, then decode
-                    chunks = [chunk]
-                    while more:
-                        timer.reschedule(loop.time() + patience)
-                        chunk, more = await _receive_chunk(receive)
-                        received += len(chunk)
-                        if received > limit:
-                            raise BodyTooLarge(f"the body is over --max-body-mb "
-                                               f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
-                        chunks.append(chunk)
-                    return b"".join(chunks), []
-                offset = self._reserve(size)
-                mm, pos, end = self.arena.mm, offset, offset + size
-                self.unfilled += size
-                try:
-                    while True:
-                        if pos + len(chunk) > end:
-                            raise ProtocolError(f"the body is longer than its Content-Length "
-                                                f"{size}")
-                        mm[pos:pos + len(chunk)] = chunk          # -> shared memory: 1 copy
-                        pos += len(chunk)
-                        self.unfilled -= len(chunk)
-                        if not more:
-                            break
-                        timer.reschedule(loop.time() + patience)
-                        chunk, more = await _receive_chunk(receive)
-                    received = pos - offset
-                    if pos != end:
-                        raise ProtocolError(f"the body ended after {pos - offset} of {size} "
-                                            "bytes")
-                except BaseException:
-                    received = pos - offset
-                    self.arena.release(offset, size)
-                    raise
-                finally:
-                    self.unfilled -= end - pos
-                return self.arena_view[offset:end], [(offset, size)]
+                if size is None:
+                    return await self._gather(chunk, receive, timer, got), []
+                return await self._stream(chunk, size, receive, timer, got)
         except TimeoutError:
             NOTES.acted("body_timeout", f"answered 408 to requests whose body stopped "
                                         f"arriving for --body-timeout-s {patience:g}")
             raise RequestTimeout(
                 f"the body stopped arriving: no bytes for {patience:g} s (--body-timeout-s) "
-                f"after {received} of {size if size is not None else '?'} bytes") from None
+                f"after {got[0]} of {size if size is not None else '?'} bytes") from None
+
+    async def _gather(self, chunk, receive, timer, got: list) -> bytes:
+        """A chunked transfer (no Content-Length): joined in memory, then decoded."""
+        limit, patience = self.cfg.max_body_bytes, self.cfg.body_timeout_s
+        loop, chunks, more = asyncio.get_running_loop(), [chunk], True
+        while more:
+            timer.reschedule(loop.time() + patience)
+            chunk, more = await _receive_chunk(receive)
+            got[0] += len(chunk)
+            if got[0] > limit:
+                raise BodyTooLarge(f"the body is over --max-body-mb "
+                                   f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _stream(self, chunk, size: int, receive, timer, got: list):
+        """A body of known size in several pieces, written into the arena as they come
+        (1 copy); its reservation counts as unfilled until its bytes are there."""
+        patience, loop = self.cfg.body_timeout_s, asyncio.get_running_loop()
+        offset = self._reserve(size)
+        mm, pos, end = self.arena.mm, offset, offset + size
+        self.unfilled += size
+        more = True                  # the first piece came with more to follow
+        try:
+            while True:
+                if pos + len(chunk) > end:
+                    raise ProtocolError(f"the body is longer than its Content-Length {size}")
+                mm[pos:pos + len(chunk)] = chunk                  # -> shared memory: 1 copy
+                pos += len(chunk)
+                self.unfilled -= len(chunk)
+                got[0] = pos - offset
+                if not more:
+                    break
+                timer.reschedule(loop.time() + patience)
+                chunk, more = await _receive_chunk(receive)
+            if pos != end:
+                raise ProtocolError(f"the body ended after {pos - offset} of {size} bytes")
+        except BaseException:
+            self.arena.release(offset, size)
+            raise
+        finally:
+            self.unfilled -= end - pos
+        return self.arena_view[offset:end], [(offset, size)]
 
     def _reserve(self, size: int) -> int:
         """Arena space for a body of ``size`` bytes that is still to arrive."""
