@@ -61,16 +61,23 @@ def compose_service(name: str) -> dict:
     return yaml.safe_load(COMPOSE.read_text())["services"][name]
 
 
-def local_env(service: dict, models: Path, cache: Path, port: int) -> dict:
+def local_env(service: dict, models: Path, cache: Path, port: int,
+              model_file: str | None = "model.onnx") -> dict:
     """The service's environment for a local process: ${VAR:-default} filled with the
-    default, container paths mapped to local folders, loopback instead of 0.0.0.0."""
+    default, container paths mapped to local folders, loopback instead of 0.0.0.0, and
+    GP_MODEL_FILE turned into GP_MODEL as the image's entrypoint does."""
     env = {}
     for key, value in service["environment"].items():
+        if value is None:                   # taken from the caller's environment
+            continue
         value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
         env[key] = value.replace("/models", str(models)).replace("/var/cache/gpserve",
                                                                   str(cache))
     assert env["GP_LISTEN"].startswith("0.0.0.0:")
+    assert "GP_MODEL_FILE" in service["environment"] and "GP_MODEL" not in env
     env["GP_LISTEN"] = f"127.0.0.1:{port}"
+    if model_file:
+        env["GP_MODEL"] = str(models / model_file)
     return env
 
 
