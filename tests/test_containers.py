@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -225,3 +226,55 @@ def test_compose_up_with_no_model_file_serves_the_default_model(image, tmp_path)
     finally:
         compose.run("down", "-v", timeout=120)
 
+
+
+def test_lb_and_monitoring_profiles(image, tmp_path):
+    """Two replicas behind nginx, both serving; Prometheus scraping both. nginx and
+    Prometheus are built from Debian's packages on the same local base; an override file
+    only swaps their image names for those."""
+    from gpserve import protocol as P
+    from gpserve.workers.default_model import spiral_points
+    build("localhost/gpserve-nginx:test", ROOT / "deploy" / "nginx" / "Dockerfile", ROOT)
+    build("localhost/gpserve-prometheus:test", ROOT / "deploy" / "prometheus" / "Dockerfile",
+          ROOT)
+    (tmp_path / "override.yaml").write_text(
+        "services:\n  nginx: {image: 'localhost/gpserve-nginx:test'}\n"
+        "  prometheus: {image: 'localhost/gpserve-prometheus:test'}\n")
+    lb, prom = free_port(), free_port()
+    compose = Compose(tmp_path, {"GP_LB_PUBLISH": f"127.0.0.1:{lb}",
+                                 "GP_PROMETHEUS_PUBLISH": f"127.0.0.1:{prom}"})
+    compose.env.pop("GP_MODEL_FILE", None)
+    (tmp_path / "models").mkdir()
+    files = ("-f", "compose.yaml", "-f", "override.yaml")
+    url = f"http://127.0.0.1:{lb}/"
+    try:
+        compose.run(*files, "up", "-d", "replica", "nginx", "prometheus")
+        points, labels = spiral_points(20, seed=3)
+        body = bytes(P.encode_request(P.InferRequest([points])))
+        upstreams: set[str] = set()
+
+        def both_answer() -> bool:
+            req = urllib.request.Request(url, data=body, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    probs = P.decode_response(r.read()).outputs[0]
+                    assert (probs.argmax(1) == labels).mean() > 0.9
+                    upstreams.add(r.headers["X-Upstream"])
+            except OSError:
+                pass
+            return len(upstreams) == 2
+        eventually(both_answer, 240, "both replicas answering through nginx")
+
+        def scraped() -> list:
+            q = urllib.parse.quote('up{job="gpserve-replicas"} == 1')
+            try:
+                answer = json.loads(get(f"http://127.0.0.1:{prom}/api/v1/query?query={q}"))
+            except OSError:
+                return []
+            return answer["data"]["result"]
+        eventually(lambda: len(scraped()) == 2, 120, "Prometheus scraping both replicas")
+        targets = {r["metric"]["instance"] for r in scraped()}
+        assert {t.rsplit(":", 1)[0] for t in targets} == {u.rsplit(":", 1)[0]
+                                                         for u in upstreams}
+    finally:
+        compose.run(*files, "down", "-v", timeout=180)
