@@ -26,14 +26,10 @@ WORKDIR /app
 # Dependencies first, from pyproject.toml alone: this layer is rebuilt only when they
 # change, not when the code does. The CPU image takes plain onnxruntime (about a tenth
 # of onnxruntime-gpu's size), so the GPU package is left out of the list, not installed.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md deploy/docker/requirements.py ./
 ARG EXTRAS=""
-RUN python -c "import tomllib, sys; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-extras = [e for e in sys.argv[1].split(',') if e]; \
-deps = p['dependencies'] + [d for e in extras for d in p['optional-dependencies'][e]]; \
-print('\n'.join(d.replace('onnxruntime-gpu', 'onnxruntime') for d in deps))" "$EXTRAS" \
-    > requirements.txt \
- && pip install -r requirements.txt && rm requirements.txt
+RUN python requirements.py "$EXTRAS" --cpu > requirements.txt \
+ && pip install -r requirements.txt && rm requirements.txt requirements.py
 
 COPY gpserve gpserve
 COPY workers workers

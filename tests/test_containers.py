@@ -76,6 +76,9 @@ def podman_ready() -> str | None:
                 return f"debootstrap failed: {r.stderr[-300:]}"
         sh("sh", "-c", f"tar -C {ROOTFS} -c . | podman import --change "
            f"'CMD [\"/bin/bash\"]' - {BASE}")
+    r = sh("podman", "run", "--rm", BASE, "true", check=False, timeout=120)
+    if r.returncode != 0:
+        return f"this machine cannot run containers: {r.stderr.strip()[-300:]}"
     return None
 
 
@@ -278,3 +281,25 @@ def test_lb_and_monitoring_profiles(image, tmp_path):
                                                          for u in upstreams}
     finally:
         compose.run(*files, "down", "-v", timeout=180)
+
+
+def test_the_cuda_image_s_steps_build_and_serve_on_the_cpu(image):
+    """Dockerfile.cuda's base is NVIDIA's CUDA image, which no registry here serves; its
+    steps are built on the local Debian base, with onnxruntime-gpu, and the image must
+    start and serve (on the CPU, as there are no CUDA libraries in it)."""
+    from gpserve.workers.default_model import spiral_points
+    build("localhost/gpserve:cuda-steps", ROOT / "Dockerfile.cuda", ROOT)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    name = f"gpserve-test-cuda-{os.getpid()}"
+    sh("podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:9000",
+       "--shm-size", "1g", "localhost/gpserve:cuda-steps")
+    try:
+        eventually(lambda: served(url), 180, "the CUDA image to serve")
+        points, labels = spiral_points(20, seed=3)
+        with Client(url) as c:
+            assert (c.execute(points).argmax(1) == labels).mean() > 0.9
+        pip = sh("podman", "exec", name, "pip", "show", "onnxruntime-gpu")
+        assert "Name: onnxruntime-gpu" in pip.stdout
+    finally:
+        sh("podman", "rm", "-f", "-t", "5", name, check=False)
