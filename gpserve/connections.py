@@ -14,8 +14,6 @@ from __future__ import annotations
 import logging
 import time
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
 from . import metrics
 
 log = logging.getLogger("gpserve.front")
@@ -49,7 +47,9 @@ NOTES = _Notes()
 
 
 def guarded_protocol(header_timeout_s: float):
-    """uvicorn's httptools protocol with a header timeout, for ``uvicorn.Config(http=...)``."""
+    """uvicorn's httptools protocol with a header timeout, for ``uvicorn.Config(http=...)``
+    (uvicorn is imported here, in the front that runs it, not by whoever imports us)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         header_timer = None
