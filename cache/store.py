@@ -85,6 +85,10 @@ class RowCache:
             log.error("row cache disabled, serving without it: %s", why)
             self._told = True
         self.enabled = False
+        self._count_error(why)
+
+    def _count_error(self, why: str) -> None:
+        """Every cache failure: GET / (errors, last_error) and /metrics."""
         self.last_error = why
         self.counters.slots[self.slot + self.counters.CACHE_ERRORS] += 1
         metrics.CACHE_ERRORS.inc()
@@ -163,23 +167,23 @@ class RowCache:
 
     def _write_with_room(self, items) -> None:
         """Write; on a full map clear the old generation and retry, then both."""
-        for clear_both in (None, False, True):
-            if clear_both is not None:
-                self._rotate(clear_both)
+        try:
+            return self._write(items)
+        except lmdb.MapFullError:
+            pass
+        for clear_both in (False, True):
+            self._rotate(clear_both)
             try:
-                self._write(items)
-                return
+                return self._write(items)
             except lmdb.MapFullError:
-                continue
+                pass
         self._failed(f"{len(items)} writes larger than --cache-size-mb "
                      f"{self.size_mb} even in an empty cache; dropped")
 
     def _failed(self, why: str) -> None:
-        self.counters.slots[self.slot + self.counters.CACHE_ERRORS] += 1
-        metrics.CACHE_ERRORS.inc()
-        if why != self.last_error:
+        if why != self.last_error:            # logged once per distinct failure
             log.error("row cache write failed, rows dropped (the cache goes on): %s", why)
-        self.last_error = why
+        self._count_error(why)
 
     def _write(self, items) -> None:
         with self.env.begin(write=True) as txn:

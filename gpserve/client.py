@@ -49,9 +49,7 @@ def _cause(exc: BaseException) -> str:
     if isinstance(exc, OSError) and (exc.errno or exc.strerror):
         text = os.strerror(exc.errno) if exc.errno else exc.strerror
         return text[:1].lower() + text[1:]
-    text = str(exc)
-    return text.split("Failed to establish a new connection: ")[-1].split("] ", 1)[-1] or \
-        type(exc).__name__
+    return str(exc) or type(exc).__name__
 
 
 def _connection_failed(uri: str, exc: BaseException) -> ConnectionFailed:

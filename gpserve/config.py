@@ -104,8 +104,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     stops the command with one line and exit status 2, as a bad flag does."""
     d = Config()
 
-    def a(flag: str, *rest, env: str, default, type=str, choices=None, help: str = "",
-          **kw):
+    def a(*flags: str, default, type=str, choices=None, help: str = "", **kw):
+        env = flags[-1].lstrip("-").replace("-", "_").upper()     # --max-batch: MAX_BATCH
         value = os.environ.get(f"GP_{env}")
         if value not in (None, ""):
             try:
@@ -122,76 +122,76 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             kw["type"] = type
         if choices is not None:
             kw["choices"] = choices
-        p.add_argument(flag, *rest, default=default, help=f"{help} [GP_{env}]", **kw)
+        p.add_argument(*flags, default=default, help=f"{help} [GP_{env}]", **kw)
 
-    a("--model", env="MODEL", default=d.model,
+    a("--model", default=d.model,
       help="model file or directory, http(s) URL (downloaded once), or 'echo'; "
            "default: the built-in demo model")
-    a("--backend", env="BACKEND", default=d.backend,
+    a("--backend", default=d.backend,
       choices=["", "onnx", "tensorflow", "torch", "echo"],
       help="which runtime serves the model (default: tell by the file)")
-    a("--signature", env="SIGNATURE", default=d.signature,
+    a("--signature", default=d.signature,
       help="TensorFlow SavedModel signature to serve")
-    a("--shapes", env="SHAPES", default=d.shapes,
+    a("--shapes", default=d.shapes,
       help="TorchScript input shapes, 'name=-1,3,48,192[:dtype];...' (or a MODEL.json "
            "side file)")
-    a("--listen", env="LISTEN", default=d.listen, help="host:port")
-    a("--inputs", env="INPUTS", type=_names, default=[],
+    a("--listen", default=d.listen, help="host:port")
+    a("--inputs", type=_names, default=[],
       help="comma-separated default input names")
-    a("--outputs", env="OUTPUTS", type=_names, default=[],
+    a("--outputs", type=_names, default=[],
       help="comma-separated default output names")
-    a("--fronts", env="FRONTS", type=int, default=0,
+    a("--fronts", type=int, default=0,
       help="HTTP front processes (default: one per core, at most 8)")
-    a("--workers", env="WORKERS", type=int, default=0,
+    a("--workers", type=int, default=0,
       help="worker processes (model instances) per device (default 1)")
-    a("--device", env="DEVICE", default=d.device, help="auto, cpu, cuda or cuda:N")
-    a("--max-batch", env="MAX_BATCH", type=int, default=d.max_batch,
+    a("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    a("--max-batch", type=int, default=d.max_batch,
       help="most rows in one batch")
-    a("--max-delay-ms", env="MAX_DELAY_MS", type=float, default=d.max_delay_ms,
+    a("--max-delay-ms", type=float, default=d.max_delay_ms,
       help="longest a row waits for a batch to fill while others run")
-    a("--max-queue", env="MAX_QUEUE", type=int, default=d.max_queue,
+    a("--max-queue", type=int, default=d.max_queue,
       help="rows that may wait in the batcher before requests are refused; a request "
            "with more rows than this is refused with 413 (split it)")
-    a("--timeout-ms", env="TIMEOUT_MS", type=float, default=d.timeout_ms,
+    a("--timeout-ms", type=float, default=d.timeout_ms,
       help="per-request deadline")
-    a("--max-body-mb", env="MAX_BODY_MB", type=float, default=d.max_body_mb,
+    a("--max-body-mb", type=float, default=d.max_body_mb,
       help="largest request body")
-    a("--max-strings", env="MAX_STRINGS", type=int, default=d.max_strings,
+    a("--max-strings", type=int, default=d.max_strings,
       help="most String elements in one request (each costs a Python object)")
-    a("--threads", env="THREADS", type=int, default=0,
+    a("--threads", type=int, default=0,
       help="runtime threads per worker (default: cores / workers)")
-    a("--batching", env="BATCHING", choices=["auto", "off"], default=d.batching,
+    a("--batching", choices=["auto", "off"], default=d.batching,
       help="'off' runs every request alone: bit-stable answers for models whose rows "
            "change with the rows batched beside them")
-    a("--batch-check-every", env="BATCH_CHECK_EVERY", type=int,
+    a("--batch-check-every", type=int,
       default=d.batch_check_every,
       help="re-run one request of every Nth merged batch alone and compare, to see "
            "whether batching changes answers (0: never)")
-    a("--shm-mb", env="SHM_MB", type=int, default=0,
+    a("--shm-mb", type=int, default=0,
       help="shared memory per process for tensors (default: max(256, 2 x max body))")
-    a("--header-timeout-s", env="HEADER_TIMEOUT_S", type=float, default=d.header_timeout_s,
+    a("--header-timeout-s", type=float, default=d.header_timeout_s,
       help="a connection that has not sent a request's headers in this long is closed")
-    a("--body-timeout-s", env="BODY_TIMEOUT_S", type=float, default=d.body_timeout_s,
+    a("--body-timeout-s", type=float, default=d.body_timeout_s,
       help="a request whose body stops arriving for this long is answered 408")
-    a("--keepalive-timeout-s", env="KEEPALIVE_TIMEOUT_S", type=float,
+    a("--keepalive-timeout-s", type=float,
       default=d.keepalive_timeout_s, help="an idle keep-alive connection is closed after this")
-    a("--max-connections", env="MAX_CONNECTIONS", type=int, default=d.max_connections,
+    a("--max-connections", type=int, default=d.max_connections,
       help="open connections per front; past it new requests get 503")
-    a("--models-dir", env="MODELS_DIR", default=d.models_dir,
+    a("--models-dir", default=d.models_dir,
       help="where downloaded and built models are kept")
-    a("--cache", env="CACHE", type=_bool, default=d.cache,
+    a("--cache", type=_bool, default=d.cache,
       help="answer rows seen before from the LMDB row cache (GP_CACHE=1)")
-    a("--cache-dir", env="CACHE_DIR", default=d.cache_dir,
+    a("--cache-dir", default=d.cache_dir,
       help="where the row cache lives, one LMDB environment per model")
-    a("--cache-size-mb", env="CACHE_SIZE_MB", type=int, default=d.cache_size_mb,
+    a("--cache-size-mb", type=int, default=d.cache_size_mb,
       help="hard bound on the row cache's disk use, per model")
-    a("--log-format", env="LOG_FORMAT", choices=["text", "json"], default=d.log_format,
+    a("--log-format", choices=["text", "json"], default=d.log_format,
       help="one line per event, as text or as JSON objects")
-    a("--access-log", env="ACCESS_LOG", choices=["debug", "info", "off"],
+    a("--access-log", choices=["debug", "info", "off"],
       default=d.access_log,
       help="level of the access-log line written for every request; 'debug' shows with "
            "-vv, 'info' with -v")
-    a("-v", "--verbose", env="VERBOSE", type=int, default=0, action="count",
+    a("-v", "--verbose", type=int, default=0, action="count",
       help="more logging; -vv for debug")
 
 

@@ -15,6 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from gpserve.workers.batch_check import verdict
+
 from . import __version__, metrics
 from . import protocol as P
 from .config import Config
@@ -96,21 +98,6 @@ class GraphPipeApp:
                 P.encode_error(failure.code, failure.message))
 
 
-def batching_verdict(probe: dict | None, traffic: dict) -> dict:
-    """Does batching change this model's answers? ``invariant`` is True, False, or None
-    (not known yet), from the probe at load and the checks on live traffic together."""
-    probe = probe or {"invariant": None, "max_difference": 0.0, "relative": 0.0}
-    if traffic["changed"] or probe["invariant"] is False:
-        invariant = False
-    elif probe["invariant"] or traffic["checks"]:
-        invariant = True
-    else:
-        invariant = None
-    return {"invariant": invariant,
-            "max_difference": max(probe["max_difference"], traffic["max_difference"]),
-            "checks": {"probe": probe, "traffic": traffic}}
-
-
 def build_app(state: FrontState) -> GraphPipeApp:
     async def get_info(request: Request) -> Response:
         spec = state.spec
@@ -125,7 +112,7 @@ def build_app(state: FrontState) -> GraphPipeApp:
                          "max_batch": state.cfg.max_batch,
                          "max_delay_ms": state.cfg.max_delay_ms,
                          "max_queue": state.cfg.max_queue, "timeout_ms": state.cfg.timeout_ms,
-                         **batching_verdict(spec.batch_probe, state.counters.batch_checks())},
+                         **verdict(spec.batch_probe, state.counters.batch_checks())},
             "processes": {"fronts": state.cfg.fronts, "workers": state.cfg.workers,
                           "pids": state.counters.pids(state.cfg.workers, state.cfg.fronts),
                           "this_front": os.getpid()},

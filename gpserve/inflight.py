@@ -214,8 +214,7 @@ class FrontState:
                         raise ProtocolError(f"the body has {len(chunk)} bytes, its "
                                             f"Content-Length says {size}")
                     if len(chunk) > limit:
-                        raise BodyTooLarge(f"the body is over --max-body-mb "
-                                           f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
+                        raise self._too_large()
                     return chunk, []
                 if size is None:
                     return await self._gather(chunk, receive, timer, got), []
@@ -236,8 +235,7 @@ class FrontState:
             chunk, more = await _receive_chunk(receive)
             got[0] += len(chunk)
             if got[0] > limit:
-                raise BodyTooLarge(f"the body is over --max-body-mb "
-                                   f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
+                raise self._too_large()
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -270,6 +268,14 @@ class FrontState:
             self.unfilled -= end - pos
         return self.arena_view[offset:end], [(offset, size)]
 
+    def _arena_full(self) -> QueueFull:
+        return QueueFull(f"this front's shared memory ({self.arena.size >> 20} MiB) is full "
+                         "of requests in flight; retry later or raise --shm-mb")
+
+    def _too_large(self) -> BodyTooLarge:
+        return BodyTooLarge(f"the body is over --max-body-mb {self.cfg.max_body_mb:g} MiB "
+                            f"({self.cfg.max_body_bytes} bytes)")
+
     def _reserve(self, size: int) -> int:
         """Arena space for a body of ``size`` bytes that is still to arrive."""
         if self.unfilled + size > self.arena.size // 2:
@@ -282,8 +288,7 @@ class FrontState:
                 f"{self.arena.size >> 20} MiB); retry later")
         offset = self.arena.alloc(size)
         if offset is None:
-            raise QueueFull(f"this front's shared memory ({self.arena.size >> 20} MiB) is full "
-                            "of requests in flight; retry later or raise --shm-mb")
+            raise self._arena_full()
         return offset
 
     def place(self, arr: np.ndarray, regions: list) -> "ipc.TensorRef":
@@ -295,8 +300,7 @@ class FrontState:
                 return ipc.TensorRef(self.arena.path, offset, type_of(arr.dtype), arr.shape)
         placed = self.arena.put(arr)
         if placed is None:
-            raise QueueFull(f"this front's shared memory ({self.arena.size >> 20} MiB) is full "
-                            "of requests in flight; retry later or raise --shm-mb")
+            raise self._arena_full()
         ref, offset, nbytes = placed
         regions.append((offset, nbytes))
         return ref
@@ -414,8 +418,7 @@ class FrontState:
         nbytes = int(np.prod(shape)) * arr.itemsize
         offset = self.arena.alloc(nbytes)
         if offset is None:
-            raise QueueFull(f"this front's shared memory ({self.arena.size >> 20} MiB) is full "
-                            "of requests in flight; retry later or raise --shm-mb")
+            raise self._arena_full()
         regions.append((offset, nbytes))
         dst = self.arena.buf[offset:offset + nbytes].view(arr.dtype).reshape(shape)
         np.take(arr, rows, axis=0, out=dst)

@@ -177,30 +177,31 @@ class Counters:
     them for ``GET /`` and readiness. Slots are fixed here, in one place.
     """
 
+    MAX_PROCESSES = 64         # workers, and fronts: each has slots of its own
     READY_WORKERS, BATCHES, ROWS, MAX_BATCH_ROWS, QUEUED_ROWS, WORKER_RESTARTS, \
         FRONT_RESTARTS, BATCHER_RESTARTS, REJECTED_QUEUE_FULL, _UNUSED = range(10)
     BATCHER_PID = 10
     HIST_START = 16            # batch-size histogram: slot HIST_START + min(rows, 64) - 1
     HIST_BINS = 64
     WORKER_PIDS = HIST_START + HIST_BINS          # one slot per worker, then per front
-    FRONT_PIDS = WORKER_PIDS + 64
-    CACHE_START = FRONT_PIDS + 64                 # per front: hits, misses, writes, ...
+    FRONT_PIDS = WORKER_PIDS + MAX_PROCESSES
+    CACHE_START = FRONT_PIDS + MAX_PROCESSES      # per front: hits, misses, writes, ...
     CACHE_HITS, CACHE_MISSES, CACHE_WRITES, CACHE_EVICTIONS, CACHE_ERRORS, \
         CACHE_ROTATIONS = range(6)
     CACHE_FIELDS = 6
-    CHECK_START = CACHE_START + 64 * CACHE_FIELDS  # per worker: batching checks
+    CHECK_START = CACHE_START + MAX_PROCESSES * CACHE_FIELDS  # per worker: batching checks
     CHECKS, CHECKS_CHANGED, CHECK_ABS, CHECK_REL = range(4)   # the last two are float64
     CHECK_FIELDS = 4
-    ERRORS_START = CHECK_START + 64 * CHECK_FIELDS   # per front: answers by error code
+    ERRORS_START = CHECK_START + MAX_PROCESSES * CHECK_FIELDS  # per front: answers by code
     ERROR_CODES = 32
-    SLOTS = ERRORS_START + 64 * ERROR_CODES
+    SLOTS = ERRORS_START + MAX_PROCESSES * ERROR_CODES
 
     def cache_slot(self, front_index: int) -> int:
         """First of this front's cache slots (each front writes only its own)."""
         return self.CACHE_START + self.CACHE_FIELDS * front_index
 
     def cache_totals(self) -> dict:
-        per = self.slots[self.CACHE_START:self.CHECK_START].reshape(64, self.CACHE_FIELDS)
+        per = self.slots[self.CACHE_START:self.CHECK_START].reshape(-1, self.CACHE_FIELDS)
         per = per.sum(axis=0).tolist()
         return dict(zip(("hits", "misses", "writes", "evictions", "errors", "rotations"), per))
 
@@ -233,8 +234,7 @@ class Counters:
 
     def batch_checks(self) -> dict:
         """Checks on live traffic, all workers together."""
-        per = self.slots[self.CHECK_START:self.CHECK_START + 64 * self.CHECK_FIELDS]
-        per = per.reshape(64, self.CHECK_FIELDS)
+        per = self.slots[self.CHECK_START:self.ERRORS_START].reshape(-1, self.CHECK_FIELDS)
         floats = per.view(np.float64)
         return {"checks": int(per[:, self.CHECKS].sum()),
                 "changed": int(per[:, self.CHECKS_CHANGED].sum()),
@@ -257,8 +257,8 @@ class Counters:
     def errors(self) -> dict:
         """Requests answered with an error, by the error's name, all fronts together."""
         from .errors import BY_CODE
-        per = self.slots[self.ERRORS_START:self.ERRORS_START + 64 * self.ERROR_CODES]
-        totals = per.reshape(64, self.ERROR_CODES).sum(axis=0).tolist()
+        per = self.slots[self.ERRORS_START:self.SLOTS].reshape(-1, self.ERROR_CODES)
+        totals = per.sum(axis=0).tolist()
         return {(BY_CODE[c].__name__ if c in BY_CODE else f"code{c}"): n
                 for c, n in enumerate(totals) if n}
 

@@ -8,6 +8,7 @@ model runtimes and uvloop must not inherit a forked copy of another process's st
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -124,8 +125,9 @@ class Supervisor:
         metrics_dir = segment_path(cfg.run_id, "metrics")
         os.makedirs(metrics_dir, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir   # before any child starts
-        if cfg.workers > 64 or cfg.fronts > 64:
-            raise SystemExit("gpserve: at most 64 workers and 64 fronts")
+        most = ipc.Counters.MAX_PROCESSES
+        if cfg.workers > most or cfg.fronts > most:
+            raise SystemExit(f"gpserve: at most {most} workers and {most} fronts")
         self.counters = ipc.Counters(segment_path(cfg.run_id, "counters"), create=True)
 
         from gpserve.workers import worker
@@ -158,19 +160,18 @@ class Supervisor:
             "max_queue": cfg.max_queue, "timeout_ms": cfg.timeout_ms,
             "cache": f"{cfg.cache_dir} ({cfg.cache_size_mb} MB)" if cfg.cache else "off",
             "listen": f"http://{cfg.listen}"}
-        probe = spec.batch_probe or {}
-        fields["batch_invariant"] = probe.get("invariant")
-        fields["batch_max_difference"] = probe.get("max_difference", 0.0)
-        verdict = {True: "answers do not depend on the batch",
-                   False: "ANSWERS CHANGE WITH THE BATCH",
-                   None: "unknown whether answers depend on the batch"}[probe.get("invariant")]
+        from gpserve.workers.batch_check import VERDICTS, verdict
+        found = verdict(spec.batch_probe)
+        probe = found["checks"]["probe"]
+        fields["batch_invariant"] = found["invariant"]
+        fields["batch_max_difference"] = found["max_difference"]
         log.info("serving %s (%s) on %s: devices %s, %d fronts, %d workers x %d threads, "
                  "batching %s (%s: largest difference %.3g; %s), cache %s", spec.name,
                  spec.backend, fields["listen"], ",".join(fields["devices"]), cfg.fronts,
-                 cfg.workers, cfg.threads, fields["batching"], verdict,
+                 cfg.workers, cfg.threads, fields["batching"], VERDICTS[found["invariant"]],
                  fields["batch_max_difference"], probe.get("note", ""), fields["cache"],
                  extra={"fields": fields})
-        if probe.get("invariant") is False:
+        if found["invariant"] is False:
             batching = cfg.batching != "off" and spec.batchable
             log.warning(
                 "batching changes %s's answers: a row run in a batch differs from the same "
@@ -213,9 +214,9 @@ class Supervisor:
                 metrics.RESTARTS.labels(child.role).inc()
                 metrics.process_gone(child.process.pid)
                 if child.role != "batcher":    # its arena: nobody writes there any more
-                    gone = segment_path(self.cfg.run_id, f"{child.name}-{child.process.pid}")
-                    if os.path.exists(gone):
-                        os.unlink(gone)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(segment_path(self.cfg.run_id,
+                                               f"{child.name}-{child.process.pid}"))
                 self._start(child)
 
     def _stop(self, sock: socket.socket) -> None:

@@ -85,6 +85,27 @@ class ProbeResult:
         return asdict(self)
 
 
+VERDICTS = {True: "answers do not depend on the batch",
+            False: "ANSWERS CHANGE WITH THE BATCH",
+            None: "unknown whether answers depend on the batch"}
+
+
+def verdict(probe: dict | None, traffic: dict | None = None) -> dict:
+    """Does batching change this model's answers? ``invariant`` is True, False, or None
+    (not known yet), from the probe at load and the checks on live traffic together."""
+    probe = probe or {"invariant": None, "max_difference": 0.0, "relative": 0.0}
+    traffic = traffic or {"checks": 0, "changed": 0, "max_difference": 0.0, "relative": 0.0}
+    if traffic["changed"] or probe["invariant"] is False:
+        invariant = False
+    elif probe["invariant"] or traffic["checks"]:
+        invariant = True
+    else:
+        invariant = None
+    return {"invariant": invariant,
+            "max_difference": max(probe["max_difference"], traffic["max_difference"]),
+            "checks": {"probe": probe, "traffic": traffic}}
+
+
 def _probe_rows(spec, size: int, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
     feed = {}
     for s in spec.inputs:

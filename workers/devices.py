@@ -1,6 +1,7 @@
 """Which device a worker runs on: GPUs visible to this process, and one GPU per worker."""
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -13,6 +14,20 @@ def gpu_count() -> int:
         return len(os.listdir("/proc/driver/nvidia/gpus"))
     except OSError:
         return 0
+
+
+def usable(device: str, runtime_has_cuda: bool, chosen_by_user: bool, why_not: str) -> str:
+    """The device a backend really uses: a GPU that ``--device auto`` picked (one is
+    visible) becomes the CPU, with a warning, when the runtime cannot use CUDA (a
+    CPU-only package; ``why_not`` says so, e.g. "PyTorch cannot use CUDA"); a GPU the
+    user asked for is then an error."""
+    if not device.startswith("cuda") or runtime_has_cuda:
+        return device
+    if chosen_by_user:
+        raise ValueError(f"--device {device}: this {why_not}")
+    logging.getLogger("gpserve.worker").warning(
+        "a GPU is visible but this %s: running on the CPU", why_not)
+    return "cpu"
 
 
 def worker_device(device: str, index: int) -> str:

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import gzip
-import logging
 from pathlib import Path
 
 import numpy as np
 
 from gpserve.modelspec import IOSpec, ModelSpec
 
-log = logging.getLogger("gpserve.worker")
+from .devices import usable
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
@@ -31,17 +30,10 @@ def _io(arg) -> IOSpec:
 
 
 def providers_for(device: str, available: list[str], chosen_by_user: bool) -> list:
-    """ONNX Runtime providers for a worker's device. A GPU chosen by ``--device auto``
-    (one is visible) falls back to the CPU, with a warning, when this onnxruntime has no
-    CUDA provider (the CPU-only package); a GPU the user asked for is an error."""
+    """ONNX Runtime providers for a worker's device (see devices.usable)."""
+    device = usable(device, "CUDAExecutionProvider" in available, chosen_by_user,
+                    "onnxruntime has no CUDA provider")
     if not device.startswith("cuda"):       # worker_device() says cpu when no GPU is visible
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in available:
-        if chosen_by_user:
-            raise ValueError(f"--device {device}: this onnxruntime has no CUDA provider "
-                             "(install onnxruntime-gpu)")
-        log.warning("a GPU is visible but this onnxruntime has no CUDA provider: running on "
-                    "the CPU (install onnxruntime-gpu, or say --device cpu)")
         return ["CPUExecutionProvider"]
     index = int(device.split(":")[1]) if ":" in device else 0
     return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]

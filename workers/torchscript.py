@@ -15,12 +15,13 @@ Runs on CUDA when the worker has a GPU, under ``torch.inference_mode()``.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 
 from gpserve.modelspec import IOSpec, ModelSpec
+
+from .devices import usable
 
 
 def parse_shapes(text: str) -> list[tuple[str, list[int], str]]:
@@ -49,12 +50,8 @@ class TorchBackend:
         import torch
         torch.set_num_threads(threads)
         self.torch = torch
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            if device_chosen_by_user:
-                raise ValueError(f"--device {device}: this PyTorch cannot use CUDA")
-            logging.getLogger("gpserve.worker").warning(
-                "a GPU is visible but this PyTorch cannot use CUDA: running on the CPU")
-            device = "cpu"
+        device = usable(device, torch.cuda.is_available(), device_chosen_by_user,
+                        "PyTorch cannot use CUDA")
         self.device = torch.device("cuda" if device == "cuda" else device
                                    if device.startswith("cuda:") else "cpu")
         p = Path(path)

@@ -78,6 +78,7 @@ class Worker:
         self.counters = ipc.Counters(segment_path(cfg.run_id, "counters"))
         self.merged_batches = 0       # for --batch-check-every
         self.largest_difference = 0.0
+        self.told_changed = False     # the warning below, once per worker
 
     # -- connections -------------------------------------------------------------------
     def _reconnect(self) -> None:
@@ -237,7 +238,8 @@ class Worker:
         metrics.BATCH_CHECKS.labels("changed" if d.changed else "same").inc()
         self.largest_difference = max(self.largest_difference, d.absolute)
         metrics.BATCH_DIFFERENCE.set(self.largest_difference)
-        if d.changed and self.counters.batch_checks()["changed"] == 1:
+        if d.changed and not self.told_changed:
+            self.told_changed = True
             log.warning("batching changes this model's answers: a request run alone differs "
                         "from its rows in a batch by up to %.3g (%.3g of the output's "
                         "scale); serve with --batching off, or send config 'batch=off', "
