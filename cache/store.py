@@ -65,7 +65,7 @@ class RowCache:
 
     def __init__(self, path: Path, size_mb: int, counters, front_index: int):
         self.path, self.size_mb = path, size_mb
-        self.counters, self.slot = counters, counters.cache_slot(front_index)
+        self.counters, self.front_index = counters, front_index
         self.enabled = False
         self._told = False                 # the "disabled" error is logged once
         self.last_error = ""
@@ -90,7 +90,7 @@ class RowCache:
     def _count_error(self, why: str) -> None:
         """Every cache failure: GET / (errors, last_error) and /metrics."""
         self.last_error = why
-        self.counters.slots[self.slot + self.counters.CACHE_ERRORS] += 1
+        self.counters.add_cache(self.front_index, errors=1)
         metrics.CACHE_ERRORS.inc()
 
     # -- reads (request path) ----------------------------------------------------------
@@ -116,9 +116,7 @@ class RowCache:
             self._disable(f"read failed: {type(e).__name__}: {e}")
             return [None] * len(keys)
         hits = sum(f is not None for f in found)
-        slots = self.counters.slots
-        slots[self.slot + self.counters.CACHE_HITS] += hits
-        slots[self.slot + self.counters.CACHE_MISSES] += len(keys) - hits
+        self.counters.add_cache(self.front_index, hits=hits, misses=len(keys) - hits)
         if promote:
             self._queue.put(("raw", promote))
         return found
@@ -215,7 +213,7 @@ class RowCache:
                     written += 1
             used = _pages(txn.stat(db)) * txn.stat(db)["psize"]
             rotate = used > ROTATE_AT * (self.size_mb << 20)
-        self.counters.slots[self.slot + self.counters.CACHE_WRITES] += written
+        self.counters.add_cache(self.front_index, writes=written)
         metrics.CACHE_BYTES.set(used)
         if rotate:
             self._rotate(clear_both=False)
@@ -235,8 +233,7 @@ class RowCache:
         # the very next write can use them.
         with self.env.begin(write=True) as txn:
             txn.put(b"rotated", str(old).encode(), db=self.meta)
-        self.counters.slots[self.slot + self.counters.CACHE_EVICTIONS] += evicted
-        self.counters.slots[self.slot + self.counters.CACHE_ROTATIONS] += 1
+        self.counters.add_cache(self.front_index, evictions=evicted, rotations=1)
         metrics.CACHE_EVICTIONS.inc(evicted)
         log.info("row cache: cleared the old generation%s", " and the current" if clear_both
                  else "")

@@ -23,7 +23,8 @@ class Config:
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     max_batch: int = 32                  # rows
     max_delay_ms: float = 2.0
-    max_queue: int = 1024                # rows waiting in the batcher
+    batch_sizes: str = "auto"            # auto | any | pow2 | 1,8,32,...: sizes a batch is padded to
+    max_queue: int = 1024                # rows waiting in each worker's queue
     timeout_ms: float = 30000.0          # per-request deadline
     max_body_mb: float = 256.0
     threads: int = 0                     # runtime threads per worker; 0: from the machine
@@ -148,10 +149,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     a("--max-batch", type=int, default=d.max_batch,
       help="most rows in one batch")
     a("--max-delay-ms", type=float, default=d.max_delay_ms,
-      help="longest a row waits for a batch to fill while others run")
+      help="longest a row is held for a fuller batch while the device is idle (held "
+           "less when the model's fixed cost per batch is smaller; see docs/batching.md)")
+    a("--batch-sizes", default=d.batch_sizes,
+      help="sizes a batch is padded up to, each run once before traffic: 'pow2' (1, 2, "
+           "4 ... --max-batch), a list such as '1,8,32', or 'any' (no padding); 'auto': "
+           "pow2 on a GPU, any on a CPU")
     a("--max-queue", type=int, default=d.max_queue,
-      help="rows that may wait in the batcher before requests are refused; a request "
-           "with more rows than this is refused with 413 (split it)")
+      help="rows that may wait in each worker's queue before requests are refused; a "
+           "request with more rows than this is refused with 413 (split it)")
     a("--timeout-ms", type=float, default=d.timeout_ms,
       help="per-request deadline")
     a("--max-body-mb", type=float, default=d.max_body_mb,
@@ -222,6 +228,11 @@ def from_args(args: argparse.Namespace) -> Config:
         problems.append("--cache-size-mb must be at least 1")
     if cfg.fronts < 0 or cfg.workers < 0 or cfg.threads < 0:
         problems.append("--fronts, --workers and --threads must not be negative")
+    sizes = cfg.batch_sizes
+    if sizes not in ("auto", "any", "pow2") and not all(
+            t.strip().isdigit() and int(t) >= 1 for t in sizes.split(",")):
+        problems.append(f"--batch-sizes {sizes!r}: expected auto, any, pow2 or a list of "
+                        "whole numbers such as 1,8,32")
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         problems.append(f"--device {dev!r}: expected auto, cpu, cuda or cuda:N")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 
 from starlette.applications import Starlette
@@ -76,22 +77,23 @@ class GraphPipeApp:
 
     async def post(self, scope, receive) -> tuple[int, str, int, bytes | memoryview]:
         """(HTTP status, kind of request, body size, response body)."""
-        state, regions, size = self.state, [], 0
+        state, size = self.state, 0
+        regions = state.new_request()
         try:
-            body, regions = await state.read_body(scope, receive)
+            body = await state.body.read(scope, receive, regions)
             size = len(body)
             req = P.decode_request(body, *state.string_limit)
             if isinstance(req, P.MetadataRequest):
-                state._release_regions(regions)
+                regions.release()
                 return 200, "metadata", size, state.metadata_body
             return 200, "infer", size, await state.infer(req, regions)
         except GraphPipeError as e:
-            state._release_regions(regions)   # a timed-out request has taken its own
+            regions.release()     # a timed-out request has handed its regions over
             log.debug("request failed: %r", e)
             failure = e
         except Exception as e:  # a bug of ours: answer clearly, keep serving
             log.exception("internal error")
-            state._release_regions(regions)
+            regions.release()
             failure = InternalError(f"internal server error: {type(e).__name__}: {e}")
         state.counters.count_error(state.index, failure.code)
         return (failure.http_status, "error", size,
@@ -101,21 +103,25 @@ class GraphPipeApp:
 def build_app(state: FrontState) -> GraphPipeApp:
     async def get_info(request: Request) -> Response:
         spec = state.spec
+        workers = state.workers.about()
         io = lambda specs: [{"name": s.name, "shape": s.shape, "type": type_name(s.dtype)}
                             for s in specs]
         return JSONResponse({
             "name": spec.name, "version": __version__, "server": f"gpserve {__version__}",
-            "backend": spec.backend, "description": spec.description,
+            "backend": spec.backend,
+            "description": workers[0]["runs"] if workers else spec.description,
             "inputs": io(spec.inputs), "outputs": io(spec.outputs),
             "default_inputs": spec.default_inputs, "default_outputs": spec.default_outputs,
             "batching": {"enabled": spec.batchable and state.cfg.batching != "off",
                          "max_batch": state.cfg.max_batch,
                          "max_delay_ms": state.cfg.max_delay_ms,
+                         "batch_sizes": state.cfg.batch_sizes,
+                         "warmed_sizes": state.counters.warmed_sizes(state.cfg.workers),
                          "max_queue": state.cfg.max_queue, "timeout_ms": state.cfg.timeout_ms,
                          **verdict(spec.batch_probe, state.counters.batch_checks())},
             "processes": {"fronts": state.cfg.fronts, "workers": state.cfg.workers,
                           "pids": state.counters.pids(state.cfg.workers, state.cfg.fronts),
-                          "this_front": os.getpid()},
+                          "this_front": os.getpid(), "workers_linked": workers},
             "stats": state.counters.snapshot(),
             "cache": None if state.cache is None else {
                 **state.cache.stats(), **state.counters.cache_totals(),
@@ -157,8 +163,10 @@ def _raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
+def main(cfg: Config, spec: ModelSpec, index: int) -> None:
     import uvicorn
+
+    from .supervisor import port_socket
 
     from .logs import setup
     setup(cfg.verbose, f"front{index}", cfg.log_format)
@@ -172,7 +180,18 @@ def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
         timeout_graceful_shutdown=int(cfg.timeout_ms / 1000) + 5, backlog=2048,
         timeout_keep_alive=cfg.keepalive_timeout_s, limit_concurrency=cfg.max_connections,
         proxy_headers=False, server_header=False)
-    state.server = uvicorn.Server(config)
+    sock = port_socket(cfg.host, cfg.port, shared=True)     # this front's own (SO_REUSEPORT)
+    sock.listen(2048)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            """Stop listening the moment the drain starts: new connections are refused
+            (a load balancer tries another server) rather than accepted and then closed
+            unanswered as uvicorn shuts its idle connections."""
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
+            super().handle_exit(sig, frame)
+    state.server = Server(config)
     try:
         state.server.run(sockets=[sock])
     finally:

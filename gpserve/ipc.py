@@ -1,4 +1,4 @@
-"""Everything that crosses a process boundary: message types, framing, addresses, counters.
+"""Everything that crosses between our processes: message types, framing, connections.
 
 Wire layout of every message on the Unix sockets between our processes::
 
@@ -7,30 +7,29 @@ Wire layout of every message on the Unix sockets between our processes::
 ``marshal`` of plain tuples, not pickle: it is several times cheaper per message (this
 is the per-request overhead of the whole server), and it cannot run code. Peers are
 also checked (``SO_PEERCRED``): only processes of the server's own user may connect.
+Messages are NamedTuples, turned into plain tuples and back by field name (``_NESTED``
+says which fields hold other messages).
 
 Messages carry descriptors only (``TensorRef``: segment path, offset, type, shape);
 tensor bytes stay in shared memory and are never pickled. Who sends what:
 
-    front   -> batcher : Hello, Submit
-    batcher -> front   : Reject                 (queue full, deadline passed, worker died)
-    batcher -> worker  : Batch
-    worker  -> batcher : Hello, Finished        (the worker is idle again)
-    worker  -> front   : Hello, Done            (one per request; outputs in the worker's arena)
-    front   -> worker  : Release                (output regions the front has copied out)
+    front  -> worker : Hello, Submit, Release   (Release: output regions copied out)
+    worker -> front  : Hello, Done              (outputs in the worker's arena, or an error)
 
-Sockets are Linux abstract Unix sockets named after the supervisor's pid, so a
-restarted process reconnects by name and nothing is left on disk.
+Each front connects to every worker: a request costs two hops, front -> worker ->
+front. Each worker listens on an abstract Unix socket named after the supervisor's pid
+and its index, so a restarted front or worker finds its peers by name and nothing is
+left on disk.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import marshal
+import os
 import socket
 import struct
 from typing import NamedTuple
-
-import numpy as np
 
 from .shm import TensorRef
 
@@ -38,26 +37,21 @@ _LEN = struct.Struct("<I")
 log = logging.getLogger("gpserve.ipc")
 
 
-def batcher_address(run_id: str) -> str:
-    return f"\0gpserve-{run_id}-batcher"
-
-
-def front_address(run_id: str, index: int) -> str:
-    return f"\0gpserve-{run_id}-front{index}"
+def worker_address(run_id: str, index: int) -> str:
+    return f"\0gpserve-{run_id}-worker{index}"
 
 
 class Hello(NamedTuple):
     role: str     # "front" or "worker"
     index: int
     pid: int
+    about: str = ""       # a worker: what it runs, on which device (for GET /)
 
 
 class Submit(NamedTuple):
-    """One request's rows, queued in the batcher."""
+    """One request's rows, for a worker's queue."""
 
     req_id: int
-    front: int            # front index
-    front_pid: int        # ...and incarnation, so stale results never reach a new front
     inputs: tuple[TensorRef, ...]
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
@@ -67,16 +61,6 @@ class Submit(NamedTuple):
     deadline: float       # time.monotonic() (CLOCK_MONOTONIC is system-wide on Linux)
 
 
-class Batch(NamedTuple):
-    batch_id: int
-    items: tuple[Submit, ...]
-
-
-class Finished(NamedTuple):
-    batch_id: int
-    rows: int
-
-
 class OutputSlice(NamedTuple):
     ref: TensorRef        # the whole batch output
     start: int            # this request's rows; (0, None) means the whole tensor
@@ -84,9 +68,11 @@ class OutputSlice(NamedTuple):
 
 
 class Done(NamedTuple):
+    """A request's outputs, or why there are none."""
+
     req_id: int
     outputs: tuple[OutputSlice, ...]
-    error: tuple[int, str] | None
+    error: tuple[int, str] | None    # (GraphPipe error code, message)
     token: int | None     # region to Release in the worker's arena, once copied out
 
 
@@ -94,40 +80,42 @@ class Release(NamedTuple):
     tokens: tuple[int, ...]
 
 
-class Reject(NamedTuple):
-    req_id: int
-    code: int
-    message: str
+_MESSAGES = (Hello, Submit, Done, Release)          # the index is the wire tag
+_TAGS = {cls: tag for tag, cls in enumerate(_MESSAGES)}
+# field -> (type of each element, whether the field holds a sequence of them)
+_NESTED: dict[type, dict[str, tuple[type, bool]]] = {
+    Submit: {"inputs": (TensorRef, True)},
+    Done: {"outputs": (OutputSlice, True)},
+    OutputSlice: {"ref": (TensorRef, False)},
+}
 
 
-def _plain_submit(m: Submit) -> tuple:
-    return (m[0], m[1], m[2], tuple(map(tuple, m[3])), *m[4:])
+def _plain(message) -> tuple:
+    nested = _NESTED.get(type(message))
+    if not nested:
+        return tuple(message)
+    changes = {}
+    for name, (_, many) in nested.items():
+        value = getattr(message, name)
+        changes[name] = tuple(map(_plain, value)) if many else _plain(value)
+    return tuple(message._replace(**changes))
 
 
-def _submit(t) -> Submit:
-    return Submit(t[0], t[1], t[2], tuple(TensorRef._make(r) for r in t[3]), *t[4:])
-
-
-# (message type, to plain tuples, from plain tuples); the index in this list is the tag.
-_CODECS = [
-    (Hello, tuple, Hello._make),
-    (Submit, _plain_submit, _submit),
-    (Batch, lambda m: (m[0], tuple(map(_plain_submit, m[1]))),
-     lambda t: Batch(t[0], tuple(map(_submit, t[1])))),
-    (Finished, tuple, Finished._make),
-    (Done, lambda m: (m[0], tuple((tuple(o[0]), o[1], o[2]) for o in m[1]), m[2], m[3]),
-     lambda t: Done(t[0], tuple(OutputSlice(TensorRef._make(o[0]), o[1], o[2]) for o in t[1]),
-                    t[2], t[3])),
-    (Release, tuple, Release._make),
-    (Reject, tuple, Reject._make),
-]
-_ENCODERS = {cls: (tag, plain) for tag, (cls, plain, _) in enumerate(_CODECS)}
-_DECODERS = [rebuild for _, _, rebuild in _CODECS]
+def _rebuild(cls, fields):
+    message = cls._make(fields)
+    nested = _NESTED.get(cls)
+    if not nested:
+        return message
+    changes = {}
+    for name, (kind, many) in nested.items():
+        value = getattr(message, name)
+        changes[name] = (tuple(_rebuild(kind, v) for v in value) if many
+                         else _rebuild(kind, value))
+    return message._replace(**changes)
 
 
 def frame(message) -> bytes:
-    tag, plain = _ENCODERS[type(message)]
-    payload = marshal.dumps((tag, plain(message)))
+    payload = marshal.dumps((_TAGS[type(message)], _plain(message)))
     return _LEN.pack(len(payload)) + payload
 
 
@@ -149,7 +137,7 @@ class FrameBuffer:
             if end - pos - 4 < size:
                 break
             tag, fields = marshal.loads(buf[pos + 4:pos + 4 + size])
-            out.append(_DECODERS[tag](fields))
+            out.append(_rebuild(_MESSAGES[tag], fields))
             pos += 4 + size
         if pos:
             del buf[:pos]
@@ -166,139 +154,27 @@ def same_user(sock: socket.socket) -> bool:
                                                      _PEERCRED.size))
     except OSError:
         return False
-    import os
     return uid == os.getuid()
 
 
-class Counters:
-    """Server-wide counters in one small shared segment (int64 slots; one writer each).
-
-    The batcher writes batch statistics, the supervisor writes restarts; fronts read
-    them for ``GET /`` and readiness. Slots are fixed here, in one place.
-    """
-
-    MAX_PROCESSES = 64         # workers, and fronts: each has slots of its own
-    READY_WORKERS, BATCHES, ROWS, MAX_BATCH_ROWS, QUEUED_ROWS, WORKER_RESTARTS, \
-        FRONT_RESTARTS, BATCHER_RESTARTS, REJECTED_QUEUE_FULL, _UNUSED = range(10)
-    BATCHER_PID = 10
-    HIST_START = 16            # batch-size histogram: slot HIST_START + min(rows, 64) - 1
-    HIST_BINS = 64
-    WORKER_PIDS = HIST_START + HIST_BINS          # one slot per worker, then per front
-    FRONT_PIDS = WORKER_PIDS + MAX_PROCESSES
-    CACHE_START = FRONT_PIDS + MAX_PROCESSES      # per front: hits, misses, writes, ...
-    CACHE_HITS, CACHE_MISSES, CACHE_WRITES, CACHE_EVICTIONS, CACHE_ERRORS, \
-        CACHE_ROTATIONS = range(6)
-    CACHE_FIELDS = 6
-    CHECK_START = CACHE_START + MAX_PROCESSES * CACHE_FIELDS  # per worker: batching checks
-    CHECKS, CHECKS_CHANGED, CHECK_ABS, CHECK_REL = range(4)   # the last two are float64
-    CHECK_FIELDS = 4
-    ERRORS_START = CHECK_START + MAX_PROCESSES * CHECK_FIELDS  # per front: answers by code
-    ERROR_CODES = 32
-    SLOTS = ERRORS_START + MAX_PROCESSES * ERROR_CODES
-
-    def cache_slot(self, front_index: int) -> int:
-        """First of this front's cache slots (each front writes only its own)."""
-        return self.CACHE_START + self.CACHE_FIELDS * front_index
-
-    def cache_totals(self) -> dict:
-        per = self.slots[self.CACHE_START:self.CHECK_START].reshape(-1, self.CACHE_FIELDS)
-        per = per.sum(axis=0).tolist()
-        return dict(zip(("hits", "misses", "writes", "evictions", "errors", "rotations"), per))
-
-    def __init__(self, path: str, create: bool = False):
-        import mmap
-        import os
-        self.path = path
-        size = 8 * self.SLOTS
-        if create:
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-            os.ftruncate(fd, size)
-        else:
-            fd = os.open(path, os.O_RDWR)
-        try:
-            self._mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        self.slots = np.frombuffer(self._mm, dtype=np.int64)
-        self.floats = np.frombuffer(self._mm, dtype=np.float64)   # the same slots, as floats
-
-    def record_check(self, worker_index: int, absolute: float, relative: float,
-                     changed: bool) -> None:
-        """A worker re-ran one request of a merged batch alone (see batch_check.py)."""
-        at = self.CHECK_START + self.CHECK_FIELDS * worker_index
-        self.slots[at + self.CHECKS] += 1
-        self.slots[at + self.CHECKS_CHANGED] += int(changed)
-        f = self.floats
-        f[at + self.CHECK_ABS] = max(f[at + self.CHECK_ABS], absolute)
-        f[at + self.CHECK_REL] = max(f[at + self.CHECK_REL], relative)
-
-    def batch_checks(self) -> dict:
-        """Checks on live traffic, all workers together."""
-        per = self.slots[self.CHECK_START:self.ERRORS_START].reshape(-1, self.CHECK_FIELDS)
-        floats = per.view(np.float64)
-        return {"checks": int(per[:, self.CHECKS].sum()),
-                "changed": int(per[:, self.CHECKS_CHANGED].sum()),
-                "max_difference": float(floats[:, self.CHECK_ABS].max()),
-                "relative": float(floats[:, self.CHECK_REL].max())}
-
-    def add_batch(self, rows: int) -> None:
-        s = self.slots
-        s[self.BATCHES] += 1
-        s[self.ROWS] += rows
-        if rows > s[self.MAX_BATCH_ROWS]:
-            s[self.MAX_BATCH_ROWS] = rows
-        s[self.HIST_START + min(max(rows, 1), self.HIST_BINS) - 1] += 1
-
-    def count_error(self, front_index: int, code: int) -> None:
-        """A front answered a request with this error code (each front writes its own)."""
-        self.slots[self.ERRORS_START + self.ERROR_CODES * front_index
-                   + min(max(code, 0), self.ERROR_CODES - 1)] += 1
-
-    def errors(self) -> dict:
-        """Requests answered with an error, by the error's name, all fronts together."""
-        from .errors import BY_CODE
-        per = self.slots[self.ERRORS_START:self.SLOTS].reshape(-1, self.ERROR_CODES)
-        totals = per.sum(axis=0).tolist()
-        return {(BY_CODE[c].__name__ if c in BY_CODE else f"code{c}"): n
-                for c, n in enumerate(totals) if n}
-
-    def snapshot(self) -> dict:
-        errors = self.errors()
-        s = self.slots.tolist()
-        hist = {str(i + 1) if i + 1 < self.HIST_BINS else f"{self.HIST_BINS}+": n
-                for i, n in enumerate(s[self.HIST_START:self.HIST_START + self.HIST_BINS]) if n}
-        return {
-            "ready_workers": s[self.READY_WORKERS], "batches": s[self.BATCHES],
-            "batched_rows": s[self.ROWS], "max_batch_rows": s[self.MAX_BATCH_ROWS],
-            "mean_batch_rows": round(s[self.ROWS] / s[self.BATCHES], 3) if s[self.BATCHES] else 0,
-            "queued_rows": s[self.QUEUED_ROWS], "rejected_queue_full": s[self.REJECTED_QUEUE_FULL],
-            "expired": errors.get("DeadlineExceeded", 0), "errors": errors,
-            "worker_restarts": s[self.WORKER_RESTARTS],
-            "front_restarts": s[self.FRONT_RESTARTS],
-            "batcher_restarts": s[self.BATCHER_RESTARTS], "batch_size_histogram": hist,
-        }
-
-    def pids(self, workers: int, fronts: int) -> dict:
-        s = self.slots.tolist()
-        return {"supervisor": int(self.path.rsplit("gpserve-", 1)[1].split("-")[0]),
-                "batcher": s[self.BATCHER_PID],
-                "workers": s[self.WORKER_PIDS:self.WORKER_PIDS + workers],
-                "fronts": s[self.FRONT_PIDS:self.FRONT_PIDS + fronts]}
-
-
 class Link(asyncio.Protocol):
-    """The asyncio end of a connection between our processes (fronts, batcher).
+    """One connection between two of our processes (a front and a worker), either end.
 
-    Refuses peers of other users, turns bytes into messages for ``on_message``, and
-    sends everything queued in one event-loop turn in one write (fewer syscalls and
-    wake-ups on the hot path). Subclasses implement ``on_connect``, ``on_message`` and
-    ``on_disconnect``, and may add to a turn's write in ``before_flush``.
+    Refuses peers of other users, introduces itself (``Hello``) and learns who the peer
+    is, turns bytes into messages for its owner, and sends everything queued in one
+    event-loop turn in one write: fewer syscalls and wake-ups on the hot path. Release
+    tokens are coalesced into one ``Release`` per turn. The owner implements
+    ``on_message(link, message)`` and ``on_lost(link)``, and may implement
+    ``on_peer(link)`` (called when the peer's Hello arrives).
     """
 
-    def __init__(self):
+    def __init__(self, owner, hello: Hello):
+        self.owner, self.hello = owner, hello
         self.frames = FrameBuffer()
         self.transport = None
+        self.peer: Hello | None = None
         self.outbox: list[bytes] = []
+        self.releases: list[int] = []
         self.flush_scheduled = False
 
     def connection_made(self, transport) -> None:
@@ -307,44 +183,53 @@ class Link(asyncio.Protocol):
             transport.close()
             return
         self.transport = transport
-        self.on_connect()
+        self.send(self.hello)
 
     def data_received(self, data: bytes) -> None:
         for message in self.frames.feed(data):
-            self.on_message(message)
+            if type(message) is Hello:
+                self.peer = message
+                on_peer = getattr(self.owner, "on_peer", None)
+                if on_peer is not None:
+                    on_peer(self)
+            else:
+                self.owner.on_message(self, message)
 
     def connection_lost(self, exc) -> None:
         if self.transport is not None:
-            self.on_disconnect()
+            self.owner.on_lost(self)
+
+    @property
+    def open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
 
     def send(self, message) -> None:
-        self.schedule_flush()
+        self._schedule_flush()
         self.outbox.append(frame(message))
 
-    def schedule_flush(self) -> None:
-        """Make sure this event-loop turn ends with one write of everything queued."""
+    def release(self, token: int) -> None:
+        """Tell the peer we are done with one of its output regions (sent this turn)."""
+        self._schedule_flush()
+        self.releases.append(token)
+
+    def _schedule_flush(self) -> None:
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self.flush)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write everything queued now (it is also done at the end of the turn)."""
         self.flush_scheduled = False
-        self.before_flush()
-        if self.transport is not None and not self.transport.is_closing():
+        if self.releases:
+            self.outbox.append(frame(Release(tuple(self.releases))))
+            self.releases = []
+        if self.outbox and self.open:
             self.transport.write(b"".join(self.outbox))
         self.outbox = []
 
-    def before_flush(self) -> None:
-        """A last chance to add messages to this turn's write."""
-
-    def on_connect(self) -> None:
-        """Called once the peer is accepted."""
-
-    def on_message(self, message) -> None:
-        """Called for every message received."""
-
-    def on_disconnect(self) -> None:
-        """Called when an accepted connection closes."""
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 def listening_socket(address: str) -> socket.socket:
@@ -357,8 +242,8 @@ def listening_socket(address: str) -> socket.socket:
     return sock
 
 
-async def connect(address: str, protocol_factory):
-    """Connect an asyncio protocol to an abstract Unix address; raises OSError if nobody listens."""
+async def connect(address: str, link: Link) -> Link:
+    """Connect ``link`` to an abstract Unix address; raises OSError if nobody listens."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
@@ -369,4 +254,5 @@ async def connect(address: str, protocol_factory):
     except OSError:
         sock.close()
         raise
-    return await loop.create_unix_connection(protocol_factory, sock=sock)
+    await loop.create_unix_connection(lambda: link, sock=sock)
+    return link

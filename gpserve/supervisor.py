@@ -1,10 +1,15 @@
-"""The supervisor (``gpserve serve``): binds the socket once, starts and restarts the
-fronts, the batcher and the workers, and on SIGTERM/SIGINT drains and cleans up.
+"""The supervisor (``gpserve serve``): holds the port, starts and restarts the workers
+and the fronts, and on SIGTERM/SIGINT drains and cleans up.
+
+Each front listens on a socket of its own on the same port (``SO_REUSEPORT``), so the
+kernel spreads new connections evenly over the fronts instead of handing them to
+whichever front wakes first. The supervisor keeps one bound, non-listening socket on
+the port for the run's life, so the port stays ours while a front restarts.
 
 Stop order: fronts first (uvicorn stops accepting and finishes the requests in flight,
-which still need the batcher and workers), then the batcher and workers; then every
-shared-memory segment of this run is removed. Children are started with ``spawn``:
-model runtimes and uvloop must not inherit a forked copy of another process's state.
+which still need the workers), then the workers; then every shared-memory segment of
+this run is removed. Children are started with ``spawn``: model runtimes and uvloop
+must not inherit a forked copy of another process's state.
 """
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ import sys
 import time
 from multiprocessing.connection import wait
 
-from . import ipc
 from .config import Config
+from .counters import MAX_PROCESSES, Counters
 from .model_source import resolve
 from .shm import (
     hold_run_lock, remove_run_segments, remove_stale_segments, segment_path,
@@ -29,20 +34,37 @@ log = logging.getLogger("gpserve.supervisor")
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
-def _bind(cfg: Config) -> socket.socket:
-    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+def port_socket(host: str, port: int, shared: bool) -> socket.socket:
+    """A TCP socket bound to host:port; ``shared``: with ``SO_REUSEPORT`` (the fronts'
+    listening sockets, and the supervisor's holder of the port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        sock.bind((cfg.host, cfg.port))
-    except OSError as e:
+        sock.bind((host, port))
+    except OSError:
         sock.close()
+        raise
+    return sock
+
+
+def _hold_port(cfg: Config) -> socket.socket:
+    """Take the port for this run (first without SO_REUSEPORT, so that a port another
+    server holds, even one sharing it, is refused), and fix a port 0 to the one got."""
+    try:
+        probe = port_socket(cfg.host, cfg.port, shared=False)
+        port = probe.getsockname()[1]
+        probe.close()
+        holder = port_socket(cfg.host, port, shared=True)
+    except OSError as e:
         raise SystemExit(f"gpserve: cannot listen on {cfg.listen}: {e.strerror}"
                          + (" (is another server running there?)"
                             if e.errno == 98 else "")) from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    cfg.listen = f"{host}:{port}"
+    return holder
 
 
 def inspect_model(cfg: Config):
@@ -84,7 +106,7 @@ class _Child:
 
     @property
     def name(self) -> str:
-        return f"{self.role}{self.index}" if self.role != "batcher" else "batcher"
+        return f"{self.role}{self.index}"
 
 
 class Supervisor:
@@ -100,9 +122,7 @@ class Supervisor:
             name=f"gpserve-{child.name}", daemon=False)
         child.process.start()
         child.started = time.monotonic()
-        slot = {"batcher": ipc.Counters.BATCHER_PID, "worker": ipc.Counters.WORKER_PIDS,
-                "front": ipc.Counters.FRONT_PIDS}[child.role] + child.index
-        self.counters.slots[slot] = child.process.pid
+        self.counters.set_pid(child.role, child.index, child.process.pid)
 
     def run(self) -> int:
         cfg = self.cfg
@@ -119,23 +139,22 @@ class Supervisor:
                     f"{', '.join(s.describe() for s in spec.inputs)}: serve it without --cache")
             from gpserve.cache.keys import fingerprint
             cfg.fingerprint = fingerprint(cfg.model_path)
-        sock = _bind(cfg)
+        sock = _hold_port(cfg)
         cfg.run_id = str(os.getpid())
         hold_run_lock(cfg.run_id)
         metrics_dir = segment_path(cfg.run_id, "metrics")
         os.makedirs(metrics_dir, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir   # before any child starts
-        most = ipc.Counters.MAX_PROCESSES
-        if cfg.workers > most or cfg.fronts > most:
-            raise SystemExit(f"gpserve: at most {most} workers and {most} fronts")
-        self.counters = ipc.Counters(segment_path(cfg.run_id, "counters"), create=True)
+        if cfg.workers > MAX_PROCESSES or cfg.fronts > MAX_PROCESSES:
+            raise SystemExit(f"gpserve: at most {MAX_PROCESSES} workers and "
+                             f"{MAX_PROCESSES} fronts")
+        self.counters = Counters(segment_path(cfg.run_id, "counters"), create=True)
 
         from gpserve.workers import worker
-        from . import batcher, front
+        from . import front
         self.children = (
-            [_Child("batcher", 0, batcher.main, (cfg,))]
-            + [_Child("worker", i, worker.main, (cfg, i)) for i in range(cfg.workers)]
-            + [_Child("front", i, front.main, (cfg, spec, i, sock)) for i in range(cfg.fronts)])
+            [_Child("worker", i, worker.main, (cfg, i)) for i in range(cfg.workers)]
+            + [_Child("front", i, front.main, (cfg, spec, i)) for i in range(cfg.fronts)])
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         try:
@@ -192,8 +211,6 @@ class Supervisor:
 
     def _watch(self) -> None:
         from . import metrics        # only now: PROMETHEUS_MULTIPROC_DIR is set
-        slots = {"worker": ipc.Counters.WORKER_RESTARTS, "front": ipc.Counters.FRONT_RESTARTS,
-                 "batcher": ipc.Counters.BATCHER_RESTARTS}
         while not self.stopping:
             sentinels = {c.process.sentinel: c for c in self.children}
             for ready in wait(list(sentinels), timeout=0.5):
@@ -210,26 +227,19 @@ class Supervisor:
                             child.process.pid, how, delay)
                 time.sleep(delay)
                 child.restarts += 1
-                self.counters.slots[slots[child.role]] += 1
+                self.counters.count_restart(child.role)
                 metrics.RESTARTS.labels(child.role).inc()
                 metrics.process_gone(child.process.pid)
-                if child.role != "batcher":    # its arena: nobody writes there any more
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(segment_path(self.cfg.run_id,
-                                               f"{child.name}-{child.process.pid}"))
+                with contextlib.suppress(FileNotFoundError):   # nobody writes there now
+                    os.unlink(segment_path(self.cfg.run_id, f"{child.name}-{child.process.pid}"))
                 self._start(child)
 
     def _stop(self, sock: socket.socket) -> None:
         self.stopping = True
         started = [c for c in self.children if c.process is not None]
         fronts = [c for c in started if c.role == "front"]
-        # Stop listening first, for every process that shares the socket: new connections
-        # are then refused (a load balancer tries another server) rather than accepted
-        # into a backlog that no front will read, and reset when the socket closes.
-        try:
-            sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
+        # Each front stops listening at once on SIGTERM (new connections are then refused,
+        # and a load balancer tries another server), and finishes what it holds.
         for child in fronts:
             _signal(child, signal.SIGTERM)
         grace = self.cfg.timeout_ms / 1000 + 10

@@ -122,7 +122,7 @@ def mapped_libraries(pid: int) -> str:
 def test_tensorflow_stays_out_of_the_fronts():
     with Server("--model", str(need_shared(CLS["frozen"][0]))) as s:
         pids = s.info()["processes"]["pids"]
-        for pid in pids["fronts"] + [pids["supervisor"], pids["batcher"]]:
+        for pid in pids["fronts"] + [pids["supervisor"]]:
             assert "tensorflow" not in mapped_libraries(pid), pid
         assert "tensorflow" in mapped_libraries(pids["workers"][0])
         assert "serving inputs ['x'] and outputs ['probs']" in s.output()

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from gpserve import ipc
+from gpserve.counters import Counters
 from gpserve.cache.store import RowCache
 
 ROW_BYTES = 4096 * 4                       # one float32 [4096] output row: 16 KiB
@@ -14,7 +14,7 @@ ROW_BYTES = 4096 * 4                       # one float32 [4096] output row: 16 K
 @pytest.fixture
 def counters(tmp_path):
     path = f"/dev/shm/gpserve-test-{os.getpid()}-counters"
-    c = ipc.Counters(path, create=True)
+    c = Counters(path, create=True)
     yield c
     os.unlink(path)
 

@@ -42,7 +42,9 @@ def run_load_and_kill(server, role: str, restarts_slot: str):
         pids = server.info()["processes"]["pids"]
         victim = pids["workers"][0] if role == "worker" else pids["fronts"][0]
         os.kill(victim, signal.SIGKILL)
-        eventually(lambda: server.stats()[restarts_slot] >= 1, 60, f"the {role} restarts")
+        # a dead front's queued connections are reset (each front has its own socket)
+        eventually(lambda: server.stats()[restarts_slot] >= 1, 60, f"the {role} restarts",
+                   tolerate=(OSError,))
         server.wait_ready(30)
         flowing = len(results)
         eventually(lambda: sum(r[0] == "ok" for r in results[flowing:]) >= 50, 60,
@@ -65,8 +67,11 @@ def test_kill_worker_under_load(server):
     victim, results = run_load_and_kill(server, "worker", "worker_restarts")
     assert all(r[2] < TIMEOUT_S + 1 for r in results), "a request outlived its deadline"
     failures = [r for r in results if r[0] != "ok"]
-    assert all("Unavailable" in r[1] and "exited while running" in r[1] or
-               "DeadlineExceeded" in r[1] for r in failures), failures
+    # held by the dead worker, or sent while no worker ran: Unavailable at once, and
+    # none waits for its deadline
+    assert all("Unavailable" in r[1] and ("exited while holding" in r[1] or
+                                          "no worker is running" in r[1])
+               for r in failures), failures
     info = server.info()
     assert info["stats"]["worker_restarts"] == 1
     assert info["processes"]["pids"]["workers"][0] != victim
@@ -98,7 +103,7 @@ def test_clean_stop_leaves_nothing_behind():
     with Client(s.url) as c:
         c.execute(np.ones((4, 4), np.float32))
     children = {pid: _start_time(pid) for pid in s.children()}
-    assert len(children) >= 5              # batcher, 2 workers, 2 fronts
+    assert len(children) >= 4              # 2 workers, 2 fronts
     assert s.segments()                    # counters and arenas exist while serving
     run = s.proc.pid
     assert s.stop() == 0

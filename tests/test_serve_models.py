@@ -180,5 +180,5 @@ def test_echo_large_tensor_round_trip(echo_server):
 def test_get_returns_json_metadata(echo_server):
     info = echo_server.info()
     assert info["name"] == "echo" and info["backend"] == "echo"
-    assert set(info["processes"]["pids"]) == {"supervisor", "batcher", "workers", "fronts"}
+    assert set(info["processes"]["pids"]) == {"supervisor", "workers", "fronts"}
     json.dumps(info)

@@ -106,22 +106,26 @@ def verdict(probe: dict | None, traffic: dict | None = None) -> dict:
             "checks": {"probe": probe, "traffic": traffic}}
 
 
-def _probe_rows(spec, size: int, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+def made_up_rows(spec, rows: int, size: int = PROBE_SIZES[0],
+                 rng: np.random.Generator | None = None) -> dict[str, np.ndarray] | None:
+    """``rows`` rows the model should accept, dynamic non-batch dimensions ``size``
+    (None for models with String inputs): the probe's rows, and a worker's warm-up."""
+    rng = rng or np.random.default_rng(0)
     feed = {}
     for s in spec.inputs:
         if s.dtype is None or s.dtype == object:
             return None                                  # String inputs: no safe made-up rows
-        shape = [PROBE_ROWS] + [size if d == -1 else d for d in s.shape[1:]]
+        shape = [rows] + [size if d == -1 else d for d in s.shape[1:]]
         if s.dtype.kind == "f":
             x = rng.uniform(-1, 1, shape)
-            x *= np.arange(1, PROBE_ROWS + 1).reshape([-1] + [1] * (len(shape) - 1))
+            x *= np.arange(1, rows + 1).reshape([-1] + [1] * (len(shape) - 1))
             feed[s.name] = x.astype(s.dtype)
         elif s.dtype.kind == "b":
             feed[s.name] = rng.integers(0, 2, shape).astype(bool)
         else:                        # ids into a vocabulary, masks, type ids: 0 or 1 only
             x = rng.integers(0, 2, shape)
             if x.ndim > 1:
-                x.reshape(PROBE_ROWS, -1)[:, 0] = 1      # no row is all padding
+                x.reshape(rows, -1)[:, 0] = 1            # no row is all padding
             feed[s.name] = x.astype(s.dtype)
     return feed
 
@@ -137,7 +141,7 @@ def probe(backend) -> ProbeResult:
     rng = np.random.default_rng(0)
     problems = []
     for size in PROBE_SIZES:
-        feed = _probe_rows(spec, size, rng)
+        feed = made_up_rows(spec, PROBE_ROWS, size, rng)
         if feed is None:
             return ProbeResult(None, note="String inputs: checked on live traffic only")
         try:

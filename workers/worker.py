@@ -1,188 +1,172 @@
-"""A worker process: takes batches from the batcher, runs the model, sends results to fronts.
+"""A worker process: owns one model instance, its batch queue, and a pipeline that keeps
+the device busy.
 
-Copies on this leg: the rows of a batch are gathered into one contiguous array per
-input (1 copy; 0 when the batch holds a single request, which the model reads straight
-from the front's shared memory); each output is written once into this worker's arena
-(1 copy; 0 when an output *is* an input of a one-request batch, as with echo, whose
-output then points back at the front's own shared memory).
+Fronts connect to every worker and send requests straight here (front -> worker ->
+front: two hops). The worker's event loop takes requests and releases, decides batches
+(:mod:`gpserve.batch_policy`), gathers each batch's rows, and delivers outputs; the
+model runs in a compute thread (runtimes release the GIL while they run), so while
+batch n computes, batch n+1 is gathered and batch n-1's outputs are written out and
+answered. Echo, which costs nothing, runs inline on the loop.
+
+Before it takes traffic a worker runs every batch size it will form (``--batch-sizes``;
+a batch is padded up to the next of them), so no request pays a runtime's first run
+of a new shape, and those runs fit the cost model the policy holds batches by.
+
+Copies on this leg: the rows of a batch are gathered into one array per input in this
+worker's arena (1 copy; 0 when the batch is one request and needs no padding: the
+model reads the front's shared memory); each output's rows are written once into the
+arena (1 copy; 0 when an output *is* an input, as with echo, whose output then points
+at the gathered rows or back at the front's own shared memory).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import selectors
-import socket
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from gpserve import ipc, metrics
+from gpserve.batch_policy import BatchQueue, BatchSizes, Queued
 from gpserve.config import Config
-from gpserve.errors import DeadlineExceeded, GraphPipeError, ModelError
-from gpserve.shm import Arena, Segments, pid_alive, segment_path
+from gpserve.counters import Counters
+from gpserve.errors import DeadlineExceeded, GraphPipeError, ModelError, QueueFull
+from gpserve.shm import Arena, Segments, segment_path
 
 from .backend import load
-from .batch_check import compare
+from .batch_check import compare, made_up_rows
 from .devices import worker_device
 
 log = logging.getLogger("gpserve.worker")
-RECONNECT_S = 0.1
 
 
-class _Conn:
-    """A stream socket with framing, to the batcher or to one front."""
+@dataclass
+class Outcome:
+    """One request's result in a batch: outputs and where its rows start in them (None:
+    the outputs are its own, run alone), or an error."""
 
-    def __init__(self, sock: socket.socket, peer_pid: int = 0):
-        self.sock, self.frames, self.peer_pid = sock, ipc.FrameBuffer(), peer_pid
-
-    def send(self, message) -> bool:
-        try:
-            self.sock.sendall(ipc.frame(message))
-            return True
-        except OSError:
-            return False
+    outputs: list | None = None
+    start: int | None = None
+    error: GraphPipeError | None = None
 
 
-def _connect(address: str) -> socket.socket | None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(address)
-    except OSError:
-        sock.close()
-        return None
-    if not ipc.same_user(sock):
-        log.warning("%r is held by another user's process; not connecting", address)
-        sock.close()
-        return None
-    return sock
+@dataclass
+class Batch:
+    """A batch on its way through the pipeline: gathered, computed, delivered."""
+
+    entries: list[Queued]
+    rows: int                         # real rows (1 per unbatchable request)
+    size: int                         # rows the model runs (padded up)
+    feed: dict = field(default_factory=dict)
+    regions: list = field(default_factory=list)       # arena regions of gathered inputs
+    region_of: dict = field(default_factory=dict)     # id(gathered array) -> its ref
+    outcomes: list[Outcome] = field(default_factory=list)   # one per entry
+    started: float = 0.0
 
 
 class Worker:
     def __init__(self, cfg: Config, index: int):
         self.cfg, self.index = cfg, index
         started = time.perf_counter()
-        self.backend = load(cfg, worker_device(cfg.device, index), cfg.threads)
+        self.device = worker_device(cfg.device, index)
+        self.backend = load(cfg, self.device, cfg.threads)
         metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - started)
+        spec = self.backend.spec
         self.arena = Arena(segment_path(cfg.run_id, f"worker{index}-{os.getpid()}"),
                            cfg.arena_bytes)
         self.segments = Segments()
-        self.sel = selectors.DefaultSelector()
-        self.batcher: _Conn | None = None
-        self.fronts: dict[int, _Conn] = {}
+        self.segments.adopt(self.arena)
+        self.counters = Counters(segment_path(cfg.run_id, "counters"))
+        max_batch = cfg.max_batch if cfg.batching != "off" and spec.batchable else 1
+        self.sizes = BatchSizes.parse(cfg.batch_sizes, max_batch,
+                                      self.device.startswith("cuda"))
+        self.queue = BatchQueue(max_batch, cfg.max_delay_ms / 1000, cfg.max_queue, self.sizes)
+        self.inline = spec.echo                  # nothing to overlap: no thread hand-off
+        self.compute_thread = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self.hello = ipc.Hello("worker", index, os.getpid(),
+                               f"{spec.description} (device {self.device})")
+        self.running: Batch | None = None        # in the compute thread
+        self.staged: Batch | None = None         # gathered, next to run
+        self.timer: asyncio.TimerHandle | None = None
+        self.pump_scheduled = False
         # output regions: token -> [regions, requests that have not released it yet]
         self.outstanding: dict[int, list] = {}
-        self.held_by_front: dict[int, Counter] = {}
-        # frames for each front, sent in one write per front when a batch is done
-        self.outbox: dict[int, list] = {}
-        self.counters = ipc.Counters(segment_path(cfg.run_id, "counters"))
-        self.merged_batches = 0       # for --batch-check-every
+        self.held_by: dict[ipc.Link, Counter] = {}
+        self.tokens = iter(range(1, 1 << 62))
+        self.merged_batches = 0                  # for --batch-check-every
         self.largest_difference = 0.0
-        self.told_changed = False     # the warning below, once per worker
+        self.told_changed = False
+        self.warmed: list[int] = []
 
-    # -- connections -------------------------------------------------------------------
-    def _reconnect(self) -> None:
-        if self.batcher is None:
-            sock = _connect(ipc.batcher_address(self.cfg.run_id))
-            if sock is not None:
-                self.batcher = _Conn(sock)
-                self.batcher.send(ipc.Hello("worker", self.index, os.getpid()))
-                self.sel.register(sock, selectors.EVENT_READ, ("batcher", None))
-        for i in range(self.cfg.fronts):
-            if i not in self.fronts:
-                self._connect_front(i)
-
-    def _connect_front(self, i: int, wait_s: float = 0.0) -> _Conn | None:
-        """Connect to front ``i`` and read its Hello (its pid), retrying up to ``wait_s``."""
-        give_up = time.monotonic() + wait_s
-        while True:
-            sock = _connect(ipc.front_address(self.cfg.run_id, i))
-            if sock is not None:
-                conn = _Conn(sock)
-                conn.send(ipc.Hello("worker", self.index, os.getpid()))
-                sock.settimeout(2.0)
-                try:
-                    while not conn.peer_pid:
-                        data = sock.recv(1 << 16)
-                        if not data:
-                            raise OSError("front closed the connection")
-                        for message in conn.frames.feed(data):
-                            if isinstance(message, ipc.Hello):
-                                conn.peer_pid = message.pid
-                except OSError:
-                    sock.close()
-                else:
-                    sock.settimeout(None)
-                    self.fronts[i] = conn
-                    self.sel.register(sock, selectors.EVENT_READ, ("front", i))
-                    return conn
-            if time.monotonic() >= give_up:
-                return None
-            time.sleep(0.02)
-
-    def _front(self, i: int, pid: int) -> _Conn | None:
-        """The link to the front incarnation ``pid`` of index ``i``, connecting if needed."""
-        conn = self.fronts.get(i)
-        if conn is not None and conn.peer_pid != pid and pid_alive(conn.peer_pid):
-            return None                         # that request's front is gone
-        if conn is None or conn.peer_pid != pid:
-            if conn is not None:
-                self._drop("front", i)
-            conn = self._connect_front(i, wait_s=2.0)
-        return conn if conn is not None and conn.peer_pid == pid else None
-
-    def _drop(self, role: str, index: int | None) -> None:
-        conn = self.batcher if role == "batcher" else self.fronts.pop(index)
-        self.sel.unregister(conn.sock)
-        conn.sock.close()
-        if role == "batcher":
-            self.batcher = None
+    # -- start -------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Run every batch size this worker will form, twice (the second run is timed
+        for the cost model); the model's made-up rows are those of the batching probe."""
+        spec = self.backend.spec
+        if self.inline or not spec.batchable:
             return
-        for token, count in self.held_by_front.pop(index, Counter()).items():
-            self._release(token, count)
-        self.segments.forget_prefix(segment_path(self.cfg.run_id, f"front{index}-"))
+        outputs = [s.name for s in spec.outputs]
+        for size in self.sizes.warm_up():
+            feed = made_up_rows(spec, size)
+            if feed is None:
+                log.warning("no warm-up: the model takes String inputs, so no rows can be "
+                            "made up; the first batch of each size will be slow")
+                return
+            try:
+                self.backend.run(feed, outputs, "")
+                t0 = time.perf_counter()
+                self.backend.run(feed, outputs, "")
+                self.queue.costs.observe(size, time.perf_counter() - t0)
+            except Exception as e:
+                log.warning("warm-up at batch size %d failed (%s: %s); the first batch of "
+                            "each size will be slow", size, type(e).__name__, str(e)[:200])
+                return
+            self.warmed.append(size)
+        log.info("worker %d warmed batch sizes %s (fixed cost per batch %.2f ms)",
+                 self.index, self.warmed, 1e3 * self.queue.costs.fixed_s)
 
-    def serve_forever(self) -> None:
-        last_try = 0.0
-        while True:
-            now = time.monotonic()
-            if now - last_try > RECONNECT_S and (self.batcher is None or
-                                                 len(self.fronts) < self.cfg.fronts):
-                self._reconnect()
-                last_try = now
-            for key, _ in self.sel.select(timeout=RECONNECT_S):
-                role, index = key.data
-                for message in self._read(role, index):
-                    self._handle(message, index)
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.warm_up)
+        server = await loop.create_unix_server(
+            lambda: ipc.Link(self, self.hello),
+            sock=ipc.listening_socket(ipc.worker_address(self.cfg.run_id, self.index)))
+        self.counters.worker_ready(self.index, True, self.warmed)
+        async with server:
+            await server.serve_forever()
 
-    def _read(self, role: str, index: int | None) -> list:
-        """The whole messages waiting on one connection ([] and dropped when it closed)."""
-        conn = self.batcher if role == "batcher" else self.fronts.get(index)
-        if conn is None:
-            return []
-        try:
-            data = conn.sock.recv(1 << 16)
-        except OSError:
-            data = b""
-        if not data:
-            self._drop(role, index)
-            return []
-        return conn.frames.feed(data)
-
-    def _handle(self, message, front_index: int | None) -> None:
-        if isinstance(message, ipc.Batch):
-            rows = self._run_batch(message)
-            if self.batcher is not None:   # first, so the next batch can be on its way
-                self.batcher.send(ipc.Finished(message.batch_id, rows))
-            self._flush()
-        elif isinstance(message, ipc.Release):
-            held = self.held_by_front.get(front_index)
+    # -- links (ipc.Link calls these) --------------------------------------------------
+    def on_message(self, link: ipc.Link, message) -> None:
+        if type(message) is ipc.Submit:
+            refused = self.queue.add(message, link, time.monotonic())
+            if refused is not None:
+                self.counters.count_queue_full(self.index)
+                link.send(ipc.Done(message.req_id, (), (QueueFull.code, refused), None))
+            elif not self.pump_scheduled:       # once every message read this turn is in
+                self.pump_scheduled = True
+                asyncio.get_running_loop().call_soon(self.pump)
+        elif type(message) is ipc.Release:
+            held = self.held_by.get(link)
             for token in message.tokens:
                 if held is not None and held[token] > 0:
                     held[token] -= 1
                     if not held[token]:
                         del held[token]
                 self._release(token, 1)
+
+    def on_lost(self, link: ipc.Link) -> None:
+        """A front went away: forget its queued requests and the outputs it held."""
+        self.queue.drop_owner(link)
+        for token, count in self.held_by.pop(link, Counter()).items():
+            self._release(token, count)
+        if link.peer is not None:
+            self.segments.forget_prefix(
+                segment_path(self.cfg.run_id, f"front{link.peer.index}-{link.peer.pid}"))
+        self._publish_load()
 
     def _release(self, token: int, count: int) -> None:
         entry = self.outstanding.get(token)
@@ -194,37 +178,151 @@ class Worker:
                 self.arena.release(offset, nbytes)
             del self.outstanding[token]
 
-    # -- running a batch ---------------------------------------------------------------
-    def _run_batch(self, batch: ipc.Batch) -> int:
-        now = time.monotonic()
-        live = []
-        for item in batch.items:
-            if item.deadline <= now:
-                self._fail(item, DeadlineExceeded(
-                    "the request's deadline passed before a worker could run it"))
-            else:
-                live.append(item)
-        if not live:
-            return 0
-        try:
-            outputs, single = self._compute(live)
-        except Exception as e:  # the model's own error, reported to the caller
-            if len(live) > 1:   # find the request that broke the batch; run each alone
-                return sum(self._run_batch(ipc.Batch(batch.batch_id, (item,))) for item in live)
-            err = e if isinstance(e, GraphPipeError) else ModelError(
-                f"the model failed: {type(e).__name__}: {e}")
-            self._fail(live[0], err)
-            return 0
-        if len(live) > 1 and self.cfg.batch_check_every:
-            # the 1st merged batch, then every Nth; before delivery, while the request's
-            # inputs are surely still in the front's shared memory
-            if self.merged_batches % self.cfg.batch_check_every == 0:
-                self._check_batching(live[0], outputs)
-            self.merged_batches += 1
-        self._deliver(batch.batch_id, live, outputs, single)
-        return sum(item.rows or 1 for item in live)
+    def _publish_load(self) -> None:
+        busy = self.running is not None
+        rows = self.queue.rows + (self.running.rows if busy else 0) + (
+            self.staged.rows if self.staged is not None else 0)
+        self.counters.worker_load(self.index, rows, busy)
+        metrics.QUEUE_ROWS.set(self.queue.rows)
 
-    def _check_batching(self, item: ipc.Submit, outputs: list) -> None:
+    # -- the pipeline ------------------------------------------------------------------
+    def pump(self) -> None:
+        """Stage a batch if the policy says so, and start it if the device is free."""
+        self.pump_scheduled = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        while self.staged is None:
+            now = time.monotonic()
+            decision = self.queue.next(now, busy=self.running is not None)
+            for q in decision.expired:
+                self._answer_error(q, DeadlineExceeded(
+                    "the request's deadline passed while it waited in the queue "
+                    f"(--timeout-ms {self.cfg.timeout_ms:g})"))
+            if not decision.batch:
+                if decision.wait is not None:
+                    self.timer = asyncio.get_running_loop().call_later(decision.wait, self.pump)
+                break
+            for q in decision.batch:
+                metrics.QUEUE_WAIT_SECONDS.observe(now - q.arrived)
+            self.staged = self._gather(decision.batch)
+            if self.running is None:
+                self._start_staged()
+            elif self.inline:
+                break
+        self._publish_load()
+
+    def _start_staged(self) -> None:
+        batch, self.staged = self.staged, None
+        self.running = batch
+        if batch is None:
+            return
+        if self.inline:
+            self._compute(batch)
+            self._finished(batch)
+            return
+        loop = asyncio.get_running_loop()
+
+        def run() -> None:
+            self._compute(batch)
+            loop.call_soon_threadsafe(self._finished, batch)
+        self.compute_thread.submit(run)
+
+    def _finished(self, batch: Batch) -> None:
+        self.running = None
+        if self.staged is not None:
+            self._start_staged()             # the device first, then the answers
+        self._deliver(batch)
+        self.pump()
+
+    def _gather(self, entries: list[Queued]) -> Batch:
+        """The batch's model inputs: one request's own shared memory (0 copies), or its
+        requests' rows gathered, and padded up to a warmed size, into this worker's
+        arena (1 copy; a padding row repeats the last row, a valid input)."""
+        first = entries[0].item
+        rows = sum(q.item.rows for q in entries) if first.rows is not None else 1
+        size = self.sizes.pad(rows) if first.rows is not None and rows else rows
+        batch = Batch(entries, rows, size)
+        views = [[self.segments.view(ref) for ref in q.item.inputs] for q in entries]
+        if len(entries) == 1 and size == rows:
+            batch.feed = dict(zip(first.input_names, views[0]))
+            batch.region_of = {id(v): ref for v, ref in zip(views[0], first.inputs)}
+            return batch
+        started = time.perf_counter()
+        for k, name in enumerate(first.input_names):
+            parts = [v[k] for v in views]
+            shape = (size,) + parts[0].shape[1:]
+            placed = self._alloc(parts[0].dtype, shape) if parts[0].dtype != object else None
+            if placed is None:                  # String tensors (or a full arena): private
+                out = np.concatenate(parts + [parts[-1][-1:]] * (size - rows))
+            else:
+                out, ref, region = placed
+                batch.regions.append(region)
+                batch.region_of[id(out)] = ref
+                np.concatenate(parts, out=out[:rows])                    # the gather: 1 copy
+                if size > rows:
+                    out[rows:] = parts[-1][-1:]
+            batch.feed[name] = out
+        metrics.BATCH_ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
+        return batch
+
+    def _alloc(self, dtype, shape):
+        from gpserve.protocol.messages import type_of
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        offset = self.arena.alloc(nbytes)
+        if offset is None:
+            return None
+        arr = self.arena.buf[offset:offset + nbytes].view(dtype).reshape(shape)
+        return arr, ipc.TensorRef(self.arena.path, offset, type_of(dtype), shape), (offset,
+                                                                                    nbytes)
+
+    def _compute(self, batch: Batch) -> None:
+        """Run the model (in the compute thread): an outcome per request. A merged batch
+        that fails is re-run request by request, so one bad request fails alone."""
+        first = batch.entries[0].item
+        names = list(first.output_names)
+        batch.started = time.perf_counter()
+        try:
+            outputs = self.backend.run(batch.feed, names, first.config)
+            self._check_rows(outputs, names, batch)
+        except Exception as e:
+            if len(batch.entries) == 1:
+                batch.outcomes = [Outcome(error=_model_error(e))]
+                return
+            batch.outcomes = [self._run_alone(q) for q in batch.entries]
+            return
+        took = time.perf_counter() - batch.started
+        metrics.MODEL_SECONDS.observe(took)
+        if first.rows is not None:
+            self.queue.costs.observe(batch.size, took)
+        start = 0
+        for q in batch.entries:
+            batch.outcomes.append(Outcome(outputs, start))
+            start += q.rows
+        if len(batch.entries) > 1 and self.cfg.batch_check_every:
+            if self.merged_batches % self.cfg.batch_check_every == 0:
+                self._check_batching(batch.entries[0].item, outputs)
+            self.merged_batches += 1
+
+    def _run_alone(self, q: Queued) -> Outcome:
+        item = q.item
+        feed = dict(zip(item.input_names, (self.segments.view(r) for r in item.inputs)))
+        try:
+            return Outcome(self.backend.run(feed, list(item.output_names), item.config))
+        except Exception as e:
+            return Outcome(error=_model_error(e))
+
+    @staticmethod
+    def _check_rows(outputs, names, batch: Batch) -> None:
+        if batch.entries[0].item.rows is None:
+            return
+        for name, out in zip(names, outputs):
+            if np.ndim(out) == 0 or len(out) != batch.size:
+                raise ModelError(f"output {name!r} has shape {list(np.shape(out))} for a "
+                                 f"batch of {batch.size} rows; a batchable model must return "
+                                 "one row per input row")
+
+    def _check_batching(self, item, outputs: list) -> None:
         """Re-run the batch's first request alone and compare it with its rows of the
         batch: does batching change this model's answers (on this device)?"""
         feed = dict(zip(item.input_names, (self.segments.view(r) for r in item.inputs)))
@@ -245,108 +343,87 @@ class Worker:
                         "scale); serve with --batching off, or send config 'batch=off', "
                         "where bit-stable answers matter", d.absolute, d.relative)
 
-    def _compute(self, live: list[ipc.Submit]) -> tuple[list, list | None]:
-        """The model's outputs, and the input views when the batch is one request."""
-        first = live[0]
-        started = time.perf_counter()
-        views = [[self.segments.view(ref) for ref in item.inputs] for item in live]
-        if len(live) == 1:
-            feed = dict(zip(first.input_names, views[0]))            # 0 copies
-        else:
-            feed = {name: np.concatenate([v[k] for v in views])     # the gather: 1 copy
-                    for k, name in enumerate(first.input_names)}
-        assembled = time.perf_counter()
-        outputs = self.backend.run(feed, list(first.output_names), first.config)
-        metrics.BATCH_ASSEMBLY_SECONDS.observe(assembled - started)
-        metrics.MODEL_SECONDS.observe(time.perf_counter() - assembled)
-        metrics.BATCH_ROWS.observe(sum(item.rows or 1 for item in live))
-        if first.rows is not None:
-            total = sum(item.rows for item in live)
-            for name, out in zip(first.output_names, outputs):
-                if np.ndim(out) == 0 or len(out) != total:
-                    raise ModelError(f"output {name!r} has shape {list(np.shape(out))} for a "
-                                     f"batch of {total} rows; a batchable model must return "
-                                     "one row per input row")
-        return outputs, views[0] if len(live) == 1 else None
-
-    def _deliver(self, batch_id: int, live: list[ipc.Submit], outputs, single) -> None:
-        refs, regions = [], []
-        for k, out in enumerate(outputs):
-            out = out if isinstance(out, np.ndarray) else np.asarray(out)
-            reused = None
-            if single is not None:
-                reused = next((ref for ref, arr in zip(live[0].inputs, single) if arr is out),
-                              None)
-            if reused is not None:
-                refs.append(reused)                                  # echo: 0 copies
+    # -- answers -----------------------------------------------------------------------
+    def _deliver(self, batch: Batch) -> None:
+        """Write outputs into the arena (1 copy of the real rows; 0 for an output that is
+        an input) and answer each request; one write per front, at the end of the turn."""
+        self.counters.add_batch(self.index, batch.rows, batch.size)
+        metrics.BATCH_ROWS.observe(batch.rows)
+        refs: dict[int, ipc.TensorRef] = {}     # id(output array) -> where it is shared
+        regions: list[tuple[int, int]] = []     # arena regions the answers point into
+        gathered = {ref.offset for ref in batch.region_of.values()
+                    if ref.path == self.arena.path}
+        failed = None
+        for outcome in batch.outcomes:
+            for out in outcome.outputs or ():
+                if id(out) in refs:
+                    continue
+                ref = batch.region_of.get(id(out))
+                if ref is None:
+                    out = np.asarray(out)
+                    real = out[:batch.rows] if batch.size != batch.rows else out
+                    placed = self.arena.put(real)                       # 1 copy
+                    if placed is None:
+                        failed = ModelError(
+                            f"the batch's outputs do not fit in the worker's shared memory "
+                            f"({self.cfg.arena_bytes >> 20} MiB); raise --shm-mb")
+                        break
+                    ref, offset, nbytes = placed
+                    regions.append((offset, nbytes))
+                refs[id(out)] = ref                                     # else 0 copies
+        used = {ref.offset for ref in refs.values() if ref.path == self.arena.path}
+        for offset, nbytes in batch.regions:       # gathered inputs: kept if an output
+            if offset in used and offset in gathered and not failed:
+                regions.append((offset, nbytes))
+            else:
+                self.arena.release(offset, nbytes)
+        if failed:
+            for offset, nbytes in regions:
+                self.arena.release(offset, nbytes)
+            for q in batch.entries:
+                self._answer_error(q, failed)
+            return
+        token = next(self.tokens) if regions else None
+        answered = 0
+        for q, outcome in zip(batch.entries, batch.outcomes):
+            if outcome.error is not None:
+                self._answer_error(q, outcome.error)
                 continue
-            placed = self._place(out)
-            if placed is None:
+            start = outcome.start
+            whole = q.item.rows is None or start is None
+            slices = tuple(ipc.OutputSlice(refs[id(o)], 0 if whole else start,
+                                           None if whole else start + q.rows)
+                           for o in outcome.outputs)
+            if q.owner.open:
+                q.owner.send(ipc.Done(q.item.req_id, slices, None, token))
+                if token is not None:
+                    self.held_by.setdefault(q.owner, Counter())[token] += 1
+                    answered += 1
+        if token is not None:
+            if answered:
+                self.outstanding[token] = [regions, answered]
+            else:
                 for offset, nbytes in regions:
                     self.arena.release(offset, nbytes)
-                err = ModelError(
-                    f"the batch's outputs do not fit in the worker's shared memory "
-                    f"({self.cfg.arena_bytes >> 20} MiB); raise --shm-mb")
-                for item in live:
-                    self._fail(item, err)
-                return
-            ref, offset, nbytes = placed
-            refs.append(ref)
-            regions.append((offset, nbytes))
-        token = batch_id if regions else None
-        if regions:
-            self.outstanding[token] = [regions, len(live)]
-        start = 0
-        for item in live:
-            if item.rows is None:
-                slices = tuple(ipc.OutputSlice(ref, 0, None) for ref in refs)
-            else:
-                slices = tuple(ipc.OutputSlice(ref, start, start + item.rows) for ref in refs)
-                start += item.rows
-            if self._to_front(item, ipc.Done(item.req_id, slices, None, token)):
-                if token is not None:
-                    self.held_by_front.setdefault(item.front, Counter())[token] += 1
-            elif token is not None:
-                self._release(token, 1)   # that front is gone: nobody will read these rows
 
-    def _place(self, out: np.ndarray):
-        """Write an output into the arena (1 copy), waiting briefly for fronts to release."""
-        give_up = time.monotonic() + 1.0
-        while True:
-            placed = self.arena.put(out)
-            if placed is not None or time.monotonic() > give_up:
-                return placed
-            for key, _ in self.sel.select(timeout=0.01):   # take Release messages meanwhile
-                role, index = key.data
-                if role == "front":                        # fronts send only Releases
-                    for message in self._read(role, index):
-                        self._handle(message, index)
+    def _answer_error(self, q: Queued, err: GraphPipeError) -> None:
+        if q.owner.open:
+            q.owner.send(ipc.Done(q.item.req_id, (), (err.code, err.message), None))
 
-    def _fail(self, item: ipc.Submit, err: GraphPipeError) -> None:
-        self._to_front(item, ipc.Done(item.req_id, (), (err.code, err.message), None))
 
-    def _to_front(self, item: ipc.Submit, message) -> bool:
-        """Queue a message for the request's front; False if that front is gone."""
-        if self._front(item.front, item.front_pid) is None:
-            return False
-        self.outbox.setdefault(item.front, []).append(ipc.frame(message))
-        return True
-
-    def _flush(self) -> None:
-        """One write per front for everything a batch produced."""
-        for index, frames in self.outbox.items():
-            conn = self.fronts.get(index)
-            if conn is not None:
-                try:
-                    conn.sock.sendall(b"".join(frames))
-                except OSError:
-                    pass     # the front died; its requests' regions go when we see EOF
-        self.outbox = {}
+def _model_error(e: Exception) -> GraphPipeError:
+    return e if isinstance(e, GraphPipeError) else ModelError(
+        f"the model failed: {type(e).__name__}: {e}")
 
 
 def main(cfg: Config, index: int) -> None:
     from gpserve.logs import setup
     setup(cfg.verbose, f"worker{index}", cfg.log_format)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
     worker = Worker(cfg, index)
     log.info("worker %d ready: %s (pid %d)", index, worker.backend.spec.description, os.getpid())
-    worker.serve_forever()
+    asyncio.run(worker.serve())

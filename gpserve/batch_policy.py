@@ -1,0 +1,242 @@
+"""The batching policy: which queued requests run together, and when. Pure: no I/O, no
+clock of its own (``now`` is passed in), so it is tested in-process, fast.
+
+Each worker owns one :class:`BatchQueue`; fronts send a request straight to a worker
+chosen by :func:`choose_worker`. Rows, not requests, are what the policy counts.
+
+- Requests share a batch only when their ``key`` is equal (input names, dtypes and
+  non-batch shapes, outputs, config). Unbatchable requests (``rows`` None) run alone.
+- The group whose head waited longest goes first; a batch takes its requests in arrival
+  order up to ``max_batch`` rows. A request larger than that runs alone.
+- **While the worker's device is busy** a batch is staged only once it is full: rows
+  that arrive meanwhile would wait anyway, and waiting makes the next batch fuller.
+  Fill-or-finish: the moment the device is free, whatever is queued goes.
+- **While the device is idle** a partial batch is held only if waiting pays: for at
+  most the model's fixed cost per batch (the intercept ``a`` of ``t(n) = a + b*n``,
+  fitted from the batches run, warm-up included), never past ``--max-delay-ms``, and
+  only while at least one more row is expected in that time at the recent arrival
+  rate. Merging saves ``a`` per batch, so waiting longer than ``a`` cannot pay. On a
+  CPU, where ``a`` is small next to ``b*n``, this is close to "go at once"; on a GPU,
+  where ``a`` dominates, it waits for fuller batches.
+- A batch of ``n`` rows is padded up to the smallest of the worker's batch sizes that
+  holds it (:class:`BatchSizes`), the sizes the worker ran before taking traffic.
+- The queue holds at most ``max_queue`` rows; past it a request is refused at once.
+  Requests whose deadline passed are taken out and answered as expired.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Queued:
+    """A request waiting in a worker's queue."""
+
+    item: object           # the ipc.Submit
+    owner: object          # who asked (the front's link): answers go there
+    arrived: float
+
+    @property
+    def rows(self) -> int:
+        return self.item.rows or 1
+
+
+@dataclass
+class Decision:
+    """What the worker should do now: run ``batch`` (may be empty), answer ``expired``,
+    and, if nothing runs, look again after ``wait`` seconds (None: when rows arrive or
+    the device frees)."""
+
+    batch: list[Queued] = field(default_factory=list)
+    expired: list[Queued] = field(default_factory=list)
+    wait: float | None = None
+
+
+class BatchSizes:
+    """The batch sizes a worker forms: any size (CPU default), or a fixed set that a
+    batch is padded up to, each run once before traffic (no request pays a first run)."""
+
+    def __init__(self, sizes: list[int] | None, max_batch: int):
+        self.max_batch = max_batch
+        self.sizes = None if sizes is None else sorted({min(s, max_batch) for s in sizes}
+                                                        | {max_batch})
+
+    @classmethod
+    def parse(cls, text: str, max_batch: int, on_gpu: bool) -> "BatchSizes":
+        """``auto`` (powers of two on a GPU, any size on a CPU), ``any``, ``pow2``, or a
+        list such as ``1,8,32,64``."""
+        if text == "auto":
+            text = "pow2" if on_gpu else "any"
+        if text == "any":
+            return cls(None, max_batch)
+        if text == "pow2":
+            return cls([1 << k for k in range(max_batch.bit_length()) if 1 << k <= max_batch],
+                       max_batch)
+        return cls([int(s) for s in text.split(",") if s.strip()], max_batch)
+
+    def pad(self, rows: int) -> int:
+        """The size a batch of ``rows`` runs as (rows beyond ``max_batch``: unpadded)."""
+        if self.sizes is None or rows > self.max_batch:
+            return rows
+        return self.sizes[bisect.bisect_left(self.sizes, rows)]
+
+    def warm_up(self) -> list[int]:
+        """Sizes to run before taking traffic: every padded size, or the two ends (which
+        are enough to fit the cost model) when any size may be formed."""
+        return list(self.sizes) if self.sizes is not None else sorted({1, self.max_batch})
+
+
+class CostModel:
+    """``t(n) = a + b*n`` fitted to recent batches by least squares (exponentially
+    weighted, so it follows a device that warms up or slows down)."""
+
+    DECAY = 0.98
+
+    def __init__(self):
+        self.w = self.sn = self.st = self.snn = self.snt = 0.0
+        self.sizes: set[int] = set()
+
+    def observe(self, rows: int, seconds: float) -> None:
+        d = self.DECAY
+        self.w = self.w * d + 1
+        self.sn = self.sn * d + rows
+        self.st = self.st * d + seconds
+        self.snn = self.snn * d + rows * rows
+        self.snt = self.snt * d + rows * seconds
+        if len(self.sizes) < 2:
+            self.sizes.add(rows)
+
+    @property
+    def fixed_s(self) -> float:
+        """The per-batch cost that merging saves (``a``); 0 until two sizes were seen."""
+        if len(self.sizes) < 2:
+            return 0.0
+        var = self.snn * self.w - self.sn * self.sn
+        if var <= 1e-12:
+            return 0.0
+        b = (self.snt * self.w - self.sn * self.st) / var
+        a = (self.st - b * self.sn) / self.w
+        return max(0.0, min(a, self.st / self.w))
+
+
+class ArrivalRate:
+    """Rows per second arriving, smoothed over the recent past."""
+
+    def __init__(self):
+        self.mean_gap: float | None = None     # seconds per row
+        self.last: float | None = None
+
+    def add(self, rows: int, now: float) -> None:
+        if self.last is not None:
+            gap = (now - self.last) / rows
+            self.mean_gap = gap if self.mean_gap is None else 0.8 * self.mean_gap + 0.2 * gap
+        self.last = now
+
+    def expected(self, seconds: float, now: float) -> float:
+        """Rows expected in the next ``seconds`` (the silence since the last one counts)."""
+        if self.mean_gap is None or self.last is None:
+            return 0.0
+        gap = max(self.mean_gap, now - self.last)
+        return seconds / gap if gap > 0 else float("inf")
+
+
+class BatchQueue:
+    def __init__(self, max_batch: int, max_delay_s: float, max_queue: int,
+                 sizes: BatchSizes | None = None):
+        self.max_batch, self.max_delay_s, self.max_queue = max_batch, max_delay_s, max_queue
+        self.sizes = sizes or BatchSizes(None, max_batch)
+        self.costs = CostModel()
+        self.arrivals = ArrivalRate()
+        self.groups: dict[tuple, deque[Queued]] = {}
+        self.group_rows: dict[tuple, int] = {}
+        self.rows = 0
+
+    def add(self, item, owner, now: float) -> str | None:
+        """Queue a request; returns why it was refused (the queue is full), or None."""
+        rows = item.rows or 1
+        if self.rows + rows > self.max_queue:
+            return (f"the queue is full: {self.rows} rows are waiting and this request adds "
+                    f"{rows}, past --max-queue {self.max_queue}; retry later")
+        group = self.groups.get(item.key)
+        if group is None:
+            group = self.groups[item.key] = deque()
+            self.group_rows[item.key] = 0
+        group.append(Queued(item, owner, now))
+        self.group_rows[item.key] += rows
+        self.rows += rows
+        self.arrivals.add(rows, now)
+        return None
+
+    def drop_owner(self, owner) -> list[Queued]:
+        """Forget the requests of a front that is gone (nobody waits for them)."""
+        dropped = []
+        for key in list(self.groups):
+            kept = deque()
+            for q in self.groups[key]:
+                (dropped if q.owner is owner else kept).append(q)
+            self._set_group(key, kept)
+        return dropped
+
+    def next(self, now: float, busy: bool) -> Decision:
+        """The batch to run (or stage, when ``busy``) now, if any; see the module doc."""
+        out = Decision()
+        while self.groups:
+            key = min(self.groups, key=lambda k: self.groups[k][0].arrived)
+            group = self.groups[key]
+            head = group[0]
+            if head.item.deadline <= now:
+                out.expired.append(group.popleft())
+                self._set_group(key, group)
+                continue
+            rows = self.group_rows[key]
+            if head.item.rows is not None and rows < self.max_batch:
+                if busy:
+                    return out                          # fill, or wait for the device
+                hold = min(self.max_delay_s, self.costs.fixed_s)
+                left = hold - (now - head.arrived)
+                if left > 0 and self.arrivals.expected(left, now) >= 1:
+                    out.wait = left
+                    return out
+            out.batch = self._take(key, now, out.expired)
+            if out.batch:
+                return out
+        return out
+
+    def _take(self, key: tuple, now: float, expired: list) -> list[Queued]:
+        group, batch, rows = self.groups[key], [], 0
+        while group:
+            q = group[0]
+            if batch and (q.item.rows is None or rows + q.rows > self.max_batch):
+                break
+            group.popleft()
+            if q.item.deadline <= now:
+                expired.append(q)
+                continue
+            batch.append(q)
+            rows += q.rows
+            if q.item.rows is None or rows >= self.max_batch:
+                break
+        self._set_group(key, group)
+        return batch
+
+    def _set_group(self, key: tuple, entries: deque) -> None:
+        rows = sum(q.rows for q in entries)
+        self.rows += rows - self.group_rows[key]
+        if entries:
+            self.groups[key], self.group_rows[key] = entries, rows
+        else:
+            del self.groups[key], self.group_rows[key]
+
+
+def choose_worker(loads: dict[int, int], turn: int) -> int | None:
+    """The worker a front sends its next request to: the one with the fewest rows queued
+    or running (read from the shared counters), ties broken in turn so that fronts do
+    not all pick the same one. None when no worker is connected."""
+    if not loads:
+        return None
+    order = sorted(loads)
+    start = turn % len(order)
+    rotated = order[start:] + order[:start]
+    return min(rotated, key=loads.__getitem__)

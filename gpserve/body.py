@@ -1,0 +1,135 @@
+"""Reading a request body in a front: as it arrived, or streamed into shared memory,
+within the body limits (size, a timeout, memory reserved for bodies still arriving)."""
+from __future__ import annotations
+
+import asyncio
+
+from .config import Config
+from .connections import NOTES
+from .errors import BodyTooLarge, ProtocolError, QueueFull, RequestTimeout
+from .regions import Regions, arena_full
+from .shm import Arena
+
+
+class BodyReader:
+    def __init__(self, cfg: Config, arena: Arena):
+        self.cfg, self.arena = cfg, arena
+        self.arena_view = memoryview(arena.mm)
+        self.unfilled = 0           # arena bytes reserved for bodies not yet arrived
+
+    async def read(self, scope, receive, regions: Regions) -> memoryview | bytes:
+        """The request body; a streamed one occupies arena regions held by ``regions``.
+
+        A body that arrives in one ASGI message is used as it is (0 copies here; tensors
+        go to shared memory only if a worker needs them, 1 copy, in ``Regions.place``). A
+        longer one streams into the arena chunk by chunk (1 copy), so its tensors are
+        already in shared memory when decoded. uvicorn's ``receive`` has copied each
+        chunk twice on its side before we see it.
+
+        A body that stops arriving for ``--body-timeout-s`` is answered 408. A streamed
+        body reserves its whole length in the arena before its bytes come, so the bytes
+        reserved and not yet arrived, over all of this front's connections, may take at
+        most half the arena: idle clients that announce large bodies cannot shut others
+        out."""
+        limit = self.cfg.max_body_bytes
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        size = None
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                raise ProtocolError(f"Content-Length {length!r} is not a number") from None
+            if size > limit:
+                raise BodyTooLarge(f"the body is {size} bytes, over --max-body-mb "
+                                   f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
+        patience = self.cfg.body_timeout_s
+        got = [0]                                   # bytes received, for the 408's message
+        try:
+            async with asyncio.timeout(patience) as timer:
+                chunk, more = await _receive_chunk(receive)
+                got[0] = len(chunk)
+                if not more:
+                    if size is not None and len(chunk) != size:
+                        raise ProtocolError(f"the body has {len(chunk)} bytes, its "
+                                            f"Content-Length says {size}")
+                    if len(chunk) > limit:
+                        raise self._too_large()
+                    return chunk
+                if size is None:
+                    return await self._gather(chunk, receive, timer, got)
+                return await self._stream(chunk, size, receive, timer, got, regions)
+        except TimeoutError:
+            NOTES.acted("body_timeout", f"answered 408 to requests whose body stopped "
+                                        f"arriving for --body-timeout-s {patience:g}")
+            raise RequestTimeout(
+                f"the body stopped arriving: no bytes for {patience:g} s (--body-timeout-s) "
+                f"after {got[0]} of {size if size is not None else '?'} bytes") from None
+
+    async def _gather(self, chunk, receive, timer, got: list) -> bytes:
+        """A chunked transfer (no Content-Length): joined in memory, then decoded."""
+        limit, patience = self.cfg.max_body_bytes, self.cfg.body_timeout_s
+        loop, chunks, more = asyncio.get_running_loop(), [chunk], True
+        while more:
+            timer.reschedule(loop.time() + patience)
+            chunk, more = await _receive_chunk(receive)
+            got[0] += len(chunk)
+            if got[0] > limit:
+                raise self._too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _stream(self, chunk, size: int, receive, timer, got: list, regions: Regions):
+        """A body of known size in several pieces, written into the arena as they come
+        (1 copy); its reservation counts as unfilled until its bytes are there."""
+        patience, loop = self.cfg.body_timeout_s, asyncio.get_running_loop()
+        offset = self._reserve(size)
+        mm, pos, end = self.arena.mm, offset, offset + size
+        self.unfilled += size
+        more = True                  # the first piece came with more to follow
+        try:
+            while True:
+                if pos + len(chunk) > end:
+                    raise ProtocolError(f"the body is longer than its Content-Length {size}")
+                mm[pos:pos + len(chunk)] = chunk                  # -> shared memory: 1 copy
+                pos += len(chunk)
+                self.unfilled -= len(chunk)
+                got[0] = pos - offset
+                if not more:
+                    break
+                timer.reschedule(loop.time() + patience)
+                chunk, more = await _receive_chunk(receive)
+            if pos != end:
+                raise ProtocolError(f"the body ended after {pos - offset} of {size} bytes")
+        except BaseException:
+            self.arena.release(offset, size)
+            raise
+        finally:
+            self.unfilled -= end - pos
+        regions.hold(offset, size)
+        return self.arena_view[offset:end]
+
+    def _too_large(self) -> BodyTooLarge:
+        return BodyTooLarge(f"the body is over --max-body-mb {self.cfg.max_body_mb:g} MiB "
+                            f"({self.cfg.max_body_bytes} bytes)")
+
+    def _reserve(self, size: int) -> int:
+        """Arena space for a body of ``size`` bytes that is still to arrive."""
+        if self.unfilled + size > self.arena.size // 2:
+            NOTES.acted("memory_held_by_slow_bodies",
+                        "refused bodies: half of this front's shared memory is reserved for "
+                        "bodies still arriving")
+            raise QueueFull(
+                f"this front's shared memory is held by bodies still arriving "
+                f"({self.unfilled} bytes announced and not yet received; at most half of "
+                f"{self.arena.size >> 20} MiB); retry later")
+        offset = self.arena.alloc(size)
+        if offset is None:
+            raise arena_full(self.arena)
+        return offset
+
+
+async def _receive_chunk(receive) -> tuple[bytes, bool]:
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ProtocolError("the client went away while sending the body")
+    return message.get("body", b""), message.get("more_body", False)

@@ -1,0 +1,159 @@
+"""Server-wide counters in one small shared segment, read by every front for ``GET /``.
+
+Each process writes only its own block (a worker its worker block, a front its front
+block, the supervisor the server block), so no slot ever has two writers and no lock
+is needed; readers add the blocks up. Fields are named here, once, and reached through
+methods: no other module knows a slot's index.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+
+import numpy as np
+
+MAX_PROCESSES = 64          # workers, and fronts: each has a block of its own
+HISTOGRAM_BINS = 64         # batch sizes 1..63, and 64 or more
+
+SERVER_FIELDS = ("worker_restarts", "front_restarts")
+WORKER_FIELDS = ("pid", "ready", "queued_rows", "busy", "batches", "rows", "padded_rows",
+                 "max_batch_rows", "rejected_queue_full", "warmed_sizes",
+                 "checks", "checks_changed", "check_abs", "check_rel")   # the last two: float64
+FRONT_FIELDS = ("pid", "cache_hits", "cache_misses", "cache_writes", "cache_evictions",
+                "cache_errors", "cache_rotations")
+ERROR_CODES = 32
+CACHE_FIELDS = FRONT_FIELDS[1:]
+
+
+class Counters:
+    def __init__(self, path: str, create: bool = False):
+        self.path = path
+        w, f = len(WORKER_FIELDS) + HISTOGRAM_BINS, len(FRONT_FIELDS) + ERROR_CODES
+        size = 8 * (len(SERVER_FIELDS) + MAX_PROCESSES * (w + f))
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600) if create else os.open(path, os.O_RDWR)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self._mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        slots = np.frombuffer(self._mm, dtype=np.int64)
+        at = len(SERVER_FIELDS)
+        self._server = slots[:at]
+        self._workers = slots[at:at + MAX_PROCESSES * w].reshape(MAX_PROCESSES, w)
+        self._fronts = slots[at + MAX_PROCESSES * w:].reshape(MAX_PROCESSES, f)
+        self._w = {name: i for i, name in enumerate(WORKER_FIELDS)}
+        self._f = {name: i for i, name in enumerate(FRONT_FIELDS)}
+
+    # -- the supervisor ----------------------------------------------------------------
+    def count_restart(self, role: str) -> None:
+        self._server[SERVER_FIELDS.index(f"{role}_restarts")] += 1
+
+    def set_pid(self, role: str, index: int, pid: int) -> None:
+        block = self._workers if role == "worker" else self._fronts
+        block[index, 0] = pid
+        if role == "worker":
+            self._workers[index, self._w["ready"]] = 0
+
+    def pids(self, workers: int, fronts: int) -> dict:
+        return {"supervisor": int(self.path.rsplit("gpserve-", 1)[1].split("-")[0]),
+                "workers": self._workers[:workers, 0].tolist(),
+                "fronts": self._fronts[:fronts, 0].tolist()}
+
+    # -- a worker ----------------------------------------------------------------------
+    def worker_ready(self, index: int, ready: bool, warmed_sizes: tuple[int, ...] = ()) -> None:
+        row = self._workers[index]
+        row[self._w["warmed_sizes"]] = sum(1 << min(n, 63) for n in set(warmed_sizes))
+        row[self._w["ready"]] = int(ready)
+
+    def worker_load(self, index: int, queued_rows: int, busy: bool) -> None:
+        row = self._workers[index]
+        row[self._w["queued_rows"]] = queued_rows
+        row[self._w["busy"]] = int(busy)
+
+    def add_batch(self, index: int, rows: int, size_run: int) -> None:
+        """A batch of ``rows`` rows ran as ``size_run`` (more when padded up)."""
+        row, w = self._workers[index], self._w
+        row[w["batches"]] += 1
+        row[w["rows"]] += rows
+        row[w["padded_rows"]] += size_run - rows
+        if rows > row[w["max_batch_rows"]]:
+            row[w["max_batch_rows"]] = rows
+        row[len(WORKER_FIELDS) + min(max(size_run, 1), HISTOGRAM_BINS) - 1] += 1
+
+    def count_queue_full(self, index: int) -> None:
+        self._workers[index, self._w["rejected_queue_full"]] += 1
+
+    def record_check(self, index: int, absolute: float, relative: float, changed: bool) -> None:
+        """A worker re-ran one request of a merged batch alone (see batch_check.py)."""
+        row, w = self._workers[index], self._w
+        row[w["checks"]] += 1
+        row[w["checks_changed"]] += int(changed)
+        floats = row.view(np.float64)
+        floats[w["check_abs"]] = max(floats[w["check_abs"]], absolute)
+        floats[w["check_rel"]] = max(floats[w["check_rel"]], relative)
+
+    # -- what fronts read --------------------------------------------------------------
+    def ready_workers(self) -> int:
+        return int(self._workers[:, self._w["ready"]].sum())
+
+    def queued_rows(self, index: int) -> int:
+        """Rows waiting in one worker's queue, plus its batch running: how busy it is."""
+        row = self._workers[index]
+        return int(row[self._w["queued_rows"]])
+
+    def batch_checks(self) -> dict:
+        """Checks on live traffic, all workers together."""
+        w, floats = self._w, self._workers.view(np.float64)
+        return {"checks": int(self._workers[:, w["checks"]].sum()),
+                "changed": int(self._workers[:, w["checks_changed"]].sum()),
+                "max_difference": float(floats[:, w["check_abs"]].max()),
+                "relative": float(floats[:, w["check_rel"]].max())}
+
+    def warmed_sizes(self, workers: int) -> list[list[int]]:
+        """Per worker, the batch sizes it ran before taking traffic."""
+        masks = self._workers[:workers, self._w["warmed_sizes"]].tolist()
+        return [[n for n in range(64) if m >> n & 1] for m in masks]
+
+    # -- a front -----------------------------------------------------------------------
+    def add_cache(self, index: int, **counts: int) -> None:
+        """A front's row cache counts (``hits=3, misses=1``...); each front its own."""
+        row = self._fronts[index]
+        for name, n in counts.items():
+            row[self._f[f"cache_{name}"]] += n
+
+    def cache_totals(self) -> dict:
+        return {name[6:]: int(self._fronts[:, self._f[name]].sum()) for name in CACHE_FIELDS}
+
+    def count_error(self, index: int, code: int) -> None:
+        """A front answered a request with this error code."""
+        self._fronts[index, len(FRONT_FIELDS) + min(max(code, 0), ERROR_CODES - 1)] += 1
+
+    def errors(self) -> dict:
+        """Requests answered with an error, by the error's name, all fronts together."""
+        from .errors import BY_CODE
+        totals = self._fronts[:, len(FRONT_FIELDS):].sum(axis=0).tolist()
+        return {(BY_CODE[c].__name__ if c in BY_CODE else f"code{c}"): n
+                for c, n in enumerate(totals) if n}
+
+    def snapshot(self) -> dict:
+        w, workers = self._w, self._workers
+        total = {name: int(workers[:, w[name]].sum())
+                 for name in ("batches", "rows", "padded_rows", "queued_rows",
+                              "rejected_queue_full")}
+        hist_counts = workers[:, len(WORKER_FIELDS):].sum(axis=0).tolist()
+        hist = {str(i + 1) if i + 1 < HISTOGRAM_BINS else f"{HISTOGRAM_BINS}+": n
+                for i, n in enumerate(hist_counts) if n}
+        errors = self.errors()
+        server = dict(zip(SERVER_FIELDS, self._server.tolist()))
+        return {
+            "ready_workers": self.ready_workers(), "batches": total["batches"],
+            "batched_rows": total["rows"], "padded_rows": total["padded_rows"],
+            "max_batch_rows": int(workers[:, w["max_batch_rows"]].max()),
+            "mean_batch_rows": round(total["rows"] / total["batches"], 3)
+            if total["batches"] else 0,
+            "queued_rows": total["queued_rows"],
+            "rejected_queue_full": total["rejected_queue_full"],
+            "expired": errors.get("DeadlineExceeded", 0), "errors": errors,
+            **server, "batch_size_histogram": hist,
+        }

@@ -1,0 +1,171 @@
+"""A front's side of the workers: one link to each, which worker takes a request, and
+the requests waiting for an answer.
+
+A request goes straight to one worker (the least loaded, by the shared counters: see
+:func:`gpserve.batch_policy.choose_worker`) and its answer comes back on the same link:
+two hops. When a worker's link drops (the worker died), every request it held is
+answered at once with ``Unavailable``; none waits for its deadline.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+
+from . import ipc
+from .batch_policy import choose_worker
+from .counters import Counters
+from .errors import DeadlineExceeded, Unavailable
+from .shm import Segments, segment_path
+
+log = logging.getLogger("gpserve.front")
+RECONNECT_S = 0.05
+LINK_WAIT_S = 2.0
+ABANDONED_GRACE_S = 60.0
+
+
+class Waiting:
+    """A request sent to a worker: its answer's future, and, once the front stopped
+    waiting (deadline), the arena regions the worker may still read."""
+
+    __slots__ = ("future", "worker", "deadline", "abandoned", "release")
+
+    def __init__(self, future, worker: int, deadline: float):
+        self.future, self.worker, self.deadline = future, worker, deadline
+        self.abandoned = False
+        self.release = None          # frees the request's regions, once abandoned
+
+
+class Dispatcher:
+    def __init__(self, run_id: str, front_index: int, workers: int, counters: Counters,
+                 segments: Segments):
+        self.run_id, self.index, self.workers = run_id, front_index, workers
+        self.counters, self.segments = counters, segments
+        self.hello = ipc.Hello("front", front_index, os.getpid())
+        self.links: dict[int, ipc.Link] = {}      # worker index -> link, once it said Hello
+        self.connecting: dict[int, ipc.Link] = {}    # connected, its Hello not yet here
+        self.waiting: dict[int, Waiting] = {}
+        self.ids = itertools.count(1)
+        self.turn = front_index
+        self.linked = asyncio.Event()                # set while any worker is linked
+
+    # -- links -------------------------------------------------------------------------
+    async def keep_connected(self) -> None:
+        """Connect to every worker, and again to a restarted one."""
+        while True:
+            for i in range(self.workers):
+                pending = self.connecting.get(i)
+                if pending is not None and not pending.open:
+                    del self.connecting[i]           # it closed before saying Hello
+                if i not in self.links and i not in self.connecting:
+                    try:
+                        self.connecting[i] = await ipc.connect(
+                            ipc.worker_address(self.run_id, i), ipc.Link(self, self.hello))
+                    except OSError:
+                        pass
+            await asyncio.sleep(RECONNECT_S)
+
+    def on_peer(self, link: ipc.Link) -> None:
+        self.connecting.pop(link.peer.index, None)
+        self.links[link.peer.index] = link
+        self.linked.set()
+
+    def on_lost(self, link: ipc.Link) -> None:
+        if link.peer is None:
+            return
+        index, pid = link.peer.index, link.peer.pid
+        if self.links.get(index) is link:
+            del self.links[index]
+        if not self.links:
+            self.linked.clear()
+        failed = 0
+        for req_id, w in list(self.waiting.items()):
+            if w.worker != index:
+                continue
+            if w.abandoned:
+                self._forget(req_id)
+            elif not w.future.done():
+                failed += 1
+                w.future.set_exception(Unavailable(
+                    f"worker {index} (pid {pid}) exited while holding this request; it is "
+                    "being restarted, try again"))
+        self.segments.forget(segment_path(self.run_id, f"worker{index}-{pid}"))
+        log.warning("lost worker %d (pid %d); %d requests answered Unavailable", index, pid,
+                    failed)
+
+    def on_message(self, link: ipc.Link, message) -> None:
+        w = self.waiting.get(message.req_id)
+        if w is None or w.abandoned:
+            self._forget(message.req_id)
+            if message.token is not None:
+                link.release(message.token)
+        elif not w.future.done():
+            w.future.set_result((link, message))
+
+    @property
+    def ready(self) -> bool:
+        """Linked to every worker that is up (and at least one)."""
+        return bool(self.links) and len(self.links) >= self.counters.ready_workers()
+
+    def about(self) -> list[dict]:
+        """The workers this front is linked to, as they describe themselves."""
+        return [{"index": i, "pid": link.peer.pid, "runs": link.peer.about}
+                for i, link in sorted(self.links.items())]
+
+    # -- requests ----------------------------------------------------------------------
+    async def run(self, refs, names, outputs, config, rows, key, timeout: float,
+                  hand_over) -> tuple[ipc.Link, ipc.Done]:
+        """Send a request to a worker and wait for its answer (the caller releases the
+        answer's token). On a timeout the worker may still read the request's regions:
+        ``hand_over()`` gives them to the waiting record, freed when the answer comes or
+        the worker dies."""
+        if not self.links and self.counters.ready_workers():
+            # a worker is up and this front is connecting to it (just started, or the
+            # worker just restarted): a moment, not the deadline
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LINK_WAIT_S):
+                    await self.linked.wait()
+        loads = {i: self.counters.queued_rows(i) for i in self.links}
+        chosen = choose_worker(loads, self.turn)
+        self.turn += 1
+        if chosen is None:
+            raise Unavailable("no worker is running (the server is starting, or restarting "
+                              "a worker); try again")
+        req_id = next(self.ids)
+        deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        w = self.waiting[req_id] = Waiting(loop.create_future(), chosen, deadline)
+        self.links[chosen].send(ipc.Submit(req_id, refs, names, outputs, config, rows, key,
+                                           deadline))
+        timer = loop.call_later(timeout, _expire, w.future)     # cheaper than wait_for
+        try:
+            return await w.future
+        except asyncio.TimeoutError:
+            w.abandoned, w.release = True, hand_over()
+            raise DeadlineExceeded(f"no result within --timeout-ms {timeout * 1e3:g}") from None
+        finally:
+            timer.cancel()
+            if not w.abandoned:
+                del self.waiting[req_id]
+
+    def _forget(self, req_id: int) -> None:
+        w = self.waiting.pop(req_id, None)
+        if w is not None and w.release is not None:
+            w.release()
+
+    async def sweep_abandoned(self) -> None:
+        """Free the memory of timed-out requests whose answer will never come."""
+        while True:
+            await asyncio.sleep(5)
+            now = time.monotonic()
+            for req_id, w in list(self.waiting.items()):
+                if w.abandoned and now > w.deadline + ABANDONED_GRACE_S:
+                    self._forget(req_id)
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())

@@ -1,0 +1,73 @@
+"""The shared memory one request holds in its front's arena, freed exactly once.
+
+A request's body (when it streamed in) and the tensors placed for a worker live in
+regions of the front's arena. They must outlive the worker's reading of them: freed
+when the answer is in, or, if the front stopped waiting (deadline), when the worker's
+answer or its death says nobody reads them any more (:class:`gpserve.dispatch.Waiting`
+takes them over through :meth:`Regions.hand_over`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import QueueFull
+from .protocol.messages import type_of
+from .shm import Arena, TensorRef
+
+
+class Regions:
+    __slots__ = ("arena", "held")
+
+    def __init__(self, arena: Arena):
+        self.arena = arena
+        self.held: list[tuple[int, int]] = []
+
+    def hold(self, offset: int, nbytes: int) -> None:
+        self.held.append((offset, nbytes))
+
+    def place(self, arr: np.ndarray) -> TensorRef:
+        """A descriptor for a decoded tensor: its own bytes when they already sit aligned
+        in the arena (0 copies), else a copy into a new region (1 copy)."""
+        arena = self.arena
+        if arr.dtype != object:
+            offset = arena.offset_of(arr)
+            if offset is not None and arr.flags.c_contiguous and arr.flags.aligned:
+                return TensorRef(arena.path, offset, type_of(arr.dtype), arr.shape)
+        placed = arena.put(arr)
+        if placed is None:
+            raise arena_full(arena)
+        ref, offset, nbytes = placed
+        self.held.append((offset, nbytes))
+        return ref
+
+    def place_rows(self, arr: np.ndarray, rows: list[int]) -> TensorRef:
+        """Some rows of a tensor, gathered straight into shared memory (1 copy)."""
+        if arr.dtype == object:
+            return self.place(arr[rows])
+        shape = (len(rows),) + arr.shape[1:]
+        nbytes = int(np.prod(shape)) * arr.itemsize
+        offset = self.arena.alloc(nbytes)
+        if offset is None:
+            raise arena_full(self.arena)
+        self.held.append((offset, nbytes))
+        dst = self.arena.buf[offset:offset + nbytes].view(arr.dtype).reshape(shape)
+        np.take(arr, rows, axis=0, out=dst)
+        return TensorRef(self.arena.path, offset, type_of(arr.dtype), shape)
+
+    def release(self) -> None:
+        """Free every region (again: nothing)."""
+        for offset, nbytes in self.held:
+            self.arena.release(offset, nbytes)
+        self.held = []
+
+    def hand_over(self):
+        """Give the regions to someone who frees them later (returns the function that
+        does); this request then holds none."""
+        taken = Regions(self.arena)
+        taken.held, self.held = self.held, []
+        return taken.release
+
+
+def arena_full(arena: Arena) -> QueueFull:
+    return QueueFull(f"this front's shared memory ({arena.size >> 20} MiB) is full of "
+                     "requests in flight; retry later or raise --shm-mb")

@@ -1,0 +1,83 @@
+"""Small requests against the original Go GraphPipe server, side by side in one run.
+
+float32 [1,16] bodies to the echo model at 1, 16 and 64 clients (wrk), gpserve next to
+Oracle's own compiled ``graphpipe-echo`` (``../shared/peers/go/``) started by this
+script on the same machine. The targets of the data path (docs/architecture.md):
+gpserve >= 0.5 of Go's requests/s at 16 and 64 clients, and p50 at one client <= 3x Go's.
+
+    python perf/small.py [--seconds 5] [--repeats 3] [--clients 1,16,64] [--fronts N]
+
+Repeats: each point is run ``--repeats`` times, alternating servers, and the median
+reported with the spread (max/min - 1) of gpserve's runs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen  # noqa: E402
+from _common import Process, exit_cleanly_on_sigterm, free_port, print_table, write_json  # noqa: E402
+
+from gpserve import protocol as P  # noqa: E402
+from gpserve.testing import Server  # noqa: E402
+
+GO_ECHO = Path(__file__).resolve().parents[1].parent / "shared" / "peers" / "go" / "graphpipe-echo"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--clients", default="1,16,64")
+    ap.add_argument("--fronts", type=int, default=0, help="gpserve fronts (default: its own)")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    exit_cleanly_on_sigterm()
+    if not GO_ECHO.exists() or not loadgen.wrk_available():
+        print(f"[skip] needs {GO_ECHO} and wrk (apt-get install wrk)")
+        return 0
+    body = bytes(P.encode_request(P.InferRequest(
+        [np.random.default_rng(0).random((1, 16), dtype=np.float32)])))
+    go_port = free_port()
+    go = Process([str(GO_ECHO), "-listen", f"127.0.0.1:{go_port}"],
+                 f"http://127.0.0.1:{go_port}/", body)
+    extra = ["--fronts", str(args.fronts)] if args.fronts else []
+    rows = []
+    try:
+        with Server("--model", "echo", *extra) as gp:
+            urls = {"go": f"http://127.0.0.1:{go_port}/", "gpserve": gp.url + "/"}
+            for c in (int(x) for x in args.clients.split(",")):
+                runs = {"go": [], "gpserve": []}
+                for _ in range(args.repeats):
+                    for name, url in urls.items():
+                        runs[name].append(loadgen.run_wrk(url, body, c, args.seconds))
+                med = {n: sorted(r, key=lambda x: x["rps"])[len(r) // 2]
+                       for n, r in runs.items()}
+                rps = [r["rps"] for r in runs["gpserve"]]
+                rows.append({
+                    "clients": c, "go_rps": med["go"]["rps"], "gpserve_rps": med["gpserve"]["rps"],
+                    "ratio": med["gpserve"]["rps"] / med["go"]["rps"],
+                    "go_p50_ms": med["go"]["p50_ms"], "gp_p50_ms": med["gpserve"]["p50_ms"],
+                    "p50_x": med["gpserve"]["p50_ms"] / med["go"]["p50_ms"],
+                    "gp_p99_ms": med["gpserve"]["p99_ms"],
+                    "spread": max(rps) / min(rps) - 1 if min(rps) > 0 else float("nan"),
+                    "errors": sum(r["errors"] for r in runs["gpserve"])})
+    finally:
+        go.stop()
+    print(f"\nSmall requests, float32 [1,16], echo; median of {args.repeats} x "
+          f"{args.seconds:g} s (wrk -t1)")
+    print_table(rows, [("clients", "d"), ("go_rps", ",.0f"), ("gpserve_rps", ",.0f"),
+                       ("ratio", ".2f"), ("go_p50_ms", ".3f"), ("gp_p50_ms", ".3f"),
+                       ("p50_x", ".1f"), ("gp_p99_ms", ".2f"), ("spread", ".0%"),
+                       ("errors", "d")])
+    write_json(args.json, rows, benchmark="small", repeats=args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
