@@ -20,6 +20,7 @@ class Config:
     outputs: list[str] = field(default_factory=list)   # default output names
     fronts: int = 0                      # 0: from the machine
     workers: int = 0                     # worker processes per device; 0: from the machine
+    placement: str = "auto"              # auto | fronts | workers: where the model runs
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     max_batch: int = 32                  # rows
     max_delay_ms: float = 2.0
@@ -77,10 +78,19 @@ class Config:
             self.fronts = max(1, min(cores, 8))
         if self.workers <= 0:
             self.workers = 1
-        if self.threads <= 0:
+        self.threads_from_machine = self.threads <= 0
+        if self.threads_from_machine:
             self.threads = max(1, cores // self.workers) if not self.device.startswith(
                 "cuda") else 1
         return self
+
+    def place(self, placement: str) -> None:
+        """Settle where the model runs; in the fronts, each front hosts one instance."""
+        self.placement = placement
+        if placement == "fronts":
+            self.workers = self.fronts
+            if getattr(self, "threads_from_machine", False):
+                self.threads = max(1, len(os.sched_getaffinity(0)) // self.fronts)
 
 
 def _names(text: str) -> list[str]:
@@ -145,6 +155,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
       help="HTTP front processes (default: one per core, at most 8)")
     a("--workers", type=int, default=0,
       help="worker processes (model instances) per device (default 1)")
+    a("--placement", choices=["auto", "fronts", "workers"], default=d.placement,
+      help="where the model runs: 'workers' (worker processes shared by every front: "
+           "batches merge all fronts' requests; GPUs), 'fronts' (each front runs its own "
+           "instance: no hop between processes; cheap CPU models), 'auto': fronts for a "
+           "CPU ONNX or echo model whose one row takes under 1 ms, else workers "
+           "(docs/architecture.md)")
     a("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     a("--max-batch", type=int, default=d.max_batch,
       help="most rows in one batch")

@@ -94,6 +94,9 @@ class Counters:
         floats[w["check_rel"]] = max(floats[w["check_rel"]], relative)
 
     # -- what fronts read --------------------------------------------------------------
+    def worker_is_ready(self, index: int) -> bool:
+        return bool(self._workers[index, self._w["ready"]])
+
     def ready_workers(self) -> int:
         return int(self._workers[:, self._w["ready"]].sum())
 

@@ -51,6 +51,7 @@ class Dispatcher:
         self.ids = itertools.count(1)
         self.turn = front_index
         self.linked = asyncio.Event()                # set while any worker is linked
+        self.hosted = None                           # the worker in this process, if any
 
     # -- links -------------------------------------------------------------------------
     async def keep_connected(self) -> None:
@@ -107,8 +108,20 @@ class Dispatcher:
 
     @property
     def ready(self) -> bool:
-        """Linked to every worker that is up (and at least one)."""
+        """Linked to every worker that is up (and at least one); a front that hosts its
+        worker: that one is warm."""
+        if self.hosted is not None:
+            return self.counters.worker_is_ready(self.index)
         return bool(self.links) and len(self.links) >= self.counters.ready_workers()
+
+    def host(self, worker) -> None:
+        """Run requests on a worker in this process (``--placement fronts``): no hop."""
+        self.hosted = worker
+        front_end = LocalEnd(self, worker.hello)
+        worker_end = LocalEnd(worker, self.hello)
+        front_end.other, worker_end.other = worker_end, front_end
+        self.links[worker.index] = front_end
+        self.linked.set()
 
     def about(self) -> list[dict]:
         """The workers this front is linked to, as they describe themselves."""
@@ -164,6 +177,23 @@ class Dispatcher:
             for req_id, w in list(self.waiting.items()):
                 if w.abandoned and now > w.deadline + ABANDONED_GRACE_S:
                     self._forget(req_id)
+
+
+class LocalEnd:
+    """One end of the link between a front and the worker it hosts: the calls of
+    :class:`ipc.Link`, made directly (no socket, no framing)."""
+
+    __slots__ = ("owner", "peer", "other")
+    open = True
+
+    def __init__(self, owner, peer: ipc.Hello):
+        self.owner, self.peer, self.other = owner, peer, None
+
+    def send(self, message) -> None:
+        self.other.owner.on_message(self.other, message)
+
+    def release(self, token: int) -> None:
+        self.send(ipc.Release((token,)))
 
 
 def _expire(future: asyncio.Future) -> None:

@@ -46,6 +46,13 @@ class FrontState:
         self.counters = Counters(segment_path(cfg.run_id, "counters"))
         self.body = BodyReader(cfg, self.arena)
         self.workers = Dispatcher(cfg.run_id, index, cfg.workers, self.counters, self.segments)
+        self.hosted = None
+        if cfg.placement == "fronts":           # this front runs its own model instance
+            from gpserve.workers.worker import Worker
+            self.hosted = Worker(cfg, index)
+            self.counters.set_pid("worker", index, os.getpid())
+            self.segments.adopt(self.hosted.arena)
+            self.hosted.segments.adopt(self.arena)
         self.ids = itertools.count(1)
         self.timeout = cfg.timeout_ms / 1000.0
         self.server = None          # the uvicorn Server, for draining state
@@ -67,8 +74,12 @@ class FrontState:
                                   cfg.cache_size_mb, self.counters, index)
 
     async def start(self) -> None:
-        self.tasks.append(asyncio.create_task(self.workers.keep_connected()))
         self.tasks.append(asyncio.create_task(self.workers.sweep_abandoned()))
+        if self.hosted is not None:
+            await self.hosted.start()
+            self.workers.host(self.hosted)
+        else:
+            self.tasks.append(asyncio.create_task(self.workers.keep_connected()))
 
     @property
     def ready(self) -> bool:

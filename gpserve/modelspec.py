@@ -31,6 +31,7 @@ class ModelSpec:
     echo: bool = False            # any inputs; outputs are the inputs
     description: str = ""
     batch_probe: dict | None = None   # workers/batch_check.py: does batching change answers?
+    one_row_ms: float | None = None   # one made-up row, timed at load (for --placement auto)
 
     def __post_init__(self):
         self._inputs = {s.name: s for s in self.inputs}

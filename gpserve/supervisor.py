@@ -82,6 +82,21 @@ def inspect_model(cfg: Config):
                          f"(backend {cfg.backend or '?'}): {type(e).__name__}: {e}") from None
 
 
+CHEAP_ROW_MS = 1.0
+
+
+def choose_placement(cfg: Config, spec) -> str:
+    """``--placement auto``: a model cheaper than a hop between processes runs in the
+    fronts (echo, or an ONNX model on the CPU whose one row took under CHEAP_ROW_MS at
+    load); anything else, and every GPU, in worker processes."""
+    if cfg.placement != "auto":
+        return cfg.placement
+    from gpserve.workers.devices import worker_device
+    cheap = spec.echo or (cfg.backend == "onnx" and spec.one_row_ms is not None
+                          and spec.one_row_ms < CHEAP_ROW_MS)
+    return "fronts" if cheap and worker_device(cfg.device, 0) == "cpu" else "workers"
+
+
 def _child_main(target, args, run_id: str, supervisor_pid: int) -> None:
     """Every child's entry: die with the supervisor, hold the run's lock, then work.
 
@@ -145,6 +160,7 @@ class Supervisor:
         metrics_dir = segment_path(cfg.run_id, "metrics")
         os.makedirs(metrics_dir, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir   # before any child starts
+        cfg.place(choose_placement(cfg, spec))
         if cfg.workers > MAX_PROCESSES or cfg.fronts > MAX_PROCESSES:
             raise SystemExit(f"gpserve: at most {MAX_PROCESSES} workers and "
                              f"{MAX_PROCESSES} fronts")
@@ -152,8 +168,9 @@ class Supervisor:
 
         from gpserve.workers import worker
         from . import front
+        workers = cfg.workers if cfg.placement == "workers" else 0
         self.children = (
-            [_Child("worker", i, worker.main, (cfg, i)) for i in range(cfg.workers)]
+            [_Child("worker", i, worker.main, (cfg, i)) for i in range(workers)]
             + [_Child("front", i, front.main, (cfg, spec, i)) for i in range(cfg.fronts)])
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
@@ -174,6 +191,7 @@ class Supervisor:
             "model": cfg.model_path, "name": spec.name, "backend": spec.backend,
             "devices": sorted({worker_device(cfg.device, i) for i in range(cfg.workers)}),
             "fronts": cfg.fronts, "workers": cfg.workers, "threads": cfg.threads,
+            "placement": cfg.placement,
             "batching": "off" if cfg.batching == "off" or not spec.batchable else
             f"max {cfg.max_batch} rows, {cfg.max_delay_ms:g} ms",
             "max_queue": cfg.max_queue, "timeout_ms": cfg.timeout_ms,
@@ -184,7 +202,8 @@ class Supervisor:
         probe = found["checks"]["probe"]
         fields["batch_invariant"] = found["invariant"]
         fields["batch_max_difference"] = found["max_difference"]
-        log.info("serving %s (%s) on %s: devices %s, %d fronts, %d workers x %d threads, "
+        log.info("serving %s (%s) on %s: devices %s, %d fronts, %d model instances in the "
+                 f"{cfg.placement} x %d threads, "
                  "batching %s (%s: largest difference %.3g; %s), cache %s", spec.name,
                  spec.backend, fields["listen"], ",".join(fields["devices"]), cfg.fronts,
                  cfg.workers, cfg.threads, fields["batching"], VERDICTS[found["invariant"]],
@@ -230,8 +249,9 @@ class Supervisor:
                 self.counters.count_restart(child.role)
                 metrics.RESTARTS.labels(child.role).inc()
                 metrics.process_gone(child.process.pid)
-                with contextlib.suppress(FileNotFoundError):   # nobody writes there now
-                    os.unlink(segment_path(self.cfg.run_id, f"{child.name}-{child.process.pid}"))
+                for arena in (child.name, f"worker{child.index}"):   # nobody writes there now
+                    with contextlib.suppress(FileNotFoundError):     # (a front's hosted worker)
+                        os.unlink(segment_path(self.cfg.run_id, f"{arena}-{child.process.pid}"))
                 self._start(child)
 
     def _stop(self, sock: socket.socket) -> None:

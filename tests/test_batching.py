@@ -166,3 +166,30 @@ def test_ocr_classifier_batched_rows_match_in_process():
         got = asyncio.run(concurrent(s.url, rows))
     for i, g in enumerate(got):
         np.testing.assert_allclose(g[0][0], want[i], atol=1e-5)
+
+
+@pytest.mark.parametrize("placement", ["workers", "fronts"])
+def test_every_batch_size_formed_is_one_the_worker_warmed(placement):
+    """--batch-sizes: a batch is padded up to the next listed size, and every size was
+    run before traffic (on a GPU, no request then pays a runtime's first run of a shape:
+    ``pow2`` is the default there). The padding rows never reach an answer."""
+    with Server("--max-batch", "16", "--batch-sizes", "1,4", "--placement", placement,
+                "--fronts", "1", "--batch-check-every", "0") as s:
+        info = s.info()
+        assert info["batching"]["warmed_sizes"] == [[1, 4, 16]]
+        rng = np.random.default_rng(7)
+        requests = [rng.uniform(-1, 1, (n, 2)).astype(np.float32) for n in (1, 2, 3, 5, 9, 16)]
+        with Client(s.url) as c:
+            batched = [c.execute(x) for x in requests]
+            alone = [c.execute_multi([x], None, None, "batch=off")[0] for x in requests]
+        for b, a, x in zip(batched, alone, requests):
+            assert b.shape == (len(x), 3)
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        rows = points(64, seed=3)
+        asyncio.run(concurrent(s.url, rows))                    # merged batches, too
+        stats = s.stats()
+        # batched requests ran as 1, 4, 4, 16, 16, 16, then merged ones; batch=off ones
+        # ran alone at their own sizes (1, 2, 3, 5, 9, 16): padding never applies to them
+        assert set(stats["batch_size_histogram"]) <= {"1", "2", "3", "4", "5", "9", "16"}
+        assert stats["padded_rows"] >= (4 - 2) + (4 - 3) + (16 - 5) + (16 - 9)
+        assert stats["batched_rows"] == 2 * sum(len(x) for x in requests) + 64

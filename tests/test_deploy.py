@@ -188,7 +188,8 @@ def test_load_balanced_profile_with_nginx(models, tmp_path):
 
 
 def test_metrics_count_known_traffic(tmp_path):
-    with Server("--model", "echo", "--cache", "--cache-dir", str(tmp_path)) as s, \
+    with Server("--model", "echo", "--cache", "--cache-dir", str(tmp_path),
+                "--placement", "workers") as s, \
             Client(s.url) as c:
         x = np.arange(12, dtype=np.float32).reshape(4, 3)
         c.execute(x)                 # 4 rows computed, then 8 answered by the cache

@@ -153,9 +153,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_children_die_with_a_killed_supervisor_and_their_segments_go_next_start():
-    s = Server("--model", "echo", "--fronts", "2")
+    s = Server("--model", "echo", "--fronts", "2", "--placement", "workers")
     run, children = s.proc.pid, s.children()
-    assert len(children) >= 4
+    assert len(children) >= 4       # 2 fronts, a worker, the resource tracker
     os.kill(run, signal.SIGKILL)
     s.proc.wait()
     s.log.close()
@@ -281,7 +281,7 @@ def test_requests_held_by_a_killed_worker_are_answered_at_once(tmp_path):
     (60 s here; the client gives up after 30 s, so waiting would fail the test)."""
     model = slow_model(tmp_path / "slow.onnx")
     with Server("--model", str(model), "--timeout-ms", "60000", "--batch-check-every", "0",
-                "--fronts", "1") as s:
+                "--fronts", "1", "--placement", "workers") as s:
         results = {}
 
         def call(name, rows):

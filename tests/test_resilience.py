@@ -59,7 +59,8 @@ def run_load_and_kill(server, role: str, restarts_slot: str):
 
 @pytest.fixture
 def server():
-    with Server("--timeout-ms", str(TIMEOUT_S * 1000), "--fronts", "2") as s:
+    with Server("--timeout-ms", str(TIMEOUT_S * 1000), "--fronts", "2",
+                "--placement", "workers") as s:
         yield s
 
 
@@ -99,7 +100,7 @@ def _start_time(pid: int) -> str | None:
 
 
 def test_clean_stop_leaves_nothing_behind():
-    s = Server("--model", "echo", "--fronts", "2", "--workers", "2")
+    s = Server("--model", "echo", "--fronts", "2", "--workers", "2", "--placement", "workers")
     with Client(s.url) as c:
         c.execute(np.ones((4, 4), np.float32))
     children = {pid: _start_time(pid) for pid in s.children()}

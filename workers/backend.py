@@ -83,4 +83,28 @@ def inspect(cfg: Config) -> ModelSpec:
     backend = load(cfg, "cpu", 1)
     spec = backend.spec
     spec.batch_probe = probe(backend).as_dict()
+    spec.one_row_ms = _one_row_ms(backend)
     return spec
+
+
+def _one_row_ms(backend) -> float | None:
+    """The best of a few runs of one made-up row, on one CPU thread (None: not timed)."""
+    import time
+
+    from .batch_check import made_up_rows
+    spec = backend.spec
+    if spec.echo:
+        return 0.0
+    feed = made_up_rows(spec, 1) if spec.batchable else None
+    if feed is None:
+        return None
+    outputs = [s.name for s in spec.outputs]
+    best = float("inf")
+    try:
+        for _ in range(5):
+            t0 = time.perf_counter()
+            backend.run(feed, outputs, "")
+            best = min(best, time.perf_counter() - t0)
+    except Exception:
+        return None
+    return best * 1e3

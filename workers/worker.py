@@ -129,13 +129,17 @@ class Worker:
         log.info("worker %d warmed batch sizes %s (fixed cost per batch %.2f ms)",
                  self.index, self.warmed, 1e3 * self.queue.costs.fixed_s)
 
+    async def start(self) -> None:
+        """Warm up (off the event loop), then say so in the shared counters."""
+        await asyncio.get_running_loop().run_in_executor(self.compute_thread, self.warm_up)
+        self.counters.worker_ready(self.index, True, self.warmed)
+
     async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.warm_up)
-        server = await loop.create_unix_server(
+        """A worker process: take fronts' connections on this worker's address."""
+        await self.start()
+        server = await asyncio.get_running_loop().create_unix_server(
             lambda: ipc.Link(self, self.hello),
             sock=ipc.listening_socket(ipc.worker_address(self.cfg.run_id, self.index)))
-        self.counters.worker_ready(self.index, True, self.warmed)
         async with server:
             await server.serve_forever()
 
@@ -240,8 +244,12 @@ class Worker:
         requests' rows gathered, and padded up to a warmed size, into this worker's
         arena (1 copy; a padding row repeats the last row, a valid input)."""
         first = entries[0].item
-        rows = sum(q.item.rows for q in entries) if first.rows is not None else 1
-        size = self.sizes.pad(rows) if first.rows is not None and rows else rows
+        if first.rows is not None:
+            rows = sum(q.item.rows for q in entries)
+            size = self.sizes.pad(rows) if rows else 0
+        else:                   # run alone, at its own size: its rows if it has a dim 0
+            shape = first.inputs[0].shape if first.inputs else ()
+            rows = size = shape[0] if shape and self.backend.spec.batchable else 1
         batch = Batch(entries, rows, size)
         views = [[self.segments.view(ref) for ref in q.item.inputs] for q in entries]
         if len(entries) == 1 and size == rows:
