@@ -24,7 +24,7 @@ class Config:
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     max_batch: int = 32                  # rows
     max_delay_ms: float = 2.0
-    batch_sizes: str = "auto"            # auto | any | pow2 | 1,8,32,...: sizes a batch is padded to
+    batch_sizes: str = "auto"            # auto | any | pow2 | 1,8,32...: sizes padded to
     max_queue: int = 1024                # rows waiting in each worker's queue
     timeout_ms: float = 30000.0          # per-request deadline
     max_body_mb: float = 256.0
@@ -139,7 +139,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
       help="model file or directory, http(s) URL (downloaded once), or 'echo'; "
            "default: the built-in demo model")
     a("--backend", default=d.backend,
-      choices=["", "onnx", "tensorflow", "torch", "echo"],
+      choices=["", "onnx", "tensorflow", "torch", "echo", "standin"],
       help="which runtime serves the model (default: tell by the file)")
     a("--signature", default=d.signature,
       help="TensorFlow SavedModel signature to serve")
@@ -222,7 +222,7 @@ def from_args(args: argparse.Namespace) -> Config:
                     if hasattr(args, k)})
     problems = []
     try:
-        cfg.port
+        _ = cfg.port
     except (ValueError, IndexError):
         problems.append(f"--listen {cfg.listen!r} is not host:port")
     for name in ("max_batch", "max_queue"):

@@ -63,7 +63,8 @@ class Counters:
     # -- a worker ----------------------------------------------------------------------
     def worker_ready(self, index: int, ready: bool, warmed_sizes: tuple[int, ...] = ()) -> None:
         row = self._workers[index]
-        row[self._w["warmed_sizes"]] = sum(1 << min(n, 63) for n in set(warmed_sizes))
+        # bit n-1 for size n; sizes of 63 and more share the last bit
+        row[self._w["warmed_sizes"]] = sum(1 << (min(n, 63) - 1) for n in set(warmed_sizes))
         row[self._w["ready"]] = int(ready)
 
     def worker_load(self, index: int, queued_rows: int, busy: bool) -> None:
@@ -114,9 +115,9 @@ class Counters:
                 "relative": float(floats[:, w["check_rel"]].max())}
 
     def warmed_sizes(self, workers: int) -> list[list[int]]:
-        """Per worker, the batch sizes it ran before taking traffic."""
+        """Per worker, the batch sizes it ran before taking traffic (63: 63 or more)."""
         masks = self._workers[:workers, self._w["warmed_sizes"]].tolist()
-        return [[n for n in range(64) if m >> n & 1] for m in masks]
+        return [[n + 1 for n in range(63) if m >> n & 1] for m in masks]
 
     # -- a front -----------------------------------------------------------------------
     def add_cache(self, index: int, **counts: int) -> None:

@@ -166,9 +166,8 @@ def _raise_file_limit() -> None:
 def main(cfg: Config, spec: ModelSpec, index: int) -> None:
     import uvicorn
 
-    from .supervisor import port_socket
-
     from .logs import setup
+    from .supervisor import port_socket
     setup(cfg.verbose, f"front{index}", cfg.log_format)
     from .connections import guarded_protocol
     _raise_file_limit()

@@ -15,6 +15,13 @@ def resolve(model: str, models_dir: str) -> str:
     """A local path (or 'echo') for ``--model``; raises SystemExit with a clear message."""
     if model == "echo":
         return "echo"
+    if model.startswith("standin:"):        # a benchmark's stand-in for a GPU model
+        from gpserve.workers.standin import parse
+        try:
+            parse(model)
+        except ValueError as e:
+            raise SystemExit(f"gpserve: {e}") from None
+        return model
     if not model:
         from gpserve.workers.default_model import ensure
         return str(ensure(Path(models_dir) / DEFAULT_MODEL))

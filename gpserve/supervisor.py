@@ -27,7 +27,10 @@ from .config import Config
 from .counters import MAX_PROCESSES, Counters
 from .model_source import resolve
 from .shm import (
-    hold_run_lock, remove_run_segments, remove_stale_segments, segment_path,
+    hold_run_lock,
+    remove_run_segments,
+    remove_stale_segments,
+    segment_path,
 )
 
 log = logging.getLogger("gpserve.supervisor")
@@ -167,6 +170,7 @@ class Supervisor:
         self.counters = Counters(segment_path(cfg.run_id, "counters"), create=True)
 
         from gpserve.workers import worker
+
         from . import front
         workers = cfg.workers if cfg.placement == "workers" else 0
         self.children = (
@@ -229,7 +233,7 @@ class Supervisor:
         self.stopping = True
 
     def _watch(self) -> None:
-        from . import metrics        # only now: PROMETHEUS_MULTIPROC_DIR is set
+        from . import metrics  # only now: PROMETHEUS_MULTIPROC_DIR is set
         while not self.stopping:
             sentinels = {c.process.sentinel: c for c in self.children}
             for ready in wait(list(sentinels), timeout=0.5):

@@ -108,7 +108,8 @@ def uvicorn_argv(app: str, port: int, workers: int) -> list[str]:
     return [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(__file__).parent), app,
             "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
             "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
-            "--no-access-log", "--timeout-worker-healthcheck", "600"]  # JSON requests block for long
+            "--no-access-log",
+            "--timeout-worker-healthcheck", "600"]  # JSON requests block for long
 
 
 def free_port() -> int:

@@ -3,9 +3,10 @@
 For the OCR text-direction classifier and MiniLM (sequence length 32), 16 concurrent
 clients send single-row requests whose rows are 100%, 50% or 0% repeated (a repeated
 row comes from a small pool sent once before timing; a new row has a counter written
-into its data). Load: wrk with ``perf/rows.lua`` (or aiohttp when wrk is missing). Reported: rows/s, p50/p99, and the per-row cost of hashing a row and of
-an LMDB lookup (measured in-process). The echo model under the same 100%-repeated load
-is the "trivial model" a cache hit is compared with.
+into its data). Load: wrk with ``perf/rows.lua`` (or aiohttp when wrk is missing).
+Reported: rows/s, p50/p99, and the per-row cost of hashing a row and of an LMDB lookup
+(measured in-process). The echo model under the same 100%-repeated load is the
+"trivial model" a cache hit is compared with.
 
 Targets: with 100% repeated rows, >= 10x the uncached rows/s of the OCR classifier and
 >= 0.9x the echo model's requests/s; with 0% repeated rows, >= 0.95x the rows/s with
@@ -65,7 +66,7 @@ def run_rows(url: str, bodies: "Bodies", seconds: float, repeats: int) -> dict:
                 ["wrk", "-t1", f"-c{CLIENTS}", f"-d{1 if i == 0 else round(seconds)}s",
                  "--timeout", "60s", "-s", str(Path(__file__).parent / "rows.lua"), url, "--",
                  *args, start], capture_output=True, text=True, timeout=seconds + 120)
-            line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+            line = next(t for t in out.stdout.splitlines() if t.startswith("RESULT "))
             f = dict(re.findall(r"(\w+)=([\d.]+)", line))
             if i:
                 runs.append({"engine": "wrk", "rps": float(f["rps"]), "p50_ms": float(f["p50_ms"]),
@@ -104,6 +105,7 @@ class Bodies:
 def per_row_costs(make, names, tmp: Path) -> dict:
     from gpserve.cache.keys import row_keys
     from gpserve.cache.store import RowCache
+
     from gpserve.ipc import Counters
     tensors = make()
     n = 2000
@@ -153,13 +155,15 @@ def main(argv=None) -> int:
             # that the machine's drift between runs does not land on the ratio. The echo
             # model takes the OCR body right after the OCR hits, for the same reason.
             with Server("--model", str(path)) as off, Server(
-                    "--model", str(path), "--cache", "--cache-dir", str(tmp / f"rows-{name}")) as on:
+                    "--model", str(path), "--cache",
+                    "--cache-dir", str(tmp / f"rows-{name}")) as on:
                 for share in (1.0, 0.5, 0.0):
                     bodies = Bodies(make, names, share)
                     for cache, s in (("off", off), ("on", on)):
                         if share > 0:              # the repeated rows are seen once first
-                            loadgen.run(s.url + "/", bodies.pool[0] if share == 1.0 else
-                                        (lambda i: bodies.pool[i % POOL]), CLIENTS, 1.0,
+                            pool = bodies.pool
+                            loadgen.run(s.url + "/", pool[0] if share == 1.0 else
+                                        (lambda i, pool=pool: pool[i % POOL]), CLIENTS, 1.0,
                                         warmup_s=0)
                         load = bodies.pool[0] if share == 1.0 else bodies
                         rep = run_rows(s.url + "/", bodies, secs, reps) \
@@ -208,7 +212,7 @@ def main(argv=None) -> int:
     if args.png:
         Path(args.png).parent.mkdir(parents=True, exist_ok=True)
         labels = [f"{m} {p}" for m in ("ocr-cls", "minilm") for p in ("100%", "50%", "0%")]
-        series = {f"cache {c}": [by[l.split()[0], c, l.split()[1]]["rows_s"] for l in labels]
+        series = {f"cache {c}": [by[t.split()[0], c, t.split()[1]]["rows_s"] for t in labels]
                   for c in ("off", "on")}
         bar_chart(args.png, "Single-row requests, 16 clients: rows/s by share of repeated rows",
                   labels, series, "rows/s", log=True)

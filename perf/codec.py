@@ -26,7 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    bar_chart, exit_cleanly_on_sigterm, print_table, timed, write_json,
+    bar_chart,
+    exit_cleanly_on_sigterm,
+    print_table,
+    timed,
+    write_json,
 )
 
 from gpserve import protocol as P  # noqa: E402
@@ -128,10 +132,10 @@ def measure(name, codec, arrays, runs, only_small=False):
         ok = bool(np.array_equal(np.asarray(dec(body), dtype=arr.dtype).reshape(arr.shape), arr))
         size = len(body) if hasattr(body, "__len__") and not isinstance(body, np.ndarray) \
             else arr.nbytes
-        loop_enc = (lambda: enc(arr)) if inner == 1 else (
-            lambda: [enc(arr) for _ in range(inner)])
-        loop_dec = (lambda: dec(body)) if inner == 1 else (
-            lambda: [dec(body) for _ in range(inner)])
+        loop_enc = (lambda enc=enc, arr=arr: enc(arr)) if inner == 1 else (
+            lambda enc=enc, arr=arr, inner=inner: [enc(arr) for _ in range(inner)])
+        loop_dec = (lambda dec=dec, body=body: dec(body)) if inner == 1 else (
+            lambda dec=dec, body=body, inner=inner: [dec(body) for _ in range(inner)])
         ew, ec = timed(loop_enc, n if inner == 1 else 5)
         dw, dc = timed(loop_dec, n if inner == 1 else 5)
         rows.append({"message": label, "codec": name, "enc_wall_s": ew / inner,

@@ -29,7 +29,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402
 from _common import (  # noqa: E402
-    Process, bar_chart, exit_cleanly_on_sigterm, free_port, print_table, uvicorn_argv, write_json,
+    Process,
+    bar_chart,
+    exit_cleanly_on_sigterm,
+    free_port,
+    print_table,
+    uvicorn_argv,
+    write_json,
 )
 
 from gpserve import protocol as P  # noqa: E402
@@ -42,7 +48,7 @@ GO_ECHO_MBPS = {8: 54.0, 128: 38.0}        # graphpipe-echo, request MB/s at one
 
 def graphpipe_body(arr: np.ndarray) -> bytes:
     try:
-        from codec import load_graphpipe, DEFAULT_GP
+        from codec import DEFAULT_GP, load_graphpipe
         convert = load_graphpipe(DEFAULT_GP)
         return bytes(convert.serialize_infer_request(convert.InferReq(None, [arr], [], [])))
     except Exception:   # no network for the isolated install: gpserve's bytes are equivalent
@@ -57,7 +63,7 @@ def loopback_echo_mbps(nbytes: int) -> float | None:
         subprocess.run([sys.executable, str(script), "--sizes", str(nbytes), "--modes", "echo",
                         "--runs", "3", "--min-seconds", "2", "--json-out", out.name],
                        check=True, capture_output=True, timeout=300)
-        rows = [json.loads(l) for l in Path(out.name).read_text().splitlines()]
+        rows = [json.loads(t) for t in Path(out.name).read_text().splitlines()]
     return float(np.median([r["mb_s"] for r in rows]))
 
 
@@ -65,8 +71,8 @@ def draw(by: dict, png: str) -> None:
     """The two charts, from rows keyed by (server, shape, clients)."""
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     labels = [f"{s} c={c}" for s in ("8x224x224x3", "128x224x224x3") for c in (1, 5)]
-    series = {srv: [by.get((srv, l.split()[0], int(l.split("=")[1])), {}).get(
-        "rows_per_s", 0) for l in labels] for srv in ("gpserve", "json")}
+    series = {srv: [by.get((srv, t.split()[0], int(t.split("=")[1])), {}).get(
+        "rows_per_s", 0) for t in labels] for srv in ("gpserve", "json")}
     bar_chart(png, "Echo of large float32 tensors: rows/s (log)", labels, series, "rows/s",
               log=True)
     small_png = png.replace(".png", "-small.png")

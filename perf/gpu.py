@@ -9,7 +9,8 @@ The TorchScript backend is the GPU path that needs no extra wheel on the lent ma
 (it has PyTorch but no internet and carries at most 64 MiB per call: onnxruntime-gpu is
 bigger). gpserve's own dependencies must be importable there; ``--wheels DIR`` installs
 them from a folder made here with
-``pip download -d wheels starlette uvicorn httptools uvloop lmdb blake3 platformdirs aiohttp urllib3 tqdm``.
+``pip download -d wheels starlette uvicorn httptools uvloop lmdb blake3 platformdirs
+aiohttp urllib3 tqdm``.
 
     python perf/gpu.py [--model PATH] [--seconds 8] [--json FILE] [--wheels DIR]
 """
@@ -22,7 +23,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_MODEL = HERE.parents[0].parent / "shared" / "models" / "ch_ppocr_mobile_v2.0_cls_torchscript.pt"
+DEFAULT_MODEL = (HERE.parents[0].parent / "shared" / "models"
+                 / "ch_ppocr_mobile_v2.0_cls_torchscript.pt")
 
 
 def main(argv=None) -> int:
@@ -46,6 +48,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
     import loadgen
     from _common import print_table, write_json
+
     from gpserve import protocol as P
     from gpserve.testing import Server
 

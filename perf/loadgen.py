@@ -39,7 +39,7 @@ def run_wrk(url: str, body: bytes, concurrency: int, seconds: float,
              "--timeout", f"{int(timeout_s)}s", "-s", str(SHARED_LUA), url],
             env={**os.environ, "BODY": f.name}, capture_output=True, text=True,
             timeout=seconds + timeout_s + 30)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((t for t in out.stdout.splitlines() if t.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
     fields = dict(re.findall(r"(\w+)=([\d.]+)", line))
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
         body = args.body.read_bytes()
     else:
         import numpy as np
+
         from gpserve import protocol as P
         shape = tuple(int(d) for d in args.shape.split("x"))
         body = bytes(P.encode_request(P.InferRequest(

@@ -61,7 +61,7 @@ def run_peer(peer: str, quick: bool, results: Path) -> list[dict]:
     subprocess.run(["bash", str(SCRIPTS / "run_matrix.sh"), peer], env=env, check=False,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
     path = results / f"{peer}.jsonl"
-    lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] \
+    lines = [json.loads(t) for t in path.read_text().splitlines() if t.strip()] \
         if path.exists() else []
     rows = []
     for model, clients in LOADS:
@@ -150,8 +150,9 @@ def main(argv=None) -> int:
         Path(args.png).parent.mkdir(parents=True, exist_ok=True)
         labels = [f"{m} c={c} b={b}" for m, c in LOADS for b in ("on", "off")]
         servers = list(dict.fromkeys(r["server"] for r in rows))
-        series = {s: [by.get((s, l.split()[0], l.split("b=")[1], int(l.split("c=")[1].split()[0])),
-                             {}).get("rows_s", 0) for l in labels] for s in servers}
+        series = {s: [by.get((s, t.split()[0], t.split("b=")[1],
+                              int(t.split("c=")[1].split()[0])), {}).get("rows_s", 0)
+                      for t in labels] for s in servers}
         bar_chart(args.png, "Single-row requests: rows/s, gpserve and established servers",
                   labels, series, "rows/s")
     return 0

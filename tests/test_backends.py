@@ -5,11 +5,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import MODELS, need_shared
 
 from gpserve.client import AsyncClient, Client
 from gpserve.testing import Server, eventually
-
-from conftest import MODELS, need_shared
 
 tf = pytest.importorskip("tensorflow", reason="the TensorFlow backend needs gpserve[tensorflow]")
 torch = pytest.importorskip("torch", reason="the PyTorch backend needs gpserve[torch]")
@@ -179,7 +178,8 @@ def test_keras_model_served_natively_and_through_tf2onnx(tmp_path):
     tf2onnx = pytest.importorskip("tf2onnx", reason="tf2onnx is not installed")
     keras = tf.keras
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((6,), name="x"), keras.layers.Dense(12, activation="relu"),
+    model = keras.Sequential([keras.Input((6,), name="x"),
+                              keras.layers.Dense(12, activation="relu"),
                               keras.layers.Dense(2, activation="softmax")])
     x = np.random.default_rng(16).standard_normal((4, 6)).astype(np.float32)
     want = model.predict(x, verbose=0)

@@ -4,12 +4,11 @@ import asyncio
 
 import numpy as np
 import pytest
+from conftest import MODELS, need_shared, ort_session
 
 from gpserve.client import AsyncClient, Client
 from gpserve.errors import BadConfig
 from gpserve.testing import Server, eventually
-
-from conftest import MODELS, need_shared, ort_session
 
 CLS = MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 

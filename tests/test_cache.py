@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MODELS, need_shared
 
 from gpserve.client import AsyncClient, Client
 from gpserve.errors import BadConfig
 from gpserve.testing import Server, eventually
-
-from conftest import MODELS, need_shared
 
 CLS = MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 VAD = MODELS / "silero_vad_16k_op15.onnx"

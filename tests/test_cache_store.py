@@ -4,9 +4,9 @@ import os
 
 import numpy as np
 import pytest
+from gpserve.cache.store import RowCache
 
 from gpserve.counters import Counters
-from gpserve.cache.store import RowCache
 
 ROW_BYTES = 4096 * 4                       # one float32 [4096] output row: 16 KiB
 
@@ -35,7 +35,7 @@ def test_a_full_cache_keeps_caching_and_stays_bounded(tmp_path, counters):
     always found; the file never passes the bound; nothing fails."""
     cache = RowCache(tmp_path / "env", 2, counters, 0)
     written = 0
-    for batch in range(480):                          # 8 rows (128 KiB) at a time
+    for _ in range(480):                          # 8 rows (128 KiB) at a time
         keys = fill(cache, written, 8)
         written += 8
         assert cache.flush()

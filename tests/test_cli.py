@@ -7,11 +7,10 @@ import threading
 
 import numpy as np
 import pytest
-
-from gpserve.client import Client
+from conftest import MODELS, need_shared
 from gpserve.workers.default_model import spiral_points
 
-from conftest import MODELS, need_shared
+from gpserve.client import Client
 from gpserve.testing import Server, free_port
 
 

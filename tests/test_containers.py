@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MODELS, ROOT, need_shared
 
 from gpserve.client import Client, ConnectionFailed
 from gpserve.errors import GraphPipeError
 from gpserve.testing import eventually, free_port, metric
-
-from conftest import MODELS, ROOT, need_shared
 
 BASE = "localhost/debian-base:bookworm"
 IMAGE = "localhost/gpserve:cpu"
@@ -235,8 +234,9 @@ def test_lb_and_monitoring_profiles(image, tmp_path):
     """Two replicas behind nginx, both serving; Prometheus scraping both. nginx and
     Prometheus are built from Debian's packages on the same local base; an override file
     only swaps their image names for those."""
-    from gpserve import protocol as P
     from gpserve.workers.default_model import spiral_points
+
+    from gpserve import protocol as P
     build("localhost/gpserve-nginx:test", ROOT / "deploy" / "nginx" / "Dockerfile", ROOT)
     build("localhost/gpserve-prometheus:test", ROOT / "deploy" / "prometheus" / "Dockerfile",
           ROOT)

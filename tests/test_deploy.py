@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import ROOT
 
 from gpserve.client import Client
+from gpserve.errors import GraphPipeError
 from gpserve.testing import Server, eventually, free_port, metric
-
-from conftest import ROOT
 
 COMPOSE = ROOT / "compose.yaml"
 K8S = ROOT / "deploy" / "kubernetes"
@@ -109,8 +109,8 @@ def test_compose_gpserve_service_runs_locally(models, tmp_path):
         assert (probs.argmax(1) == labels).mean() > 0.9
         info = s.info()
         assert info["cache"]["enabled"] and info["batching"]["max_batch"] == 32
-        lines = [json.loads(l) for l in s.output().splitlines() if l.startswith("{")]
-        summary = next(l for l in lines if l["message"].startswith("serving"))
+        lines = [json.loads(t) for t in s.output().splitlines() if t.startswith("{")]
+        summary = next(e for e in lines if e["message"].startswith("serving"))
         assert summary["process"] == "supervisor" and summary["cache"].startswith(str(tmp_path))
 
 
@@ -196,7 +196,7 @@ def test_metrics_count_known_traffic(tmp_path):
         eventually(lambda: s.info()["cache"]["writes"] >= 4, 30, "the cache write")
         c.execute(x)
         c.execute(x)
-        with pytest.raises(Exception):
+        with pytest.raises(GraphPipeError):
             c.execute_multi([x], ["a", "b"], None)
         c.metadata()
         text = urllib.request.urlopen(s.url + "/metrics").read().decode()
@@ -225,9 +225,9 @@ def test_json_logs_with_access_lines():
             Client(s.url) as c:
         c.execute(np.ones((2, 2), np.float32))
         eventually(lambda: '"gpserve.access"' in s.output(), 30, "the access-log line")
-        lines = [json.loads(l) for l in s.output().splitlines() if l.startswith("{")]
-    access = [l for l in lines if l["logger"] == "gpserve.access"]
+        lines = [json.loads(t) for t in s.output().splitlines() if t.startswith("{")]
+    access = [e for e in lines if e["logger"] == "gpserve.access"]
     assert len(access) == 1 and access[0]["status"] == 200 and access[0]["kind"] == "infer"
     assert access[0]["process"].startswith("front") and access[0]["bytes_out"] > 0
-    summary = next(l for l in lines if l["message"].startswith("serving echo"))
+    summary = next(e for e in lines if e["message"].startswith("serving echo"))
     assert summary["fronts"] >= 1 and summary["listen"] == s.url

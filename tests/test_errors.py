@@ -9,7 +9,6 @@ import urllib3
 from gpserve import errors as E
 from gpserve import protocol as P
 from gpserve.client import Client
-
 from gpserve.testing import Server, eventually
 
 # The default model (no files needed, so a fresh clone runs these): point Float32[-1, 2]

@@ -10,16 +10,15 @@ import threading
 import flatbuffers
 import numpy as np
 import pytest
+from fbuild import finish_request, tensor_table
+from test_cache import scale_model
+from test_errors import assert_error, slow_model
 
 from gpserve import errors as E
 from gpserve import protocol as P
 from gpserve.client import Client
 from gpserve.shm import hold_run_lock, remove_stale_segments, run_is_alive, segment_path
 from gpserve.testing import Server, eventually
-
-from fbuild import finish_request, tensor_table
-from test_cache import scale_model
-from test_errors import assert_error, slow_model
 
 
 def raw(port: int, data: bytes) -> socket.socket:

@@ -2,11 +2,10 @@
 import flatbuffers
 import numpy as np
 import pytest
+from fbuild import finish_request, tensor_table
 
 from gpserve import protocol as P
 from gpserve.errors import ProtocolError, UnsupportedRequest
-
-from fbuild import finish_request, tensor_table
 
 ALL_DTYPES = ["uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
               "float16", "float32", "float64"]

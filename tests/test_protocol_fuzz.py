@@ -7,7 +7,8 @@ than a small constant times its own size.
 import tracemalloc
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from gpserve import protocol as P

@@ -1,4 +1,5 @@
-"""Processes die (on the default model, so a fresh clone runs these too); requests still get an answer or a clear error in time; the server heals;
+"""Processes die (on the default model, so a fresh clone runs these too); requests still
+get an answer or a clear error in time; the server heals;
 a clean stop leaves nothing behind."""
 import os
 import signal

@@ -4,11 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import MODELS, need_shared, ort_session
 
 from gpserve.client import AsyncClient, Client
 from gpserve.errors import UnknownInput
-
-from conftest import MODELS, need_shared, ort_session
 from gpserve.testing import Server
 
 CLS = MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"

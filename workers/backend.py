@@ -15,7 +15,7 @@ import numpy as np
 from gpserve.config import Config
 from gpserve.modelspec import ModelSpec
 
-BACKENDS = ("onnx", "tensorflow", "torch", "echo")
+BACKENDS = ("onnx", "tensorflow", "torch", "echo", "standin")
 
 
 class Backend(Protocol):
@@ -31,6 +31,8 @@ def backend_name(model_path: str) -> str:
     (TorchScript / torch.export), ONNX ModelProto or TensorFlow GraphDef protobuf."""
     if model_path == "echo":
         return "echo"
+    if model_path.startswith("standin:"):
+        return "standin"
     p = Path(model_path)
     if p.is_dir():
         if (p / "saved_model.pb").exists() or (p / "saved_model.pbtxt").exists():
@@ -59,6 +61,9 @@ def load(cfg: Config, device: str, threads: int) -> Backend:
     if cfg.backend == "echo":
         from .echo import EchoBackend
         return EchoBackend()
+    if cfg.backend == "standin":
+        from .standin import StandinBackend
+        return StandinBackend(cfg.model_path)
     if cfg.backend == "onnx":
         from .onnx import OnnxBackend
         return OnnxBackend(cfg.model_path, device, threads, cfg.inputs, cfg.outputs,

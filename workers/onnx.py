@@ -59,7 +59,8 @@ class OnnxBackend:
         ins = [_io(a) for a in self.session.get_inputs()]
         outs = [_io(a) for a in self.session.get_outputs()]
         self.spec = ModelSpec(
-            name=Path(path).name.removesuffix(".gz").removesuffix(".onnx"), backend="onnx", inputs=ins, outputs=outs,
+            name=Path(path).name.removesuffix(".gz").removesuffix(".onnx"), backend="onnx",
+            inputs=ins, outputs=outs,
             default_inputs=inputs, default_outputs=outputs,
             batchable=ModelSpec.batch_first(ins, outs),
             description=f"ONNX model {Path(path).name} on {self.providers[0]}")

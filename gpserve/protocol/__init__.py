@@ -17,14 +17,30 @@ so keep it alive and unchanged while they are in use (bytes input gives read-onl
 """
 from ..errors import ProtocolError, UnsupportedRequest
 from .decode import (
-    MAX_RANK, MAX_TENSORS, decode_metadata_response, decode_request, decode_response,
+    MAX_RANK,
+    MAX_TENSORS,
+    decode_metadata_response,
+    decode_request,
+    decode_response,
 )
 from .encode import (
-    encode_error, encode_metadata_response, encode_request, encode_response,
+    encode_error,
+    encode_metadata_response,
+    encode_request,
+    encode_response,
 )
 from .messages import (
-    TYPE_NAMES, TYPE_TO_DTYPE, Error, InferRequest, InferResponse, IOMetadata,
-    MetadataRequest, MetadataResponse, Request, type_name, type_of,
+    TYPE_NAMES,
+    TYPE_TO_DTYPE,
+    Error,
+    InferRequest,
+    InferResponse,
+    IOMetadata,
+    MetadataRequest,
+    MetadataResponse,
+    Request,
+    type_name,
+    type_of,
 )
 
 __all__ = [

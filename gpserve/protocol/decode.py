@@ -28,8 +28,16 @@ import numpy as np
 
 from ..errors import ProtocolError, UnsupportedRequest
 from .messages import (
-    NULL, STRING, TYPE_NAMES, TYPE_TO_DTYPE, Error, InferRequest, InferResponse,
-    IOMetadata, MetadataRequest, MetadataResponse,
+    NULL,
+    STRING,
+    TYPE_NAMES,
+    TYPE_TO_DTYPE,
+    Error,
+    InferRequest,
+    InferResponse,
+    IOMetadata,
+    MetadataRequest,
+    MetadataResponse,
 )
 
 MAX_TENSORS = 4096

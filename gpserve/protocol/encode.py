@@ -20,8 +20,15 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .messages import (
-    STRING, TYPE_TO_DTYPE, Error, InferRequest, InferResponse, IOMetadata,
-    MetadataRequest, MetadataResponse, type_of,
+    STRING,
+    TYPE_TO_DTYPE,
+    Error,
+    InferRequest,
+    InferResponse,
+    IOMetadata,
+    MetadataRequest,
+    MetadataResponse,
+    type_of,
 )
 
 DATA_ALIGN = 16
@@ -146,12 +153,13 @@ class _Writer:
                 self.patch(at, len(head))
                 head += _u32.pack(arr.nbytes)
                 # 1 copy (np.ascontiguousarray is a no-op for contiguous little-endian data)
-                head += memoryview(np.ascontiguousarray(arr, dtype=dtype).reshape(-1).view(np.uint8))
+                flat = np.ascontiguousarray(arr, dtype=dtype).reshape(-1)
+                head += memoryview(flat.view(np.uint8))
             return memoryview(head)
 
         end = len(head)
         places = []
-        for at, arr, dtype in self.blobs:
+        for at, arr, _dtype in self.blobs:
             start = end + (-(end + 4)) % DATA_ALIGN
             self.patch(at, start)
             places.append(start)
@@ -159,7 +167,7 @@ class _Writer:
         out = np.empty(end, dtype=np.uint8)  # numpy asks for huge pages: cheap to fault in
         out[:len(head)] = np.frombuffer(head, dtype=np.uint8)
         filled = len(head)
-        for (at, arr, dtype), start in zip(self.blobs, places):
+        for (_at, arr, dtype), start in zip(self.blobs, places):
             out[filled:start] = 0
             _u32.pack_into(out, start, arr.nbytes)
             data = start + 4
