@@ -23,6 +23,7 @@ from . import protocol as P
 from .config import Config
 from .errors import GraphPipeError, InternalError
 from .inflight import FrontState
+from .listen import port_socket
 from .modelspec import ModelSpec
 from .protocol.messages import type_name
 
@@ -167,7 +168,6 @@ def main(cfg: Config, spec: ModelSpec, index: int) -> None:
     import uvicorn
 
     from .logs import setup
-    from .supervisor import port_socket
     setup(cfg.verbose, f"front{index}", cfg.log_format)
     from .connections import guarded_protocol
     _raise_file_limit()

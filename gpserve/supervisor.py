@@ -25,6 +25,7 @@ from multiprocessing.connection import wait
 
 from .config import Config
 from .counters import MAX_PROCESSES, Counters
+from .listen import port_socket
 from .model_source import resolve
 from .shm import (
     hold_run_lock,
@@ -35,22 +36,6 @@ from .shm import (
 
 log = logging.getLogger("gpserve.supervisor")
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
-
-
-def port_socket(host: str, port: int, shared: bool) -> socket.socket:
-    """A TCP socket bound to host:port; ``shared``: with ``SO_REUSEPORT`` (the fronts'
-    listening sockets, and the supervisor's holder of the port)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if shared:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def _hold_port(cfg: Config) -> socket.socket:
