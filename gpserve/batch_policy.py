@@ -65,14 +65,19 @@ class BatchSizes:
 
     @classmethod
     def parse(cls, text: str, max_batch: int, on_gpu: bool) -> "BatchSizes":
-        """``auto`` (powers of two on a GPU, any size on a CPU), ``any``, ``pow2``, or a
-        list such as ``1,8,32,64``."""
+        """``auto`` (``steps`` on a GPU, ``any`` on a CPU); ``any``; ``steps``: 1, 2, 4, 8,
+        then every multiple of 8 (a batch wastes at most 7 padding rows); ``pow2``: powers
+        of two (fewer sizes to warm, up to half a batch of padding); or a list such as
+        ``1,8,32,64``. ``--max-batch`` is always one of them."""
         if text == "auto":
-            text = "pow2" if on_gpu else "any"
+            text = "steps" if on_gpu else "any"
         if text == "any":
             return cls(None, max_batch)
+        powers = [1 << k for k in range(max_batch.bit_length()) if 1 << k <= max_batch]
         if text == "pow2":
-            return cls([1 << k for k in range(max_batch.bit_length()) if 1 << k <= max_batch],
+            return cls(powers, max_batch)
+        if text == "steps":
+            return cls([p for p in powers if p <= 8] + list(range(16, max_batch + 1, 8)),
                        max_batch)
         return cls([int(s) for s in text.split(",") if s.strip()], max_batch)
 

@@ -24,7 +24,7 @@ class Config:
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     max_batch: int = 32                  # rows
     max_delay_ms: float = 2.0
-    batch_sizes: str = "auto"            # auto | any | pow2 | 1,8,32...: sizes padded to
+    batch_sizes: str = "auto"            # auto|any|steps|pow2|1,8,32...: sizes padded to
     max_queue: int = 1024                # rows waiting in each worker's queue
     timeout_ms: float = 30000.0          # per-request deadline
     max_body_mb: float = 256.0
@@ -168,9 +168,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
       help="longest a row is held for a fuller batch while the device is idle (held "
            "less when the model's fixed cost per batch is smaller; see docs/batching.md)")
     a("--batch-sizes", default=d.batch_sizes,
-      help="sizes a batch is padded up to, each run once before traffic: 'pow2' (1, 2, "
-           "4 ... --max-batch), a list such as '1,8,32', or 'any' (no padding); 'auto': "
-           "pow2 on a GPU, any on a CPU")
+      help="sizes a batch is padded up to, each run once before traffic: 'steps' (1, 2, "
+           "4, 8, then multiples of 8 up to --max-batch), 'pow2', a list such as '1,8,32', "
+           "or 'any' (no padding); 'auto': steps on a GPU, any on a CPU")
     a("--max-queue", type=int, default=d.max_queue,
       help="rows that may wait in each worker's queue before requests are refused; a "
            "request with more rows than this is refused with 413 (split it)")
@@ -245,9 +245,9 @@ def from_args(args: argparse.Namespace) -> Config:
     if cfg.fronts < 0 or cfg.workers < 0 or cfg.threads < 0:
         problems.append("--fronts, --workers and --threads must not be negative")
     sizes = cfg.batch_sizes
-    if sizes not in ("auto", "any", "pow2") and not all(
+    if sizes not in ("auto", "any", "pow2", "steps") and not all(
             t.strip().isdigit() and int(t) >= 1 for t in sizes.split(",")):
-        problems.append(f"--batch-sizes {sizes!r}: expected auto, any, pow2 or a list of "
+        problems.append(f"--batch-sizes {sizes!r}: expected auto, any, steps, pow2 or a list of "
                         "whole numbers such as 1,8,32")
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):

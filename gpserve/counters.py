@@ -16,9 +16,11 @@ MAX_PROCESSES = 64          # workers, and fronts: each has a block of its own
 HISTOGRAM_BINS = 64         # batch sizes 1..63, and 64 or more
 
 SERVER_FIELDS = ("worker_restarts", "front_restarts")
+WARMED_SIZES = 16          # batch sizes a worker ran before traffic, as many as are shown
 WORKER_FIELDS = ("pid", "ready", "queued_rows", "busy", "batches", "rows", "padded_rows",
-                 "max_batch_rows", "rejected_queue_full", "warmed_sizes",
-                 "checks", "checks_changed", "check_abs", "check_rel")   # the last two: float64
+                 "max_batch_rows", "rejected_queue_full",
+                 "checks", "checks_changed", "check_abs", "check_rel",   # the last two: float64
+                 *(f"warmed{i}" for i in range(WARMED_SIZES)))
 FRONT_FIELDS = ("pid", "cache_hits", "cache_misses", "cache_writes", "cache_evictions",
                 "cache_errors", "cache_rotations")
 ERROR_CODES = 32
@@ -62,9 +64,9 @@ class Counters:
 
     # -- a worker ----------------------------------------------------------------------
     def worker_ready(self, index: int, ready: bool, warmed_sizes: tuple[int, ...] = ()) -> None:
-        row = self._workers[index]
-        # bit n-1 for size n; sizes of 63 and more share the last bit
-        row[self._w["warmed_sizes"]] = sum(1 << (min(n, 63) - 1) for n in set(warmed_sizes))
+        row, first = self._workers[index], self._w["warmed0"]
+        sizes = sorted(set(warmed_sizes))[:WARMED_SIZES]
+        row[first:first + WARMED_SIZES] = sizes + [0] * (WARMED_SIZES - len(sizes))
         row[self._w["ready"]] = int(ready)
 
     def worker_load(self, index: int, queued_rows: int, busy: bool) -> None:
@@ -115,9 +117,10 @@ class Counters:
                 "relative": float(floats[:, w["check_rel"]].max())}
 
     def warmed_sizes(self, workers: int) -> list[list[int]]:
-        """Per worker, the batch sizes it ran before taking traffic (63: 63 or more)."""
-        masks = self._workers[:workers, self._w["warmed_sizes"]].tolist()
-        return [[n + 1 for n in range(63) if m >> n & 1] for m in masks]
+        """Per worker, the batch sizes it ran before taking traffic."""
+        first = self._w["warmed0"]
+        rows = self._workers[:workers, first:first + WARMED_SIZES].tolist()
+        return [[n for n in sizes if n] for sizes in rows]
 
     # -- a front -----------------------------------------------------------------------
     def add_cache(self, index: int, **counts: int) -> None:

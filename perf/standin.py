@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     for workers in (int(w) for w in args.workers.split(",")):
         with Server("--model", f"standin:{args.cost}", "--max-batch", str(args.max_batch),
                     "--max-delay-ms", str(args.max_delay_ms), "--workers", str(workers),
-                    "--placement", "workers", "--batch-sizes", "pow2",
+                    "--placement", "workers", "--batch-sizes", "steps",
                     "--batch-check-every", "0") as s:
             for load in args.loads.split(","):
                 clients, per_request = (int(v) for v in load.split("x"))

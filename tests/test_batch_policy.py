@@ -133,7 +133,9 @@ def test_batch_sizes_pad_up_to_a_warmed_size():
     assert pow2.warm_up() == [1, 2, 4, 8, 16, 32, 48]
     listed = BatchSizes.parse("1,8,32", 64, on_gpu=False)
     assert listed.sizes == [1, 8, 32, 64] and listed.pad(9) == 32
-    assert BatchSizes.parse("auto", 64, on_gpu=True).sizes[:3] == [1, 2, 4]
+    assert BatchSizes.parse("auto", 64, on_gpu=True).sizes == [1, 2, 4, 8, 16, 24, 32, 40,
+                                                                 48, 56, 64]
+    assert BatchSizes.parse("steps", 20, on_gpu=False).sizes == [1, 2, 4, 8, 16, 20]
     anything = BatchSizes.parse("auto", 64, on_gpu=False)
     assert anything.pad(37) == 37 and anything.warm_up() == [1, 64]
 

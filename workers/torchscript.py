@@ -54,6 +54,12 @@ class TorchBackend:
                         "PyTorch cannot use CUDA")
         self.device = torch.device("cuda" if device == "cuda" else device
                                    if device.startswith("cuda:") else "cpu")
+        if self.device.type == "cuda":
+            # cuDNN times its algorithms for each new input shape and keeps the fastest:
+            # a cost on the first run of each shape, which the worker's warm-up pays for
+            # every batch size it will form. TF32 stays at PyTorch's defaults (on for
+            # convolutions, off for matmuls).
+            torch.backends.cudnn.benchmark = True
         p = Path(path)
         if p.suffix == ".pt2":
             self.module = torch.export.load(str(p)).module()
