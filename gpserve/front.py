@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import time
 
 from starlette.applications import Starlette
@@ -23,7 +22,6 @@ from . import protocol as P
 from .config import Config
 from .errors import GraphPipeError, InternalError
 from .inflight import FrontState
-from .listen import port_socket
 from .modelspec import ModelSpec
 from .protocol.messages import type_name
 
@@ -164,7 +162,9 @@ def _raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def main(cfg: Config, spec: ModelSpec, index: int) -> None:
+def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
+    """Serve on ``sock``: this front's own listening socket on the shared port
+    (``SO_REUSEPORT``), which the supervisor holds and hands to each successor."""
     import uvicorn
 
     from .logs import setup
@@ -179,18 +179,7 @@ def main(cfg: Config, spec: ModelSpec, index: int) -> None:
         timeout_graceful_shutdown=int(cfg.timeout_ms / 1000) + 5, backlog=2048,
         timeout_keep_alive=cfg.keepalive_timeout_s, limit_concurrency=cfg.max_connections,
         proxy_headers=False, server_header=False)
-    sock = port_socket(cfg.host, cfg.port, shared=True)     # this front's own (SO_REUSEPORT)
-    sock.listen(2048)
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            """Stop listening the moment the drain starts: new connections are refused
-            (a load balancer tries another server) rather than accepted and then closed
-            unanswered as uvicorn shuts its idle connections."""
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RD)
-            super().handle_exit(sig, frame)
-    state.server = Server(config)
+    state.server = uvicorn.Server(config)
     try:
         state.server.run(sockets=[sock])
     finally:

@@ -3,8 +3,9 @@ and the fronts, and on SIGTERM/SIGINT drains and cleans up.
 
 Each front listens on a socket of its own on the same port (``SO_REUSEPORT``), so the
 kernel spreads new connections evenly over the fronts instead of handing them to
-whichever front wakes first. The supervisor keeps one bound, non-listening socket on
-the port for the run's life, so the port stays ours while a front restarts.
+whichever front wakes first. The supervisor makes those sockets and holds them for the
+run's life: connections that arrive while a front restarts wait in its socket's
+backlog for its successor, and a stop closes every one of them at once.
 
 Stop order: fronts first (uvicorn stops accepting and finishes the requests in flight,
 which still need the workers), then the workers; then every shared-memory segment of
@@ -25,7 +26,6 @@ from multiprocessing.connection import wait
 
 from .config import Config
 from .counters import MAX_PROCESSES, Counters
-from .listen import port_socket
 from .model_source import resolve
 from .shm import (
     hold_run_lock,
@@ -38,21 +38,40 @@ log = logging.getLogger("gpserve.supervisor")
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
-def _hold_port(cfg: Config) -> socket.socket:
-    """Take the port for this run (first without SO_REUSEPORT, so that a port another
-    server holds, even one sharing it, is refused), and fix a port 0 to the one got."""
+def port_socket(host: str, port: int, shared: bool) -> socket.socket:
+    """A TCP socket bound to host:port; ``shared``: with ``SO_REUSEPORT``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _listen(cfg: Config) -> list[socket.socket]:
+    """One listening socket per front on the port (``SO_REUSEPORT``), held here for the
+    run's life. The port is first taken without SO_REUSEPORT, so that a port another
+    server holds, even one sharing it, is refused; a port 0 becomes the one got."""
     try:
         probe = port_socket(cfg.host, cfg.port, shared=False)
         port = probe.getsockname()[1]
         probe.close()
-        holder = port_socket(cfg.host, port, shared=True)
+        sockets = [port_socket(cfg.host, port, shared=True) for _ in range(cfg.fronts)]
     except OSError as e:
         raise SystemExit(f"gpserve: cannot listen on {cfg.listen}: {e.strerror}"
                          + (" (is another server running there?)"
                             if e.errno == 98 else "")) from None
+    for sock in sockets:
+        sock.listen(2048)
+        sock.set_inheritable(True)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     cfg.listen = f"{host}:{port}"
-    return holder
+    return sockets
 
 
 def inspect_model(cfg: Config):
@@ -142,7 +161,9 @@ class Supervisor:
                     f"{', '.join(s.describe() for s in spec.inputs)}: serve it without --cache")
             from gpserve.cache.keys import fingerprint
             cfg.fingerprint = fingerprint(cfg.model_path)
-        sock = _hold_port(cfg)
+        if cfg.fronts > MAX_PROCESSES:
+            raise SystemExit(f"gpserve: at most {MAX_PROCESSES} fronts")
+        sockets = _listen(cfg)
         cfg.run_id = str(os.getpid())
         hold_run_lock(cfg.run_id)
         metrics_dir = segment_path(cfg.run_id, "metrics")
@@ -160,7 +181,8 @@ class Supervisor:
         workers = cfg.workers if cfg.placement == "workers" else 0
         self.children = (
             [_Child("worker", i, worker.main, (cfg, i)) for i in range(workers)]
-            + [_Child("front", i, front.main, (cfg, spec, i)) for i in range(cfg.fronts)])
+            + [_Child("front", i, front.main, (cfg, spec, i, sockets[i]))
+               for i in range(cfg.fronts)])
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         try:
@@ -169,7 +191,7 @@ class Supervisor:
             self._summary(spec)
             self._watch()
         finally:
-            self._stop(sock)
+            self._stop(sockets)
         return 0
 
     def _summary(self, spec) -> None:
@@ -243,18 +265,23 @@ class Supervisor:
                         os.unlink(segment_path(self.cfg.run_id, f"{arena}-{child.process.pid}"))
                 self._start(child)
 
-    def _stop(self, sock: socket.socket) -> None:
+    def _stop(self, sockets: list[socket.socket]) -> None:
         self.stopping = True
         started = [c for c in self.children if c.process is not None]
         fronts = [c for c in started if c.role == "front"]
-        # Each front stops listening at once on SIGTERM (new connections are then refused,
-        # and a load balancer tries another server), and finishes what it holds.
+        # Stop listening first, on every front's socket at once: new connections are then
+        # refused (a load balancer tries another server) rather than accepted into a
+        # backlog that no front will read, and reset when the socket closes.
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
         for child in fronts:
             _signal(child, signal.SIGTERM)
         grace = self.cfg.timeout_ms / 1000 + 10
         for child in fronts:
             child.process.join(grace)
-        sock.close()
+        for sock in sockets:
+            sock.close()
         for child in started:
             if child.role != "front":
                 _signal(child, signal.SIGTERM)

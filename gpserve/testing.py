@@ -35,21 +35,13 @@ def metric(text: str, name: str, **labels) -> float:
     return 0.0
 
 
-def eventually(condition, timeout: float = 30, what: str = "the condition",
-               tolerate: tuple = ()) -> None:
+def eventually(condition, timeout: float = 30, what: str = "the condition") -> None:
     """Wait until ``condition()`` is true, polling; fail after ``timeout`` seconds.
-    Exceptions of the ``tolerate`` types count as "not yet" (a front restarting, say).
 
     Tests synchronise on what the server reports (its counters, logs, answers), never on
     a fixed sleep: a slow or loaded machine then only takes longer, it does not fail."""
     deadline = time.monotonic() + timeout
-
-    def holds() -> bool:
-        try:
-            return condition()
-        except tolerate:
-            return False
-    while not holds():
+    while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)

@@ -136,5 +136,5 @@ def test_auto_device_falls_back_to_the_cpu_without_a_cuda_provider(caplog):
         providers_for("cuda:1", cpu_only, chosen_by_user=True)
     both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert providers_for("cuda:1", both, chosen_by_user=False)[0] == (
-        "CUDAExecutionProvider", {"device_id": 1})
+        "CUDAExecutionProvider", {"device_id": 1, "cudnn_conv_algo_search": "EXHAUSTIVE"})
     assert providers_for("cpu", both, chosen_by_user=True) == cpu_only
