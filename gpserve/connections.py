@@ -44,6 +44,7 @@ class _Notes:
 
 
 NOTES = _Notes()
+FIRST_REQUEST_GRACE_S = 1.0
 
 
 def guarded_protocol(header_timeout_s: float):
@@ -75,6 +76,16 @@ def guarded_protocol(header_timeout_s: float):
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
+
+        def shutdown(self) -> None:
+            """The drain: uvicorn closes every connection not in a request, but one that
+            was just accepted has its first request on the way (closing it with those
+            bytes unread resets it). It gets FIRST_REQUEST_GRACE_S to arrive; answered,
+            the connection then closes."""
+            if self.cycle is None and not self.transport.is_closing():
+                self.loop.call_later(FIRST_REQUEST_GRACE_S, super().shutdown)
+                return
+            super().shutdown()
 
         def _arm(self) -> None:
             self.header_timer = self.loop.call_later(header_timeout_s, self._too_slow)

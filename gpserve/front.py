@@ -163,8 +163,7 @@ def _raise_file_limit() -> None:
 
 
 def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
-    """Serve on ``sock``: this front's own listening socket on the shared port
-    (``SO_REUSEPORT``), which the supervisor holds and hands to each successor."""
+    """Serve on ``sock``, the listening socket the supervisor holds for every front."""
     import uvicorn
 
     from .logs import setup

@@ -1,11 +1,9 @@
 """The supervisor (``gpserve serve``): holds the port, starts and restarts the workers
 and the fronts, and on SIGTERM/SIGINT drains and cleans up.
 
-Each front listens on a socket of its own on the same port (``SO_REUSEPORT``), so the
-kernel spreads new connections evenly over the fronts instead of handing them to
-whichever front wakes first. The supervisor makes those sockets and holds them for the
-run's life: connections that arrive while a front restarts wait in its socket's
-backlog for its successor, and a stop closes every one of them at once.
+The fronts accept from one listening socket that the supervisor binds and holds for the
+run's life: connections that arrive while a front restarts wait in its backlog, and a
+stop shuts it before the fronts drain.
 
 Stop order: fronts first (uvicorn stops accepting and finishes the requests in flight,
 which still need the workers), then the workers; then every shared-memory segment of
@@ -38,40 +36,26 @@ log = logging.getLogger("gpserve.supervisor")
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
-def port_socket(host: str, port: int, shared: bool) -> socket.socket:
-    """A TCP socket bound to host:port; ``shared``: with ``SO_REUSEPORT``."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def _listen(cfg: Config) -> socket.socket:
+    """The one listening socket every front accepts from, held here for the run's life:
+    connections that arrive while a front restarts wait in its backlog, and a stop
+    shuts it once, before the fronts drain. (One socket per front with SO_REUSEPORT
+    was tried: the kernel spreads connections more evenly, but each front's backlog is
+    then emptied by that front alone, and a drain reset the connections waiting there:
+    see docs/architecture.md.)"""
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if shared:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _listen(cfg: Config) -> list[socket.socket]:
-    """One listening socket per front on the port (``SO_REUSEPORT``), held here for the
-    run's life. The port is first taken without SO_REUSEPORT, so that a port another
-    server holds, even one sharing it, is refused; a port 0 becomes the one got."""
-    try:
-        probe = port_socket(cfg.host, cfg.port, shared=False)
-        port = probe.getsockname()[1]
-        probe.close()
-        sockets = [port_socket(cfg.host, port, shared=True) for _ in range(cfg.fronts)]
+        sock.bind((cfg.host, cfg.port))
     except OSError as e:
+        sock.close()
         raise SystemExit(f"gpserve: cannot listen on {cfg.listen}: {e.strerror}"
                          + (" (is another server running there?)"
                             if e.errno == 98 else "")) from None
-    for sock in sockets:
-        sock.listen(2048)
-        sock.set_inheritable(True)
-    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    cfg.listen = f"{host}:{port}"
-    return sockets
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def inspect_model(cfg: Config):
@@ -161,9 +145,7 @@ class Supervisor:
                     f"{', '.join(s.describe() for s in spec.inputs)}: serve it without --cache")
             from gpserve.cache.keys import fingerprint
             cfg.fingerprint = fingerprint(cfg.model_path)
-        if cfg.fronts > MAX_PROCESSES:
-            raise SystemExit(f"gpserve: at most {MAX_PROCESSES} fronts")
-        sockets = _listen(cfg)
+        sock = _listen(cfg)
         cfg.run_id = str(os.getpid())
         hold_run_lock(cfg.run_id)
         metrics_dir = segment_path(cfg.run_id, "metrics")
@@ -181,8 +163,7 @@ class Supervisor:
         workers = cfg.workers if cfg.placement == "workers" else 0
         self.children = (
             [_Child("worker", i, worker.main, (cfg, i)) for i in range(workers)]
-            + [_Child("front", i, front.main, (cfg, spec, i, sockets[i]))
-               for i in range(cfg.fronts)])
+            + [_Child("front", i, front.main, (cfg, spec, i, sock)) for i in range(cfg.fronts)])
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         try:
@@ -191,7 +172,7 @@ class Supervisor:
             self._summary(spec)
             self._watch()
         finally:
-            self._stop(sockets)
+            self._stop(sock)
         return 0
 
     def _summary(self, spec) -> None:
@@ -265,23 +246,21 @@ class Supervisor:
                         os.unlink(segment_path(self.cfg.run_id, f"{arena}-{child.process.pid}"))
                 self._start(child)
 
-    def _stop(self, sockets: list[socket.socket]) -> None:
+    def _stop(self, sock: socket.socket) -> None:
         self.stopping = True
         started = [c for c in self.children if c.process is not None]
         fronts = [c for c in started if c.role == "front"]
-        # Stop listening first, on every front's socket at once: new connections are then
-        # refused (a load balancer tries another server) rather than accepted into a
-        # backlog that no front will read, and reset when the socket closes.
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RD)
+        # Stop listening first, for every front at once: new connections are then refused
+        # (a load balancer tries another server) rather than accepted into a backlog
+        # that no front will read, and reset when the socket closes.
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RD)
         for child in fronts:
             _signal(child, signal.SIGTERM)
         grace = self.cfg.timeout_ms / 1000 + 10
         for child in fronts:
             child.process.join(grace)
-        for sock in sockets:
-            sock.close()
+        sock.close()
         for child in started:
             if child.role != "front":
                 _signal(child, signal.SIGTERM)
