@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from multiprocessing.connection import wait
@@ -250,11 +251,7 @@ class Supervisor:
         self.stopping = True
         started = [c for c in self.children if c.process is not None]
         fronts = [c for c in started if c.role == "front"]
-        # Stop listening first, for every front at once: new connections are then refused
-        # (a load balancer tries another server) rather than accepted into a backlog
-        # that no front will read, and reset when the socket closes.
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RD)
+        _stop_listening(sock, fronts)
         for child in fronts:
             _signal(child, signal.SIGTERM)
         grace = self.cfg.timeout_ms / 1000 + 10
@@ -272,6 +269,34 @@ class Supervisor:
                 child.process.join(5)
         removed = remove_run_segments(self.cfg.run_id) if self.cfg.run_id else 0
         log.info("stopped; removed %d shared-memory segments", removed)
+
+
+DRAIN_BACKLOG_S = 2.0
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)      # classic BPF: "ret #0", drop the packet
+SO_ATTACH_FILTER = 26
+TCPI_UNACKED = 24            # struct tcp_info: a listener's accept-queue length is here
+
+
+def _stop_listening(sock: socket.socket, fronts: list[_Child]) -> None:
+    """Stop taking connections without resetting any: new connection attempts are
+    dropped first (a socket filter), so clients retry and are refused once the socket
+    closes; the fronts, still running, accept what waits in the backlog (up to
+    DRAIN_BACKLOG_S); then the socket stops listening, for every front at once. Shutting
+    it at once would reset whatever waits in the backlog: with busy fronts, every drain
+    under load did."""
+    import ctypes
+    with contextlib.suppress(OSError):
+        program = ctypes.create_string_buffer(_DROP_ALL)
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                        struct.pack("HxxxxxxQ", 1, ctypes.addressof(program)))
+        give_up = time.monotonic() + DRAIN_BACKLOG_S
+        while time.monotonic() < give_up and any(c.process.is_alive() for c in fronts):
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            if struct.unpack_from("<I", info, TCPI_UNACKED)[0] == 0:
+                break
+            time.sleep(0.01)
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)
 
 
 def _signal(child: _Child, sig: int) -> None:
