@@ -192,3 +192,17 @@ def test_every_batch_size_formed_is_one_the_worker_warmed(placement):
         assert set(stats["batch_size_histogram"]) <= {"1", "2", "3", "4", "5", "9", "16"}
         assert stats["padded_rows"] >= (4 - 2) + (4 - 3) + (16 - 5) + (16 - 9)
         assert stats["batched_rows"] == 2 * sum(len(x) for x in requests) + 64
+
+
+def test_a_burst_of_requests_run_alone_is_answered():
+    """Hundreds of one-request batches formed in one go (echo runs them inline, one
+    after another, without growing the stack)."""
+    async def burst(url, rows):
+        async with AsyncClient(url, max_connections=len(rows)) as c:
+            return await asyncio.gather(*(c.execute_multi([r], None, None, "batch=off")
+                                          for r in rows))
+    with Server("--model", "echo", "--fronts", "1") as s:
+        rows = points(600, seed=5)
+        answers = asyncio.run(burst(s.url, rows))
+        assert all(np.array_equal(a[0], r) for a, r in zip(answers, rows))
+        assert s.stats()["batches"] == 600 and s.stats()["errors"] == {}

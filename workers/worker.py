@@ -211,9 +211,7 @@ class Worker:
                 metrics.QUEUE_WAIT_SECONDS.observe(now - q.arrived)
             self.staged = self._gather(decision.batch)
             if self.running is None:
-                self._start_staged()
-            elif self.inline:
-                break
+                self._start_staged()        # inline: done by now, and this loop goes on
         self._publish_load()
 
     def _start_staged(self) -> None:
@@ -223,7 +221,7 @@ class Worker:
             return
         if self.inline:
             self._compute(batch)
-            self._finished(batch)
+            self._finished(batch, then_pump=False)     # pump()'s own loop takes the next
             return
         loop = asyncio.get_running_loop()
 
@@ -232,12 +230,13 @@ class Worker:
             loop.call_soon_threadsafe(self._finished, batch)
         self.compute_thread.submit(run)
 
-    def _finished(self, batch: Batch) -> None:
+    def _finished(self, batch: Batch, then_pump: bool = True) -> None:
         self.running = None
         if self.staged is not None:
             self._start_staged()             # the device first, then the answers
         self._deliver(batch)
-        self.pump()
+        if then_pump:
+            self.pump()
 
     def _gather(self, entries: list[Queued]) -> Batch:
         """The batch's model inputs: one request's own shared memory (0 copies), or its
