@@ -34,7 +34,13 @@ from gpserve import ipc, metrics
 from gpserve.batch_policy import BatchQueue, BatchSizes, Queued
 from gpserve.config import Config
 from gpserve.counters import Counters
-from gpserve.errors import DeadlineExceeded, GraphPipeError, ModelError, QueueFull
+from gpserve.errors import (
+    DeadlineExceeded,
+    GraphPipeError,
+    InternalError,
+    ModelError,
+    QueueFull,
+)
 from gpserve.shm import Arena, Segments, segment_path
 
 from .backend import load
@@ -220,21 +226,37 @@ class Worker:
         if batch is None:
             return
         if self.inline:
-            self._compute(batch)
+            self._compute_safely(batch)
             self._finished(batch, then_pump=False)     # pump()'s own loop takes the next
             return
         loop = asyncio.get_running_loop()
 
         def run() -> None:
-            self._compute(batch)
+            self._compute_safely(batch)
             loop.call_soon_threadsafe(self._finished, batch)
         self.compute_thread.submit(run)
+
+    def _compute_safely(self, batch: Batch) -> None:
+        """A bug of ours while running a batch answers its requests; it never leaves
+        them waiting for their deadline, nor the pipeline stuck."""
+        try:
+            self._compute(batch)
+        except Exception as e:
+            log.exception("internal error running a batch")
+            err = InternalError(f"internal server error: {type(e).__name__}: {e}")
+            batch.outcomes = [Outcome(error=err) for _ in batch.entries]
 
     def _finished(self, batch: Batch, then_pump: bool = True) -> None:
         self.running = None
         if self.staged is not None:
             self._start_staged()             # the device first, then the answers
-        self._deliver(batch)
+        try:
+            self._deliver(batch)
+        except Exception as e:
+            log.exception("internal error delivering a batch")
+            err = InternalError(f"internal server error: {type(e).__name__}: {e}")
+            for q in batch.entries:
+                self._answer_error(q, err)
         if then_pump:
             self.pump()
 
