@@ -17,7 +17,7 @@ HISTOGRAM_BINS = 64         # batch sizes 1..63, and 64 or more
 
 SERVER_FIELDS = ("worker_restarts", "front_restarts")
 WARMED_SIZES = 16          # batch sizes a worker ran before traffic, as many as are shown
-WORKER_FIELDS = ("pid", "ready", "queued_rows", "busy", "batches", "rows", "padded_rows",
+WORKER_FIELDS = ("pid", "ready", "queued_rows", "batches", "rows", "padded_rows",
                  "max_batch_rows", "rejected_queue_full",
                  "checks", "checks_changed", "check_abs", "check_rel",   # the last two: float64
                  *(f"warmed{i}" for i in range(WARMED_SIZES)))
@@ -69,10 +69,9 @@ class Counters:
         row[first:first + WARMED_SIZES] = sizes + [0] * (WARMED_SIZES - len(sizes))
         row[self._w["ready"]] = int(ready)
 
-    def worker_load(self, index: int, queued_rows: int, busy: bool) -> None:
-        row = self._workers[index]
-        row[self._w["queued_rows"]] = queued_rows
-        row[self._w["busy"]] = int(busy)
+    def worker_load(self, index: int, rows: int) -> None:
+        """Rows waiting in a worker's queue or in its pipeline (what fronts route by)."""
+        self._workers[index, self._w["queued_rows"]] = rows
 
     def add_batch(self, index: int, rows: int, size_run: int) -> None:
         """A batch of ``rows`` rows ran as ``size_run`` (more when padded up)."""

@@ -227,10 +227,6 @@ class Link(asyncio.Protocol):
             self.transport.write(b"".join(self.outbox))
         self.outbox = []
 
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
 
 def listening_socket(address: str) -> socket.socket:
     """A Unix socket listening on an abstract address (made here: uvloop's ``path=``

@@ -176,7 +176,7 @@ def test_a_worker_s_death_answers_what_it_held_at_once(dispatcher):
         dead, alive = StandInWorkerLink(0, 111), StandInWorkerLink(1, 222)
         for link in (dead, alive):
             dispatcher.on_peer(link)
-        dispatcher.counters.worker_load(1, 50, True)      # worker 1 busier: 0 gets both
+        dispatcher.counters.worker_load(1, 50)      # worker 1 busier: 0 gets both
         calls = [asyncio.create_task(dispatcher.run((), ("x",), ("y",), "", 1, KEY, 60.0,
                                                     lambda: None)) for _ in range(2)]
         await asyncio.sleep(0)

@@ -189,10 +189,8 @@ class Worker:
             del self.outstanding[token]
 
     def _publish_load(self) -> None:
-        busy = self.running is not None
-        rows = self.queue.rows + (self.running.rows if busy else 0) + (
-            self.staged.rows if self.staged is not None else 0)
-        self.counters.worker_load(self.index, rows, busy)
+        rows = self.queue.rows + sum(b.rows for b in (self.running, self.staged) if b)
+        self.counters.worker_load(self.index, rows)
         metrics.QUEUE_ROWS.set(self.queue.rows)
 
     # -- the pipeline ------------------------------------------------------------------
