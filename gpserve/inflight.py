@@ -9,7 +9,6 @@ encoded into the response (1 copy). See docs/architecture.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -54,6 +53,7 @@ class FrontState:
             self.segments.adopt(self.hosted.arena)
             self.hosted.segments.adopt(self.arena)
         self.ids = itertools.count(1)
+        self.rows_from_model = metrics.ROWS.labels("model")
         self.timeout = cfg.timeout_ms / 1000.0
         self.server = None          # the uvicorn Server, for draining state
         self.metadata_body = bytes(P.encode_metadata_response(
@@ -104,9 +104,12 @@ class FrontState:
             return await self._infer_cached(tensors, names, outputs, req.config, rows, regions,
                                             alone)
         refs = tuple(regions.place(a) for a in tensors)
-        async with self._compute(refs, names, outputs, req.config, rows, regions,
-                                 alone) as arrays:
+        arrays, finish = await self._compute(refs, names, outputs, req.config, rows, regions,
+                                             alone)
+        try:
             return self._encode(arrays)
+        finally:
+            finish()
 
     @staticmethod
     def _encode(arrays: list[np.ndarray]) -> memoryview:
@@ -131,8 +134,9 @@ class FrontState:
             refs = tuple(regions.place(t) for t in tensors)
         else:
             refs = tuple(regions.place_rows(t, missing) for t in tensors)
-        async with self._compute(refs, names, outputs, config, len(missing), regions,
-                                 alone) as computed:
+        computed, finish = await self._compute(refs, names, outputs, config, len(missing),
+                                               regions, alone)
+        try:
             merged = computed
             if len(missing) < rows:
                 hit = [i for i in range(rows) if cached[i] is not None]
@@ -147,13 +151,15 @@ class FrontState:
             self.cache.store([keys[i] for i in missing], outputs,
                              [np.array(a, copy=True) for a in computed])
             return body
+        finally:
+            finish()
 
-    @contextlib.asynccontextmanager
     async def _compute(self, refs, names, outputs, config, rows, regions: Regions,
                        alone=False):
-        """Send to a worker, wait, and yield the output arrays (views of the worker's
-        shared memory, valid inside the block); release everything afterwards. ``alone``
-        (or ``--batching off``, or a model that cannot batch) runs the request by itself."""
+        """Send to a worker and wait: the output arrays (views of the worker's shared
+        memory) and the function that releases them and the request's regions, to call
+        once the arrays are read. ``alone`` (or ``--batching off``, or a model that
+        cannot batch) runs the request by itself."""
         served_rows = rows if rows is not None else 1
         if alone or self.cfg.batching == "off" or not self.spec.batchable:
             rows = None
@@ -161,19 +167,20 @@ class FrontState:
                config) if rows is not None else ("alone", next(self.ids))
         link, done = await self.workers.run(refs, tuple(names), tuple(outputs), config, rows,
                                             key, self.timeout, regions.hand_over)
-        try:
-            if done.error is not None:
-                raise from_code(*done.error)
-            metrics.ROWS.labels("model").inc(served_rows)
-            arrays = []
-            for sl in done.outputs:
-                arr = self.segments.view(sl.ref)   # the worker's arena, or ours for echo
-                arrays.append(arr if sl.stop is None else arr[sl.start:sl.stop])
-            yield arrays
-        finally:
+
+        def finish() -> None:
             if done.token is not None:
                 link.release(done.token)
             regions.release()
+        if done.error is not None:
+            finish()
+            raise from_code(*done.error)
+        self.rows_from_model.inc(served_rows)
+        arrays = []
+        for sl in done.outputs:
+            arr = self.segments.view(sl.ref)       # the worker's arena, or ours for echo
+            arrays.append(arr if sl.stop is None else arr[sl.start:sl.stop])
+        return arrays, finish
 
 
 def request_options(config: str) -> dict[str, bool]:
