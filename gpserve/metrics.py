@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, values
+
+# prometheus-client asks os.getpid() on every update (to notice a fork), a system call:
+# a third of an update's cost (a counter increment: 0.72 -> 0.50 us here; a small
+# request makes 9 updates). Our processes are started with spawn and never fork after
+# this import, so the pid is read once (prometheus-client's process_identifier hook).
+_PID = os.getpid()
+if "PROMETHEUS_MULTIPROC_DIR" in os.environ:       # else: one process's own metrics
+    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: _PID)
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _TIME = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
