@@ -1,4 +1,4 @@
-"""gpserve: a GraphPipe inference server (codec, HTTP fronts, batcher, workers, row cache)."""
+"""gpserve: a GraphPipe inference server (codec, HTTP fronts, batching workers, row cache)."""
 from importlib.metadata import PackageNotFoundError, version
 
 try:

@@ -31,7 +31,7 @@ REQUEST_SECONDS = Histogram("gpserve_request_seconds",
                             "End-to-end time in a front, from the first body byte to the "
                             "response handed to the server", buckets=_TIME)
 QUEUE_WAIT_SECONDS = Histogram("gpserve_queue_wait_seconds",
-                               "Time a request waited in the batcher before dispatch",
+                               "Time a request waited in a worker's queue before its batch ran",
                                buckets=_TIME)
 BATCH_ASSEMBLY_SECONDS = Histogram("gpserve_batch_assembly_seconds",
                                    "Worker time gathering a batch's rows into model inputs",
@@ -42,7 +42,7 @@ RESPONSE_BUILD_SECONDS = Histogram("gpserve_response_build_seconds",
                                    "Front time encoding the response", buckets=_TIME)
 BATCH_ROWS = Histogram("gpserve_batch_rows", "Rows per batch a worker ran",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
-QUEUE_ROWS = Gauge("gpserve_queue_rows", "Rows waiting in the batcher",
+QUEUE_ROWS = Gauge("gpserve_queue_rows", "Rows waiting in a worker's queue",
                    multiprocess_mode="livemax")
 ROWS = Counter("gpserve_rows", "Rows answered, by where they came from (cache or model)",
                ["source"])

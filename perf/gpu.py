@@ -4,7 +4,7 @@ Serves the OCR text-direction classifier as TorchScript on CUDA and measures ser
 rows/s against in-process GPU inference of the same model at the same batch sizes:
 - offline: ``torch.jit.load(...).cuda()`` run on batches of 1, 8, 32 and 128 rows;
 - served: gpserve ``--device cuda``, clients sending requests of those row counts
-  (16 concurrent; and 64 concurrent single-row clients, which the batcher merges).
+  (16 concurrent; and 64 concurrent single-row clients, which the worker merges).
 The TorchScript backend is the GPU path that needs no extra wheel on the lent machine
 (it has PyTorch but no internet and carries at most 64 MiB per call: onnxruntime-gpu is
 bigger). gpserve's own dependencies must be importable there; ``--wheels DIR`` installs
