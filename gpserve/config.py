@@ -21,6 +21,7 @@ class Config:
     fronts: int = 0                      # 0: from the machine
     workers: int = 0                     # worker processes per device; 0: from the machine
     placement: str = "auto"              # auto | fronts | workers: where the model runs
+    threads_from_machine: bool = False   # --threads left at 0: settled from the cores
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     max_batch: int = 32                  # rows
     max_delay_ms: float = 2.0
@@ -89,7 +90,7 @@ class Config:
         self.placement = placement
         if placement == "fronts":
             self.workers = self.fronts
-            if getattr(self, "threads_from_machine", False):
+            if self.threads_from_machine:
                 self.threads = max(1, len(os.sched_getaffinity(0)) // self.fronts)
 
 

@@ -196,10 +196,11 @@ class Supervisor:
         fields["batch_invariant"] = found["invariant"]
         fields["batch_max_difference"] = found["max_difference"]
         log.info("serving %s (%s) on %s: devices %s, %d fronts, %d model instances in the "
-                 f"{cfg.placement} x %d threads, "
+                 "%s x %d threads, "
                  "batching %s (%s: largest difference %.3g; %s), cache %s", spec.name,
                  spec.backend, fields["listen"], ",".join(fields["devices"]), cfg.fronts,
-                 cfg.workers, cfg.threads, fields["batching"], VERDICTS[found["invariant"]],
+                 cfg.workers, cfg.placement, cfg.threads, fields["batching"],
+                 VERDICTS[found["invariant"]],
                  fields["batch_max_difference"], probe.get("note", ""), fields["cache"],
                  extra={"fields": fields})
         if found["invariant"] is False:

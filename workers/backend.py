@@ -88,7 +88,8 @@ def inspect(cfg: Config) -> ModelSpec:
     backend = load(cfg, "cpu", 1)
     spec = backend.spec
     spec.batch_probe = probe(backend).as_dict()
-    spec.one_row_ms = _one_row_ms(backend)
+    if cfg.placement == "auto" and cfg.backend == "onnx":    # all the timing decides
+        spec.one_row_ms = _one_row_ms(backend)
     return spec
 
 
@@ -98,8 +99,6 @@ def _one_row_ms(backend) -> float | None:
 
     from .batch_check import made_up_rows
     spec = backend.spec
-    if spec.echo:
-        return 0.0
     feed = made_up_rows(spec, 1) if spec.batchable else None
     if feed is None:
         return None

@@ -41,6 +41,7 @@ from gpserve.errors import (
     ModelError,
     QueueFull,
 )
+from gpserve.protocol.messages import type_of
 from gpserve.shm import Arena, Segments, segment_path
 
 from .backend import load
@@ -294,7 +295,6 @@ class Worker:
         return batch
 
     def _alloc(self, dtype, shape):
-        from gpserve.protocol.messages import type_of
         nbytes = int(np.prod(shape)) * dtype.itemsize
         offset = self.arena.alloc(nbytes)
         if offset is None:
@@ -378,8 +378,6 @@ class Worker:
         metrics.BATCH_ROWS.observe(batch.rows)
         refs: dict[int, ipc.TensorRef] = {}     # id(output array) -> where it is shared
         regions: list[tuple[int, int]] = []     # arena regions the answers point into
-        gathered = {ref.offset for ref in batch.region_of.values()
-                    if ref.path == self.arena.path}
         failed = None
         for outcome in batch.outcomes:
             for out in outcome.outputs or ():
@@ -400,7 +398,7 @@ class Worker:
                 refs[id(out)] = ref                                     # else 0 copies
         used = {ref.offset for ref in refs.values() if ref.path == self.arena.path}
         for offset, nbytes in batch.regions:       # gathered inputs: kept if an output
-            if offset in used and offset in gathered and not failed:
+            if offset in used and not failed:
                 regions.append((offset, nbytes))
             else:
                 self.arena.release(offset, nbytes)
