@@ -8,7 +8,7 @@ from .config import Config
 from .connections import NOTES
 from .errors import BodyTooLarge, ProtocolError, QueueFull, RequestTimeout
 from .regions import Regions, arena_full
-from .shm import Arena
+from .shm import ALIGN, Arena
 
 
 class BodyReader:
@@ -17,8 +17,12 @@ class BodyReader:
         self.arena_view = memoryview(arena.mm)
         self.unfilled = 0           # arena bytes reserved for bodies not yet arrived
 
-    async def read(self, scope, receive, regions: Regions) -> memoryview | bytes:
+    async def read(self, scope, receive, regions: Regions,
+                   align_at: int | None = None) -> memoryview | bytes:
         """The request body; a streamed one occupies arena regions held by ``regions``.
+        ``align_at``: a streamed body is placed so that its byte at this offset (where
+        an Open Inference Protocol body's binary tensors start) is 64-byte aligned, so
+        the tensors can be used where they lie.
 
         A body that arrives in one ASGI message is used as it is (0 copies here; tensors
         go to shared memory only if a worker needs them, 1 copy, in ``Regions.place``). A
@@ -57,7 +61,8 @@ class BodyReader:
                     return chunk
                 if size is None:
                     return await self._gather(chunk, receive, timer, got)
-                return await self._stream(chunk, size, receive, timer, got, regions)
+                return await self._stream(chunk, size, receive, timer, got, regions,
+                                          -(align_at or 0) % ALIGN)
         except TimeoutError:
             NOTES.acted("body_timeout", f"answered 408 to requests whose body stopped "
                                         f"arriving for --body-timeout-s {patience:g}")
@@ -78,12 +83,14 @@ class BodyReader:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _stream(self, chunk, size: int, receive, timer, got: list, regions: Regions):
+    async def _stream(self, chunk, size: int, receive, timer, got: list, regions: Regions,
+                      lead: int):
         """A body of known size in several pieces, written into the arena as they come
-        (1 copy); its reservation counts as unfilled until its bytes are there."""
+        (1 copy), ``lead`` bytes into its region; its reservation counts as unfilled
+        until its bytes are there."""
         patience, loop = self.cfg.body_timeout_s, asyncio.get_running_loop()
-        offset = self._reserve(size)
-        mm, pos, end = self.arena.mm, offset, offset + size
+        offset = self._reserve(size + lead)
+        mm, pos, end = self.arena.mm, offset + lead, offset + lead + size
         self.unfilled += size
         more = True                  # the first piece came with more to follow
         try:
@@ -93,20 +100,20 @@ class BodyReader:
                 mm[pos:pos + len(chunk)] = chunk                  # -> shared memory: 1 copy
                 pos += len(chunk)
                 self.unfilled -= len(chunk)
-                got[0] = pos - offset
+                got[0] = pos - offset - lead
                 if not more:
                     break
                 timer.reschedule(loop.time() + patience)
                 chunk, more = await _receive_chunk(receive)
             if pos != end:
-                raise ProtocolError(f"the body ended after {pos - offset} of {size} bytes")
+                raise ProtocolError(f"the body ended after {got[0]} of {size} bytes")
         except BaseException:
-            self.arena.release(offset, size)
+            self.arena.release(offset, size + lead)
             raise
         finally:
             self.unfilled -= end - pos
-        regions.hold(offset, size)
-        return self.arena_view[offset:end]
+        regions.hold(offset, size + lead)
+        return self.arena_view[end - size:end]
 
     def _too_large(self) -> BodyTooLarge:
         return BodyTooLarge(f"the body is over --max-body-mb {self.cfg.max_body_mb:g} MiB "

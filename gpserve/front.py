@@ -1,6 +1,7 @@
 """An HTTP front process: Starlette on uvicorn, serving the socket the supervisor bound.
 
-``POST /`` (GraphPipe) goes straight to :class:`gpserve.inflight.FrontState`; the
+``POST /`` (GraphPipe) and ``/v2/...`` (the Open Inference Protocol,
+:mod:`gpserve.oip.rest`) go straight to :class:`gpserve.inflight.FrontState`; the
 metadata JSON and control routes are ordinary Starlette routes.
 """
 from __future__ import annotations
@@ -37,15 +38,18 @@ async def _respond(send, status: int, body) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class GraphPipeApp:
-    """The ASGI app: ``POST /`` (the hot path) handled directly, the rest by Starlette.
+class FrontApp:
+    """The ASGI app: the protocols' routes (the hot paths) handled directly, the rest by
+    Starlette.
 
-    The GraphPipe route skips Starlette's request/response objects and middleware: on
+    The inference routes skip Starlette's request/response objects and middleware: on
     small requests they cost about a quarter of a front's time.
     """
 
     def __init__(self, state: FrontState, other: Starlette):
+        from .oip.rest import RestApi
         self.state, self.other = state, other
+        self.v2 = RestApi(state)
         level = state.cfg.access_log
         self.access_level = None if level == "off" else logging.getLevelName(level.upper())
         self.counted: dict[tuple[int, str], object] = {}   # prometheus children, per label
@@ -56,11 +60,21 @@ class GraphPipeApp:
             status, kind, size, body = await self.post(scope, receive)
             await _respond(send, status, body)
             self.record(scope, status, kind, size, len(body), time.perf_counter() - started)
+        elif scope["type"] == "http" and scope["path"].startswith("/v2"):
+            started = time.perf_counter()
+            status, headers, body, kind = await self.v2.handle(scope, receive)
+            await send({"type": "http.response.start", "status": status,
+                        "headers": headers + [(b"content-length", b"%d" % len(body))]})
+            await send({"type": "http.response.body",
+                        "body": b"" if scope["method"] == "HEAD" else body})
+            size = next((int(v) for k, v in scope["headers"]
+                         if k == b"content-length" and v.isdigit()), 0)
+            self.record(scope, status, kind, size, len(body), time.perf_counter() - started)
         else:
             await self.other(scope, receive, send)
 
     def record(self, scope, status: int, kind: str, size: int, sent: int, seconds: float):
-        """Metrics, and the access-log line, for one GraphPipe request."""
+        """Metrics, and the access-log line, for one request of either protocol."""
         counter = self.counted.get((status, kind))
         if counter is None:
             counter = self.counted[status, kind] = metrics.REQUESTS.labels(str(status), kind)
@@ -68,9 +82,11 @@ class GraphPipeApp:
         metrics.REQUEST_SECONDS.observe(seconds)
         if self.access_level is not None and access_log.isEnabledFor(self.access_level):
             client = scope.get("client") or ("-", 0)
-            access_log.log(self.access_level, '%s "POST /" %d %s in=%d out=%d %.2fms',
-                           client[0], status, kind, size, sent, seconds * 1e3,
-                           extra={"fields": {"client": client[0], "status": status,
+            access_log.log(self.access_level, '%s "%s %s" %d %s in=%d out=%d %.2fms',
+                           client[0], scope["method"], scope["path"], status, kind, size,
+                           sent, seconds * 1e3,
+                           extra={"fields": {"client": client[0], "method": scope["method"],
+                                             "path": scope["path"], "status": status,
                                              "kind": kind, "bytes_in": size, "bytes_out": sent,
                                              "ms": round(seconds * 1e3, 3)}})
 
@@ -99,7 +115,7 @@ class GraphPipeApp:
                 P.encode_error(failure.code, failure.message))
 
 
-def build_app(state: FrontState) -> GraphPipeApp:
+def build_app(state: FrontState) -> FrontApp:
     async def get_info(request: Request) -> Response:
         spec = state.spec
         workers = state.workers.about()
@@ -147,7 +163,7 @@ def build_app(state: FrontState) -> GraphPipeApp:
         for task in state.tasks:
             task.cancel()
 
-    return GraphPipeApp(state, Starlette(routes=[
+    return FrontApp(state, Starlette(routes=[
         Route("/", get_info, methods=["GET"]), Route("/metrics", get_metrics),
         Route("/control/is_ready", is_ready), Route("/control/is_alive", is_alive),
     ], lifespan=lifespan))

@@ -91,36 +91,43 @@ class FrontState:
         return Regions(self.arena)
 
     async def infer(self, req: P.InferRequest, regions: Regions) -> memoryview:
-        names, outputs, rows = self.spec.check(list(req.inputs), list(req.input_names),
-                                               list(req.output_names))
+        """A GraphPipe request's response body."""
+        _, arrays, finish = await self.run(list(req.inputs), list(req.input_names),
+                                           list(req.output_names), req.config, regions)
+        try:
+            started = time.perf_counter()
+            body = P.encode_response(P.InferResponse(arrays))    # 1 copy: -> response
+            metrics.RESPONSE_BUILD_SECONDS.observe(time.perf_counter() - started)
+            return body
+        finally:
+            finish()
+
+    async def run(self, tensors: list[np.ndarray], input_names: list[str],
+                  output_names: list[str], config: str, regions: Regions):
+        """Validate, answer from the cache what it knows, run the rest on a worker.
+
+        The protocol-neutral core of a request, whichever protocol decoded it: returns
+        (output names, output arrays, ``finish``). The arrays may be views of a worker's
+        shared memory: encode them, then call ``finish()`` to release it and the
+        request's regions."""
+        names, outputs, rows = self.spec.check(tensors, input_names, output_names)
         if rows is not None and rows > self.cfg.max_queue:
             raise TooManyRows(f"the request has {rows} rows, more than the queue holds "
                               f"(--max-queue {self.cfg.max_queue}); split it into requests "
                               f"of at most {self.cfg.max_queue} rows")
-        options = request_options(req.config)
+        options = request_options(config)
         alone = not options["batch"]
-        tensors = list(req.inputs)
         if self.cache is not None and rows and options["cache"]:
-            return await self._infer_cached(tensors, names, outputs, req.config, rows, regions,
-                                            alone)
-        refs = tuple(regions.place(a) for a in tensors)
-        arrays, finish = await self._compute(refs, names, outputs, req.config, rows, regions,
-                                             alone)
-        try:
-            return self._encode(arrays)
-        finally:
-            finish()
+            arrays, finish = await self._run_cached(tensors, names, outputs, config, rows,
+                                                    regions, alone)
+        else:
+            refs = tuple(regions.place(a) for a in tensors)
+            arrays, finish = await self._compute(refs, names, outputs, config, rows, regions,
+                                                 alone)
+        return outputs, arrays, finish
 
-    @staticmethod
-    def _encode(arrays: list[np.ndarray]) -> memoryview:
-        """The response from output rows (1 copy: shared memory -> response buffer)."""
-        started = time.perf_counter()
-        body = P.encode_response(P.InferResponse(arrays))
-        metrics.RESPONSE_BUILD_SECONDS.observe(time.perf_counter() - started)
-        return body
-
-    async def _infer_cached(self, tensors, names, outputs, config, rows, regions: Regions,
-                            alone: bool) -> memoryview:
+    async def _run_cached(self, tensors, names, outputs, config, rows, regions: Regions,
+                          alone: bool):
         """Answer the rows the cache knows, compute only the others, merge in row order."""
         keys = row_keys(self.cfg.fingerprint, config, names, tensors)
         cached = self.cache.lookup(keys, outputs)
@@ -128,8 +135,8 @@ class FrontState:
         metrics.ROWS.labels("cache").inc(rows - len(missing))
         if not missing:                                   # never reaches a worker
             regions.release()
-            return self._encode([np.stack([found[k] for found in cached])
-                                 for k in range(len(outputs))])
+            return [np.stack([found[k] for found in cached])
+                    for k in range(len(outputs))], _nothing
         if len(missing) == rows:
             refs = tuple(regions.place(t) for t in tensors)
         else:
@@ -146,13 +153,13 @@ class FrontState:
                     out[missing] = rows_k
                     out[hit] = np.stack([cached[i][k] for i in hit])
                     merged.append(out)
-            body = self._encode(merged)
             # The writer thread needs rows that outlive the worker's shared memory: 1 copy.
             self.cache.store([keys[i] for i in missing], outputs,
                              [np.array(a, copy=True) for a in computed])
-            return body
-        finally:
+        except BaseException:
             finish()
+            raise
+        return merged, finish
 
     async def _compute(self, refs, names, outputs, config, rows, regions: Regions,
                        alone=False):
@@ -181,6 +188,10 @@ class FrontState:
             arr = self.segments.view(sl.ref)       # the worker's arena, or ours for echo
             arrays.append(arr if sl.stop is None else arr[sl.start:sl.stop])
         return arrays, finish
+
+
+def _nothing() -> None:
+    pass
 
 
 def request_options(config: str) -> dict[str, bool]:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import QueueFull
-from .protocol.messages import type_of
-from .shm import Arena, TensorRef
+from .shm import Arena, TensorRef, code_of
 
 
 class Regions:
@@ -32,7 +31,7 @@ class Regions:
         if arr.dtype != object:
             offset = arena.offset_of(arr)
             if offset is not None and arr.flags.c_contiguous and arr.flags.aligned:
-                return TensorRef(arena.path, offset, type_of(arr.dtype), arr.shape)
+                return TensorRef(arena.path, offset, code_of(arr.dtype), arr.shape)
         placed = arena.put(arr)
         if placed is None:
             raise arena_full(arena)
@@ -52,7 +51,7 @@ class Regions:
         self.held.append((offset, nbytes))
         dst = self.arena.buf[offset:offset + nbytes].view(arr.dtype).reshape(shape)
         np.take(arr, rows, axis=0, out=dst)
-        return TensorRef(self.arena.path, offset, type_of(arr.dtype), shape)
+        return TensorRef(self.arena.path, offset, code_of(arr.dtype), shape)
 
     def release(self) -> None:
         """Free every region (again: nothing)."""

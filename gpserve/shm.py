@@ -28,6 +28,17 @@ import numpy as np
 
 from .protocol.messages import STRING, TYPE_TO_DTYPE, type_of
 
+# Tensor types between processes: GraphPipe's codes, and one more for BOOL, which the
+# Open Inference Protocol carries and GraphPipe lacks (never sent on GraphPipe's wire).
+BOOL = 13
+SHM_DTYPES: dict[int, np.dtype] = {**TYPE_TO_DTYPE, BOOL: np.dtype("?")}
+
+
+def code_of(dtype: np.dtype) -> int:
+    """The type code of a dtype in a :class:`TensorRef`."""
+    return BOOL if dtype.kind == "b" else type_of(dtype)
+
+
 SHM_DIR = "/dev/shm"
 PREFIX = "gpserve-"
 ALIGN = 64
@@ -172,7 +183,7 @@ class Arena:
 
     def put(self, arr: np.ndarray) -> tuple[TensorRef, int, int] | None:
         """Copy ``arr`` into a new region (1 copy): (ref, offset, nbytes), or None if full."""
-        ttype = type_of(arr.dtype)
+        ttype = code_of(arr.dtype)
         if ttype == STRING:
             items = [x.encode() if isinstance(x, str) else bytes(x) for x in arr.reshape(-1)]
             ends = np.cumsum([len(x) for x in items], dtype=np.int64)
@@ -189,7 +200,7 @@ class Arena:
             offset = self.alloc(nbytes)
             if offset is None:
                 return None
-            dst = self.buf[offset:offset + nbytes].view(TYPE_TO_DTYPE[ttype]).reshape(arr.shape)
+            dst = self.buf[offset:offset + nbytes].view(SHM_DTYPES[ttype]).reshape(arr.shape)
             np.copyto(dst, arr)
         return TensorRef(self.path, offset, ttype, tuple(arr.shape)), offset, nbytes
 
@@ -234,7 +245,7 @@ class Segments:
                 out[i] = buf[start + prev:start + end].tobytes()
                 prev = end
             return out.reshape(ref.shape)
-        dtype = TYPE_TO_DTYPE[ref.ttype]
+        dtype = SHM_DTYPES[ref.ttype]
         return buf[ref.offset:ref.offset + count * dtype.itemsize].view(dtype).reshape(ref.shape)
 
     def adopt(self, arena: "Arena") -> None:

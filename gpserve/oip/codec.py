@@ -1,0 +1,276 @@
+"""Open Inference Protocol (KServe v2) inference messages over HTTP: JSON tensors and the
+binary data extension, to and from the arrays every protocol of gpserve hands a model.
+
+A request body is a JSON header, then (binary extension) the raw bytes of each input
+with a ``binary_data_size``, in input order; the header's length comes in the
+``Inference-Header-Content-Length`` HTTP header. Copies of tensor bytes: binary inputs
+are views of the body (0 copies; the body sits in shared memory when it streamed in,
+see :class:`gpserve.body.BodyReader`); JSON inputs are parsed into new arrays. Outputs:
+1 copy into the response body, as GraphPipe's encoder makes.
+
+Like GraphPipe's decoder, this trusts nothing: every shape, size and datatype is
+checked against the body before an array is made, and every failure names the tensor.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import orjson
+
+from gpserve.errors import BadConfig, DtypeMismatch, ProtocolError, UnknownOutput
+
+from .datatypes import DTYPES, datatype_of, decode_bytes, dtype_of, encode_bytes
+
+MAX_DIMS = 32                 # as GraphPipe's decoder allows
+
+
+class InferCall(NamedTuple):
+    """An inference request, decoded: what :meth:`FrontState.run` takes, and how to answer."""
+
+    id: str | None
+    tensors: list[np.ndarray]
+    input_names: list[str]
+    output_names: list[str]       # empty: the model's default outputs
+    binary: dict[str, bool]       # per requested output: answer in binary?
+    binary_default: bool          # for outputs not named (``binary_data_output``)
+    config: str                   # gpserve's request options, as GraphPipe's config
+
+
+def decode_infer(body, header_length: int | None, max_strings: int, why: str) -> InferCall:
+    """Decode an infer request's body (``header_length`` None: all JSON)."""
+    view = memoryview(body)
+    size = len(view)
+    if header_length is None:
+        header_length = size
+    elif not 0 < header_length <= size:
+        raise ProtocolError(f"Inference-Header-Content-Length {header_length} does not fit "
+                            f"the body of {size} bytes")
+    try:
+        head = orjson.loads(view[:header_length])
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError(f"the request's JSON is malformed: {e}") from None
+    if not isinstance(head, dict):
+        raise ProtocolError("the request's JSON must be an object with an 'inputs' list")
+    req_id = head.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise ProtocolError(f"'id' must be a string, not {type(req_id).__name__}")
+    params = _object(head.get("parameters"), "the request's 'parameters'")
+    inputs = head.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise ProtocolError("the request needs 'inputs': a non-empty list of tensors")
+    tensors, names = [], []
+    pos, strings_left = header_length, max_strings
+    for k, spec in enumerate(inputs):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ProtocolError(f"input {k} must be an object with a 'name'")
+        name = spec["name"]
+        where = f"input {name!r}"
+        dtype = dtype_of(spec.get("datatype"))
+        shape = _shape(spec.get("shape"), where)
+        count = math.prod(shape)
+        p = _object(spec.get("parameters"), f"{where}'s 'parameters'")
+        if "shared_memory_region" in p:
+            raise ProtocolError(f"{where}: shared-memory inputs are not served on this "
+                                "server (see docs/open-inference-protocol.md)")
+        if dtype.kind == "O":
+            strings_left -= count
+            if strings_left < 0:
+                raise ProtocolError(f"{where}: a BYTES tensor of shape {shape} takes the "
+                                    f"request to more BYTES elements than this server takes "
+                                    f"in one request ({max_strings}: {why})")
+        nbytes = p.get("binary_data_size")
+        if nbytes is not None:
+            if "data" in spec:
+                raise ProtocolError(f"{where} has both 'data' and 'binary_data_size'")
+            if type(nbytes) is not int or nbytes < 0 or pos + nbytes > size:
+                raise ProtocolError(f"{where}: binary_data_size {nbytes!r} does not fit the "
+                                    f"{size - pos} bytes left in the body")
+            raw = view[pos:pos + nbytes]
+            pos += nbytes
+            arr = _from_binary(raw, dtype, shape, count, where)
+        elif "data" in spec:
+            arr = _from_json(spec["data"], dtype, shape, count, where)
+        else:
+            raise ProtocolError(f"{where} has neither 'data' nor 'binary_data_size'")
+        tensors.append(arr)
+        names.append(name)
+    if pos != size:
+        raise ProtocolError(f"the body has {size - pos} bytes after its inputs' binary data "
+                            f"(header {header_length} bytes + binary_data_size of the inputs)")
+    binary_default = _flag(params.get("binary_data_output", False), "binary_data_output")
+    output_names, binary = [], {}
+    for k, spec in enumerate(_list(head.get("outputs"), "'outputs'")):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ProtocolError(f"requested output {k} must be an object with a 'name'")
+        p = _object(spec.get("parameters"), f"output {spec['name']!r}'s 'parameters'")
+        if "shared_memory_region" in p:
+            raise ProtocolError(f"output {spec['name']!r}: shared-memory outputs are not "
+                                "served on this server")
+        if "classification" in p:
+            raise UnknownOutput(f"output {spec['name']!r}: the classification extension is "
+                                "not served; ask for the output itself")
+        output_names.append(spec["name"])
+        binary[spec["name"]] = _flag(p.get("binary_data", binary_default), "binary_data")
+    return InferCall(req_id, tensors, names, output_names, binary, binary_default,
+                     _config(params))
+
+
+def encode_infer(model: str, version: str, call: InferCall, names: list[str],
+                 arrays: list[np.ndarray]) -> tuple[bytes, int | None]:
+    """The response body, and its JSON header's length when binary outputs follow it."""
+    outputs, blobs = [], []
+    for name, arr in zip(names, arrays):
+        out = {"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape)}
+        if call.binary.get(name, call.binary_default):
+            blob = (encode_bytes(arr) if arr.dtype == object
+                    else memoryview(np.ascontiguousarray(arr)).cast("B"))
+            out["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif arr.dtype == object:
+            try:
+                out["data"] = [b.decode() if isinstance(b, bytes) else b for b in arr.ravel()]
+            except UnicodeDecodeError:
+                raise DtypeMismatch(f"output {name!r} holds bytes that are not UTF-8, which "
+                                    "JSON cannot carry; ask for it with binary_data") from None
+        else:
+            out["data"] = np.ascontiguousarray(arr).reshape(-1)
+        outputs.append(out)
+    head = {"model_name": model, "model_version": version, "outputs": outputs}
+    if call.id is not None:
+        head["id"] = call.id
+    header = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)          # 1 copy of each output
+
+
+def _from_binary(raw: memoryview, dtype: np.dtype, shape: list[int], count: int,
+                 where: str) -> np.ndarray:
+    if dtype.kind == "O":
+        return decode_bytes(raw, count, where).reshape(shape)
+    if len(raw) != count * dtype.itemsize:
+        raise ProtocolError(f"{where}: binary_data_size is {len(raw)} bytes; shape {shape} "
+                            f"of {datatype_of(dtype)} takes {count * dtype.itemsize}")
+    arr = np.frombuffer(raw, dtype).reshape(shape)            # a view: 0 copies
+    if dtype.kind == "b" and arr.size and arr.view(np.uint8).max() > 1:
+        raise ProtocolError(f"{where}: BOOL bytes must be 0 or 1")
+    return arr
+
+
+_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}     # JSON values each datatype takes
+
+
+def _from_json(data, dtype: np.dtype, shape: list[int], count: int,
+               where: str) -> np.ndarray:
+    if not isinstance(data, list):
+        data = [data]
+    if dtype.kind == "O":
+        flat = _flatten(data, where)
+        if len(flat) != count:
+            raise ProtocolError(f"{where}: 'data' has {len(flat)} elements; shape {shape} "
+                                f"takes {count}")
+        if not all(isinstance(s, str) for s in flat):
+            raise DtypeMismatch(f"{where}: BYTES data in JSON must be strings")
+        out = np.empty(count, dtype=object)
+        out[:] = [s.encode() for s in flat]
+        return out.reshape(shape)
+    try:
+        arr = np.asarray(data)
+    except (ValueError, OverflowError) as e:
+        raise ProtocolError(f"{where}: 'data' is not a list of numbers: {e}") from None
+    if dtype.kind in "iu" and arr.dtype.kind in "fO":
+        # numpy found no one integer type for them all (UINT64 values past int64's
+        # range beside small ones): integers still, if every element is one
+        flat = _flatten(data, where)
+        if flat and all(type(v) is int for v in flat):
+            info = np.iinfo(dtype)
+            if min(flat) < info.min or max(flat) > info.max:
+                raise ProtocolError(f"{where}: a value is out of {datatype_of(dtype)}'s "
+                                    f"range [{info.min}, {info.max}]")
+            arr = np.array(flat, dtype=dtype)
+    if arr.size != count:
+        raise ProtocolError(f"{where}: 'data' has {arr.size} elements; shape {shape} takes "
+                            f"{count}")
+    if count and arr.dtype.kind not in _KINDS[dtype.kind]:
+        raise DtypeMismatch(f"{where}: 'data' holds {_kind_name(arr.dtype)} values; a "
+                            f"{datatype_of(dtype)} tensor takes "
+                            f"{'true/false' if dtype.kind == 'b' else 'numbers'}"
+                            f"{' (integers)' if dtype.kind in 'iu' else ''}")
+    if dtype.kind in "iu" and count:
+        info = np.iinfo(dtype)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise ProtocolError(f"{where}: a value is out of {datatype_of(dtype)}'s range "
+                                f"[{info.min}, {info.max}]")
+    return arr.astype(dtype).reshape(shape)
+
+
+def _kind_name(dtype: np.dtype) -> str:
+    return {"b": "true/false", "i": "integer", "u": "integer", "f": "fractional",
+            "U": "string", "O": "mixed"}.get(dtype.kind, str(dtype))
+
+
+def _flatten(data: list, where: str, depth: int = 0) -> list:
+    if depth > MAX_DIMS:
+        raise ProtocolError(f"{where}: 'data' is nested deeper than {MAX_DIMS} levels")
+    if not any(isinstance(x, list) for x in data):
+        return data
+    flat = []
+    for x in data:
+        flat.extend(_flatten(x, where, depth + 1) if isinstance(x, list) else [x])
+    return flat
+
+
+def _shape(shape, where: str) -> list[int]:
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(type(d) is int and d >= 0 for d in shape)):
+        raise ProtocolError(f"{where}: 'shape' must be a list of at most {MAX_DIMS} "
+                            f"non-negative integers, not {shape!r}")
+    return shape
+
+
+def _object(value, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} must be a JSON object")
+    return value
+
+
+def _list(value, what: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ProtocolError(f"{what} must be a JSON list")
+    return value
+
+
+def _flag(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"parameter {what!r} must be true or false, not {value!r}")
+    return value
+
+
+def _config(params: dict) -> str:
+    """gpserve's request options from the request's ``parameters``: ``cache`` and
+    ``batch`` (true/false, as GraphPipe's ``cache=off``/``batch=off``) and ``config``
+    (text passed to the model, as GraphPipe's config). Other parameters (Triton's
+    ``priority``, ``timeout``, sequence ids) do not apply to gpserve and are ignored."""
+    config = params.get("config", "")
+    if not isinstance(config, str):
+        raise BadConfig(f"parameter 'config' must be a string, not {config!r}")
+    tokens = [config] if config else []
+    for option in ("cache", "batch"):
+        if option in params:
+            value = params[option]
+            if isinstance(value, str) and value in ("on", "off"):
+                value = value == "on"
+            if not isinstance(value, bool):
+                raise BadConfig(f"parameter {option!r} takes true or false, not {value!r}")
+            if not value:
+                tokens.append(f"{option}=off")
+    return ";".join(tokens)
+
+
+__all__ = ["DTYPES", "InferCall", "decode_infer", "encode_infer"]

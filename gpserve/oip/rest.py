@@ -1,0 +1,173 @@
+"""The Open Inference Protocol's HTTP routes (``/v2/...``), on GraphPipe's port.
+
+Served by the same front processes, over the same validation, row cache, batching and
+workers as ``POST /``: a row sent by either protocol batches with, and is answered from
+the cache for, the other. Routes (KServe's REST API, and what Triton's clients and
+``perf_analyzer`` ask for): server live/ready/metadata, model metadata/ready/config,
+infer, each model route also under ``/versions/{v}``. docs/open-inference-protocol.md.
+"""
+from __future__ import annotations
+
+import logging
+
+import orjson
+
+from gpserve import __version__
+from gpserve.errors import GraphPipeError, InternalError, ProtocolError
+
+from .codec import decode_infer, encode_infer
+from .datatypes import datatype_of
+
+log = logging.getLogger("gpserve.front")
+VERSION = "1"              # the one version of the model a server serves
+EXTENSIONS = ["binary_tensor_data"]
+PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorflow": "tensorflow_savedmodel",
+             "torch": "pytorch_libtorch"}
+_JSON = [(b"content-type", b"application/json")]
+_OCTETS = [(b"content-type", b"application/octet-stream")]
+
+
+class NotFound(GraphPipeError):
+    code, http_status = 5, 404
+
+
+class RestApi:
+    """``handle(scope, receive)`` -> (HTTP status, headers, body, kind) for a /v2 path."""
+
+    def __init__(self, state):
+        self.state, spec = state, state.spec
+        self.model = spec.name
+        self.metadata = orjson.dumps({
+            "name": spec.name, "versions": [VERSION],
+            "platform": PLATFORMS.get(spec.backend, f"gpserve_{spec.backend}"),
+            "inputs": [_tensor_meta(s) for s in spec.inputs],
+            "outputs": [_tensor_meta(s) for s in spec.outputs]})
+        self.server_metadata = orjson.dumps(
+            {"name": "gpserve", "version": __version__, "extensions": EXTENSIONS})
+        self.config = orjson.dumps(_triton_config(state.cfg, spec))
+
+    async def handle(self, scope, receive) -> tuple[int, list, bytes, str]:
+        method, parts = scope["method"], scope["path"].rstrip("/").split("/")[2:]
+        try:
+            if not parts:
+                return self._get(method, self.server_metadata, "v2_server")
+            if parts[0] == "health" and len(parts) == 2 and parts[1] in ("live", "ready"):
+                self._method(method, "GET")
+                up = self._live() if parts[1] == "live" else self.state.ready
+                return 200 if up else 503, _JSON, b"", "v2_health"
+            if parts[0] == "models" and len(parts) >= 2:
+                return await self._model_route(method, parts[1:], scope, receive)
+            raise NotFound(f"no route {scope['path']!r}; see docs/open-inference-protocol.md")
+        except GraphPipeError as e:
+            return e.http_status, _JSON, _error(e.message), "v2_error"
+
+    async def _model_route(self, method, parts, scope, receive):
+        name, rest = parts[0], parts[1:]
+        if name != self.model:
+            raise NotFound(f"unknown model {name!r}; this server serves {self.model!r}")
+        if rest[:1] == ["versions"]:
+            if len(rest) < 2 or rest[1] != VERSION:
+                raise NotFound(f"model {name!r} has no version "
+                               f"{rest[1] if len(rest) > 1 else ''!r}; it has {VERSION!r}")
+            rest = rest[2:]
+        if not rest:
+            return self._get(method, self.metadata, "v2_metadata")
+        if rest == ["ready"]:
+            self._method(method, "GET")
+            return 200 if self.state.ready else 503, _JSON, b"", "v2_health"
+        if rest == ["config"]:
+            return self._get(method, self.config, "v2_metadata")
+        if rest == ["infer"]:
+            self._method(method, "POST")
+            return await self.infer(scope, receive)
+        raise NotFound(f"no route {scope['path']!r}; see docs/open-inference-protocol.md")
+
+    async def infer(self, scope, receive):
+        state = self.state
+        regions = state.new_request()
+        try:
+            header_length = _header_length(scope)
+            body = await state.body.read(scope, receive, regions, align_at=header_length)
+            call = decode_infer(body, header_length, *state.string_limit)
+            names, arrays, finish = await state.run(call.tensors, call.input_names,
+                                                    call.output_names, call.config, regions)
+            try:
+                out, json_length = encode_infer(self.model, VERSION, call, names, arrays)
+            finally:
+                finish()
+        except GraphPipeError as e:
+            regions.release()
+            log.debug("request failed: %r", e)
+            failure = e
+        except Exception as e:  # a bug of ours: answer clearly, keep serving
+            log.exception("internal error")
+            regions.release()
+            failure = InternalError(f"internal server error: {type(e).__name__}: {e}")
+        else:
+            if json_length is None:
+                return 200, _JSON, out, "v2_infer"
+            return 200, _OCTETS + [(b"inference-header-content-length",
+                                    b"%d" % json_length)], out, "v2_infer"
+        state.counters.count_error(state.index, failure.code)
+        return failure.http_status, _JSON, _error(failure.message), "v2_error"
+
+    def _get(self, method, body: bytes, kind: str):
+        self._method(method, "GET")
+        return 200, _JSON, body, kind
+
+    @staticmethod
+    def _method(method: str, allowed: str) -> None:
+        if method != allowed and not (allowed == "GET" and method == "HEAD"):
+            raise MethodNotAllowed(f"{method} is not allowed here; use {allowed}")
+
+    def _live(self) -> bool:
+        server = self.state.server
+        return server is None or not server.should_exit
+
+
+class MethodNotAllowed(GraphPipeError):
+    code, http_status = 2, 405
+
+
+def _header_length(scope) -> int | None:
+    for k, v in scope["headers"]:
+        if k == b"inference-header-content-length":
+            try:
+                return int(v)
+            except ValueError:
+                raise ProtocolError(f"Inference-Header-Content-Length {v!r} is not a "
+                                    "number") from None
+    return None
+
+
+def _error(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+def _tensor_meta(spec) -> dict:
+    return {"name": spec.name, "datatype": datatype_of(spec.dtype), "shape": spec.shape}
+
+
+def _triton_config(cfg, spec) -> dict:
+    """Triton's model configuration (its ``/config`` extension), the part that is true
+    here: what ``perf_analyzer`` reads to drive a model (``max_batch_size``; dims without
+    the batch dimension when it is > 0)."""
+    batching = spec.batchable and cfg.batching != "off"
+    max_batch = cfg.max_batch if batching else 0
+
+    def io(s):
+        dims = s.shape[1:] if max_batch else s.shape
+        return {"name": s.name, "data_type": "TYPE_" + _triton_type(s.dtype), "dims": dims}
+    config = {"name": spec.name, "platform": PLATFORMS.get(spec.backend,
+                                                           f"gpserve_{spec.backend}"),
+              "max_batch_size": max_batch, "input": [io(s) for s in spec.inputs],
+              "output": [io(s) for s in spec.outputs]}
+    if batching:
+        config["dynamic_batching"] = {
+            "max_queue_delay_microseconds": int(cfg.max_delay_ms * 1000)}
+    return config
+
+
+def _triton_type(dtype) -> str:
+    name = datatype_of(dtype)
+    return "STRING" if name == "BYTES" else name
