@@ -41,8 +41,7 @@ from gpserve.errors import (
     ModelError,
     QueueFull,
 )
-from gpserve.protocol.messages import type_of
-from gpserve.shm import Arena, Segments, segment_path
+from gpserve.shm import Arena, Segments, code_of, segment_path
 
 from .backend import load
 from .batch_check import compare, made_up_rows
@@ -300,7 +299,7 @@ class Worker:
         if offset is None:
             return None
         arr = self.arena.buf[offset:offset + nbytes].view(dtype).reshape(shape)
-        return arr, ipc.TensorRef(self.arena.path, offset, type_of(dtype), shape), (offset,
+        return arr, ipc.TensorRef(self.arena.path, offset, code_of(dtype), shape), (offset,
                                                                                     nbytes)
 
     def _compute(self, batch: Batch) -> None:
