@@ -16,6 +16,7 @@ CACHE_HOME = Path(user_cache_dir("gpserve"))
 class Config:
     model: str = ""                      # path, http(s) URL, "echo", or "" for the default
     listen: str = "127.0.0.1:9000"
+    grpc_listen: str = ""                # host:port of the Open Inference Protocol's gRPC
     inputs: list[str] = field(default_factory=list)    # default input names, in order
     outputs: list[str] = field(default_factory=list)   # default output names
     fronts: int = 0                      # 0: from the machine
@@ -147,7 +148,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     a("--shapes", default=d.shapes,
       help="TorchScript input shapes, 'name=-1,3,48,192[:dtype];...' (or a MODEL.json "
            "side file)")
-    a("--listen", default=d.listen, help="host:port")
+    a("--listen", default=d.listen,
+      help="host:port of HTTP: GraphPipe (POST /) and the Open Inference Protocol (/v2)")
+    a("--grpc-listen", default=d.grpc_listen, metavar="HOST:PORT",
+      help="also serve the Open Inference Protocol's gRPC service here (off by default)")
     a("--inputs", type=_names, default=[],
       help="comma-separated default input names")
     a("--outputs", type=_names, default=[],
@@ -226,6 +230,10 @@ def from_args(args: argparse.Namespace) -> Config:
         _ = cfg.port
     except (ValueError, IndexError):
         problems.append(f"--listen {cfg.listen!r} is not host:port")
+    if cfg.grpc_listen:
+        host, _, port = cfg.grpc_listen.rpartition(":")
+        if not host or not port.isdigit():
+            problems.append(f"--grpc-listen {cfg.grpc_listen!r} is not host:port")
     for name in ("max_batch", "max_queue"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")

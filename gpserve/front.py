@@ -159,7 +159,14 @@ def build_app(state: FrontState) -> FrontApp:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await state.start()
+        grpc_server = None
+        if state.cfg.grpc_listen:
+            from .oip import grpc_server as oip_grpc
+            grpc_server = await oip_grpc.start(state, state.cfg.grpc_listen,
+                                               state.cfg.max_body_bytes)
         yield
+        if grpc_server is not None:          # answers what it holds, takes no more
+            await grpc_server.stop(state.cfg.timeout_ms / 1000 + 1)
         for task in state.tasks:
             task.cancel()
 

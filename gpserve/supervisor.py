@@ -59,6 +59,28 @@ def _listen(cfg: Config) -> socket.socket:
     return sock
 
 
+def _reserve_grpc_port(cfg: Config) -> socket.socket | None:
+    """A socket bound to ``--grpc-listen`` with SO_REUSEPORT, held for the run: a port in
+    use fails here, with a clear message, not in every front; and the port's group
+    admits only processes of this user (the kernel's rule for SO_REUSEPORT). The
+    fronts' gRPC servers bind it too and listen; this one never listens, so it takes
+    no connections."""
+    if not cfg.grpc_listen:
+        return None
+    host, _, port = cfg.grpc_listen.rpartition(":")
+    host = host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                         socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, int(port)))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"gpserve: cannot listen on --grpc-listen {cfg.grpc_listen}: "
+                         f"{e.strerror}") from None
+    return sock
+
+
 def inspect_model(cfg: Config):
     """Load the model once, in a short-lived process (so the supervisor never imports a
     model runtime), to fail fast and to learn its spec for the fronts."""
@@ -147,6 +169,7 @@ class Supervisor:
             from gpserve.cache.keys import fingerprint
             cfg.fingerprint = fingerprint(cfg.model_path)
         sock = _listen(cfg)
+        self.grpc_port = _reserve_grpc_port(cfg)
         cfg.run_id = str(os.getpid())
         hold_run_lock(cfg.run_id)
         metrics_dir = segment_path(cfg.run_id, "metrics")
@@ -189,7 +212,8 @@ class Supervisor:
             f"max {cfg.max_batch} rows, {cfg.max_delay_ms:g} ms",
             "max_queue": cfg.max_queue, "timeout_ms": cfg.timeout_ms,
             "cache": f"{cfg.cache_dir} ({cfg.cache_size_mb} MB)" if cfg.cache else "off",
-            "listen": f"http://{cfg.listen}"}
+            "listen": f"http://{cfg.listen}"
+            + (f", grpc://{cfg.grpc_listen}" if cfg.grpc_listen else "")}
         from gpserve.workers.batch_check import VERDICTS, verdict
         found = verdict(spec.batch_probe)
         probe = found["checks"]["probe"]

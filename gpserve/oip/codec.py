@@ -68,18 +68,13 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str) ->
         name = spec["name"]
         where = f"input {name!r}"
         dtype = dtype_of(spec.get("datatype"))
-        shape = _shape(spec.get("shape"), where)
+        shape = shape_of(spec.get("shape"), where)
         count = math.prod(shape)
         p = _object(spec.get("parameters"), f"{where}'s 'parameters'")
         if "shared_memory_region" in p:
             raise ProtocolError(f"{where}: shared-memory inputs are not served on this "
                                 "server (see docs/open-inference-protocol.md)")
-        if dtype.kind == "O":
-            strings_left -= count
-            if strings_left < 0:
-                raise ProtocolError(f"{where}: a BYTES tensor of shape {shape} takes the "
-                                    f"request to more BYTES elements than this server takes "
-                                    f"in one request ({max_strings}: {why})")
+        strings_left = count_strings(strings_left, dtype, shape, where, max_strings, why)
         nbytes = p.get("binary_data_size")
         if nbytes is not None:
             if "data" in spec:
@@ -89,7 +84,7 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str) ->
                                     f"{size - pos} bytes left in the body")
             raw = view[pos:pos + nbytes]
             pos += nbytes
-            arr = _from_binary(raw, dtype, shape, count, where)
+            arr = from_raw(raw, dtype, shape, count, where)
         elif "data" in spec:
             arr = _from_json(spec["data"], dtype, shape, count, where)
         else:
@@ -114,7 +109,7 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str) ->
         output_names.append(spec["name"])
         binary[spec["name"]] = _flag(p.get("binary_data", binary_default), "binary_data")
     return InferCall(req_id, tensors, names, output_names, binary, binary_default,
-                     _config(params))
+                     request_config(params))
 
 
 def encode_infer(model: str, version: str, call: InferCall, names: list[str],
@@ -146,8 +141,23 @@ def encode_infer(model: str, version: str, call: InferCall, names: list[str],
     return b"".join([header, *blobs]), len(header)          # 1 copy of each output
 
 
-def _from_binary(raw: memoryview, dtype: np.dtype, shape: list[int], count: int,
-                 where: str) -> np.ndarray:
+def count_strings(left: int, dtype: np.dtype, shape: list[int], where: str,
+                  max_strings: int, why: str) -> int:
+    """BYTES elements a request may still carry, after this tensor's (each becomes a
+    Python object: bounded before any is decoded, as GraphPipe's decoder does)."""
+    if dtype.kind != "O":
+        return left
+    left -= math.prod(shape)
+    if left < 0:
+        raise ProtocolError(f"{where}: a BYTES tensor of shape {shape} takes the request "
+                            f"to more BYTES elements than this server takes in one request "
+                            f"({max_strings}: {why})")
+    return left
+
+
+def from_raw(raw, dtype: np.dtype, shape: list[int], count: int, where: str) -> np.ndarray:
+    """A tensor from its raw bytes (the binary extension's, or gRPC's raw contents):
+    a view of them, 0 copies; BYTES elements unframed into an object array."""
     if dtype.kind == "O":
         return decode_bytes(raw, count, where).reshape(shape)
     if len(raw) != count * dtype.itemsize:
@@ -222,7 +232,7 @@ def _flatten(data: list, where: str, depth: int = 0) -> list:
     return flat
 
 
-def _shape(shape, where: str) -> list[int]:
+def shape_of(shape, where: str) -> list[int]:
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(type(d) is int and d >= 0 for d in shape)):
         raise ProtocolError(f"{where}: 'shape' must be a list of at most {MAX_DIMS} "
@@ -252,7 +262,7 @@ def _flag(value, what: str) -> bool:
     return value
 
 
-def _config(params: dict) -> str:
+def request_config(params: dict) -> str:
     """gpserve's request options from the request's ``parameters``: ``cache`` and
     ``batch`` (true/false, as GraphPipe's ``cache=off``/``batch=off``) and ``config``
     (text passed to the model, as GraphPipe's config). Other parameters (Triton's

@@ -1,0 +1,119 @@
+"""The Open Inference Protocol's gRPC messages (package ``inference``), built at import.
+
+The protocol's wire contract is its field numbers and types; this module states them
+as a table and builds the protobuf descriptors from it in a private pool: no ``.proto``
+compiled at build time, no generated code tied to one protobuf release, and no clash
+with clients (tritonclient) that register their own ``inference.*`` messages in the
+default pool of the same process. Only what gpserve serves is here: the health,
+metadata and infer calls (KServe's ``grpc_predict_v2``; Triton's service is a superset
+with the same numbers, so its clients work unchanged).
+"""
+from __future__ import annotations
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+SERVICE = "inference.GRPCInferenceService"
+_F = descriptor_pb2.FieldDescriptorProto
+_SCALARS = {"bool": _F.TYPE_BOOL, "string": _F.TYPE_STRING, "bytes": _F.TYPE_BYTES,
+            "int32": _F.TYPE_INT32, "int64": _F.TYPE_INT64, "uint32": _F.TYPE_UINT32,
+            "uint64": _F.TYPE_UINT64, "float": _F.TYPE_FLOAT, "double": _F.TYPE_DOUBLE}
+
+# message: [(field, number, type, "" | "repeated" | "map" | "oneof")]; a map's values
+# are InferParameter (the only map the protocol has); nested names use a dot.
+_PARAMS = ("parameters", "map")
+MESSAGES: dict[str, list[tuple]] = {
+    "ServerLiveRequest": [],
+    "ServerLiveResponse": [("live", 1, "bool", "")],
+    "ServerReadyRequest": [],
+    "ServerReadyResponse": [("ready", 1, "bool", "")],
+    "ModelReadyRequest": [("name", 1, "string", ""), ("version", 2, "string", "")],
+    "ModelReadyResponse": [("ready", 1, "bool", "")],
+    "ServerMetadataRequest": [],
+    "ServerMetadataResponse": [("name", 1, "string", ""), ("version", 2, "string", ""),
+                               ("extensions", 3, "string", "repeated")],
+    "ModelMetadataRequest": [("name", 1, "string", ""), ("version", 2, "string", "")],
+    "ModelMetadataResponse.TensorMetadata": [
+        ("name", 1, "string", ""), ("datatype", 2, "string", ""),
+        ("shape", 3, "int64", "repeated")],
+    "ModelMetadataResponse": [
+        ("name", 1, "string", ""), ("versions", 2, "string", "repeated"),
+        ("platform", 3, "string", ""),
+        ("inputs", 4, "ModelMetadataResponse.TensorMetadata", "repeated"),
+        ("outputs", 5, "ModelMetadataResponse.TensorMetadata", "repeated")],
+    "InferParameter": [("bool_param", 1, "bool", "oneof"), ("int64_param", 2, "int64", "oneof"),
+                       ("string_param", 3, "string", "oneof")],
+    "InferTensorContents": [
+        ("bool_contents", 1, "bool", "repeated"), ("int_contents", 2, "int32", "repeated"),
+        ("int64_contents", 3, "int64", "repeated"), ("uint_contents", 4, "uint32", "repeated"),
+        ("uint64_contents", 5, "uint64", "repeated"),
+        ("fp32_contents", 6, "float", "repeated"), ("fp64_contents", 7, "double", "repeated"),
+        ("bytes_contents", 8, "bytes", "repeated")],
+    "ModelInferRequest.InferInputTensor": [
+        ("name", 1, "string", ""), ("datatype", 2, "string", ""),
+        ("shape", 3, "int64", "repeated"), (*_PARAMS[:1], 4, None, "map"),
+        ("contents", 5, "InferTensorContents", "")],
+    "ModelInferRequest.InferRequestedOutputTensor": [
+        ("name", 1, "string", ""), (*_PARAMS[:1], 2, None, "map")],
+    "ModelInferRequest": [
+        ("model_name", 1, "string", ""), ("model_version", 2, "string", ""),
+        ("id", 3, "string", ""), (*_PARAMS[:1], 4, None, "map"),
+        ("inputs", 5, "ModelInferRequest.InferInputTensor", "repeated"),
+        ("outputs", 6, "ModelInferRequest.InferRequestedOutputTensor", "repeated"),
+        ("raw_input_contents", 7, "bytes", "repeated")],
+    "ModelInferResponse.InferOutputTensor": [
+        ("name", 1, "string", ""), ("datatype", 2, "string", ""),
+        ("shape", 3, "int64", "repeated"), (*_PARAMS[:1], 4, None, "map"),
+        ("contents", 5, "InferTensorContents", "")],
+    "ModelInferResponse": [
+        ("model_name", 1, "string", ""), ("model_version", 2, "string", ""),
+        ("id", 3, "string", ""), (*_PARAMS[:1], 4, None, "map"),
+        ("outputs", 5, "ModelInferResponse.InferOutputTensor", "repeated"),
+        ("raw_output_contents", 6, "bytes", "repeated")],
+}
+# rpc: (request, response)
+METHODS = {name: (f"{name}Request", f"{name}Response") for name in (
+    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+    "ModelInfer")}
+
+
+def _build() -> descriptor_pool.DescriptorPool:
+    fd = descriptor_pb2.FileDescriptorProto(name="gpserve/oip/inference.proto",
+                                            package="inference", syntax="proto3")
+    made: dict[str, descriptor_pb2.DescriptorProto] = {}
+    for full, fields in sorted(MESSAGES.items(), key=lambda m: m[0].count(".")):  # outer first
+        outer, _, inner = full.rpartition(".")
+        msg = (made[outer].nested_type if outer else fd.message_type).add(name=inner)
+        made[full] = msg
+        for name, number, kind, label in fields:
+            field = msg.field.add(name=name, number=number)
+            if label == "map":                  # map<string, InferParameter>
+                entry = msg.nested_type.add(name=name.title().replace("_", "") + "Entry")
+                entry.options.map_entry = True
+                entry.field.add(name="key", number=1, type=_F.TYPE_STRING,
+                                label=_F.LABEL_OPTIONAL)
+                entry.field.add(name="value", number=2, type=_F.TYPE_MESSAGE,
+                                type_name=".inference.InferParameter",
+                                label=_F.LABEL_OPTIONAL)
+                field.type, field.label = _F.TYPE_MESSAGE, _F.LABEL_REPEATED
+                field.type_name = f".inference.{full}.{entry.name}"
+                continue
+            field.label = _F.LABEL_REPEATED if label == "repeated" else _F.LABEL_OPTIONAL
+            if kind in _SCALARS:
+                field.type = _SCALARS[kind]
+            else:
+                field.type, field.type_name = _F.TYPE_MESSAGE, f".inference.{kind}"
+            if label == "oneof":
+                if not msg.oneof_decl:
+                    msg.oneof_decl.add(name="parameter_choice")
+                field.oneof_index = 0
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fd)
+    return pool
+
+
+_POOL = _build()
+
+
+def message(name: str):
+    """The message class of ``name`` (e.g. ``ModelInferRequest``)."""
+    return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"inference.{name}"))

@@ -1,0 +1,190 @@
+"""The Open Inference Protocol over gRPC (``inference.GRPCInferenceService``), served by
+every front on ``--grpc-listen`` (grpcio's asyncio server, in the front's event loop).
+
+The fronts share the port with ``SO_REUSEPORT`` (grpcio sets it by default on Linux),
+so the kernel spreads connections over them; the supervisor holds a socket bound to
+the port for the run's life, so a port in use fails at start with a clear message and
+no other user's process can join the group. Requests go through the same
+:meth:`FrontState.run` as GraphPipe and HTTP: same checks, cache, batching, workers.
+
+Copies of tensor bytes: protobuf parses each ``raw_input_contents`` into a ``bytes``
+object (1 copy, protobuf's), a worker needs them in shared memory (1 copy, as for a
+GraphPipe body that did not stream). Outputs: 1 copy to ``bytes``, 1 into the
+serialized response (protobuf's). Large tensors are cheaper over HTTP's binary
+extension, which streams into shared memory.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import grpc
+import numpy as np
+
+from gpserve import __version__
+from gpserve.errors import DtypeMismatch, GraphPipeError, InternalError, ProtocolError
+
+from .codec import count_strings, from_raw, request_config, shape_of
+from .datatypes import datatype_of, dtype_of, encode_bytes
+from .grpc_messages import METHODS, SERVICE, message
+from .rest import EXTENSIONS, PLATFORMS, VERSION
+
+log = logging.getLogger("gpserve.front")
+STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+          408: grpc.StatusCode.DEADLINE_EXCEEDED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+# the contents field that carries each datatype when it is not sent raw
+CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+            "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+            "UINT16": "uint_contents", "UINT32": "uint_contents",
+            "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
+            "BYTES": "bytes_contents"}
+_M = {name: message(name) for pair in METHODS.values() for name in pair}
+
+
+class InferenceService:
+    """The service's calls, on a front's :class:`FrontState`."""
+
+    def __init__(self, state):
+        self.state, spec = state, state.spec
+        self.model = spec.name
+        meta = lambda s: {"name": s.name, "datatype": datatype_of(s.dtype), "shape": s.shape}
+        self.metadata = _M["ModelMetadataResponse"](
+            name=spec.name, versions=[VERSION],
+            platform=PLATFORMS.get(spec.backend, f"gpserve_{spec.backend}"),
+            inputs=[meta(s) for s in spec.inputs], outputs=[meta(s) for s in spec.outputs])
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        calls = {name: grpc.unary_unary_rpc_method_handler(
+            getattr(self, name), request_deserializer=_M[req].FromString,
+            response_serializer=_M[resp].SerializeToString)
+            for name, (req, resp) in METHODS.items()}
+        return grpc.method_handlers_generic_handler(SERVICE, calls)
+
+    async def ServerLive(self, request, context):
+        server = self.state.server
+        return _M["ServerLiveResponse"](live=server is None or not server.should_exit)
+
+    async def ServerReady(self, request, context):
+        return _M["ServerReadyResponse"](ready=self.state.ready)
+
+    async def ServerMetadata(self, request, context):
+        return _M["ServerMetadataResponse"](name="gpserve", version=__version__,
+                                            extensions=EXTENSIONS)
+
+    async def ModelReady(self, request, context):
+        await self._model(request.name, request.version, context)
+        return _M["ModelReadyResponse"](ready=self.state.ready)
+
+    async def ModelMetadata(self, request, context):
+        await self._model(request.name, request.version, context)
+        return self.metadata
+
+    async def ModelInfer(self, request, context):
+        await self._model(request.model_name, request.model_version, context)
+        state = self.state
+        regions = state.new_request()
+        try:
+            tensors, names = self._inputs(request)
+            params = {k: _value(v) for k, v in request.parameters.items()}
+            outputs = [o.name for o in request.outputs]
+            out_names, arrays, finish = await state.run(tensors, names, outputs,
+                                                        request_config(params), regions)
+            try:
+                response = _M["ModelInferResponse"](
+                    model_name=self.model, model_version=VERSION, id=request.id)
+                for name, arr in zip(out_names, arrays):
+                    response.outputs.add(name=name, datatype=datatype_of(arr.dtype),
+                                         shape=arr.shape)
+                    response.raw_output_contents.append(                 # 1 copy
+                        encode_bytes(arr) if arr.dtype.kind == "O" else arr.tobytes())
+            finally:
+                finish()
+            return response
+        except GraphPipeError as e:
+            regions.release()
+            failure = e
+        except Exception as e:  # a bug of ours: answer clearly, keep serving
+            log.exception("internal error")
+            regions.release()
+            failure = InternalError(f"internal server error: {type(e).__name__}: {e}")
+        state.counters.count_error(state.index, failure.code)
+        await context.abort(STATUS.get(failure.http_status, grpc.StatusCode.INTERNAL),
+                            failure.message)
+
+    def _inputs(self, request) -> tuple[list[np.ndarray], list[str]]:
+        raw = request.raw_input_contents
+        if raw and len(raw) != len(request.inputs):
+            raise ProtocolError(f"{len(raw)} raw_input_contents for {len(request.inputs)} "
+                                "inputs; send one per input, in order, or none")
+        max_strings, why = self.state.string_limit
+        left, tensors, names = max_strings, [], []
+        if not request.inputs:
+            raise ProtocolError("the request has no inputs")
+        for k, t in enumerate(request.inputs):
+            where = f"input {t.name!r}"
+            if "shared_memory_region" in t.parameters:
+                raise ProtocolError(f"{where}: shared-memory inputs are not served on this "
+                                    "server")
+            dtype = dtype_of(t.datatype)
+            shape = shape_of(list(t.shape), where)
+            count = math.prod(shape)
+            left = count_strings(left, dtype, shape, where, max_strings, why)
+            if raw:
+                if t.HasField("contents"):
+                    raise ProtocolError(f"{where} has contents, and the request "
+                                        "raw_input_contents: use one or the other")
+                tensors.append(from_raw(raw[k], dtype, shape, count, where))
+            else:
+                tensors.append(_from_contents(t, dtype, shape, count, where))
+            names.append(t.name)
+        return tensors, names
+
+    async def _model(self, name: str, version: str, context) -> None:
+        if name != self.model:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"unknown model {name!r}; this server serves {self.model!r}")
+        if version not in ("", VERSION):
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"model {name!r} has no version {version!r}; it has "
+                                f"{VERSION!r}")
+
+
+def _from_contents(t, dtype: np.dtype, shape: list[int], count: int,
+                   where: str) -> np.ndarray:
+    field = CONTENTS.get(t.datatype)
+    if field is None:
+        raise DtypeMismatch(f"{where}: {t.datatype} has no contents field; send it in "
+                            "raw_input_contents")
+    values = getattr(t.contents, field)
+    if len(values) != count:
+        raise ProtocolError(f"{where}: {field} has {len(values)} elements; shape {shape} "
+                            f"takes {count}")
+    if dtype.kind == "O":
+        out = np.empty(count, dtype=object)
+        out[:] = list(values)
+        return out.reshape(shape)
+    wide = np.array(values)
+    if dtype.kind in "iu" and count:
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise ProtocolError(f"{where}: a value is out of {t.datatype}'s range "
+                                f"[{info.min}, {info.max}]")
+    return wide.astype(dtype).reshape(shape)
+
+
+def _value(p):
+    choice = p.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(p, choice)
+
+
+async def start(state, address: str, max_message_bytes: int) -> grpc.aio.Server:
+    """A started gRPC server for this front (stop it with ``await server.stop(grace)``)."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 1)])
+    server.add_generic_rpc_handlers((InferenceService(state).handlers(),))
+    server.add_insecure_port(address)
+    await server.start()
+    return server
