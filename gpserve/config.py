@@ -17,6 +17,7 @@ class Config:
     model: str = ""                      # path, http(s) URL, "echo", or "" for the default
     listen: str = "127.0.0.1:9000"
     grpc_listen: str = ""                # host:port of the Open Inference Protocol's gRPC
+    shm_clients: bool = False            # let local clients register shared-memory regions
     inputs: list[str] = field(default_factory=list)    # default input names, in order
     outputs: list[str] = field(default_factory=list)   # default output names
     fronts: int = 0                      # 0: from the machine
@@ -152,6 +153,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
       help="host:port of HTTP: GraphPipe (POST /) and the Open Inference Protocol (/v2)")
     a("--grpc-listen", default=d.grpc_listen, metavar="HOST:PORT",
       help="also serve the Open Inference Protocol's gRPC service here (off by default)")
+    a("--shm-clients", action="store_true", default=d.shm_clients,
+      help="let clients of this host's user hand tensors over in system shared memory "
+           "(/v2/systemsharedmemory; off by default: see docs/open-inference-protocol.md)")
     a("--inputs", type=_names, default=[],
       help="comma-separated default input names")
     a("--outputs", type=_names, default=[],

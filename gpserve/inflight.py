@@ -27,6 +27,7 @@ from .counters import Counters
 from .dispatch import Dispatcher
 from .errors import BadConfig, TooManyRows, from_code
 from .modelspec import ModelSpec
+from .oip.sharedmem import ClientRegions
 from .regions import Regions
 from .shm import Arena, Segments, segment_path
 
@@ -67,6 +68,7 @@ class FrontState:
                                  f"{', '.join(s.describe() for s in spec.inputs)}"))
         if spec.batch_probe:
             metrics.BATCH_DIFFERENCE.set(spec.batch_probe["max_difference"])
+        self.client_regions = ClientRegions(cfg.run_id, cfg.shm_clients)
         self.cache = None
         if cfg.cache:
             from gpserve.cache.store import RowCache, environment_path

@@ -39,6 +39,15 @@ class Regions:
         self.held.append((offset, nbytes))
         return ref
 
+    def alloc(self, nbytes: int) -> memoryview:
+        """A new region of ``nbytes`` for this request to fill (a tensor read from a
+        client's shared memory lands here: where a worker reads it)."""
+        offset = self.arena.alloc(nbytes)
+        if offset is None:
+            raise arena_full(self.arena)
+        self.held.append((offset, nbytes))
+        return memoryview(self.arena.buf[offset:offset + nbytes])
+
     def place_rows(self, arr: np.ndarray, rows: list[int]) -> TensorRef:
         """Some rows of a tensor, gathered straight into shared memory (1 copy)."""
         if arr.dtype == object:

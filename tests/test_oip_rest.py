@@ -105,7 +105,7 @@ def test_server_and_model_routes(echo):
     assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("echo")
     assert c.is_model_ready("echo", "1") and not c.is_model_ready("resnet")
     meta = c.get_server_metadata()
-    assert meta["name"] == "gpserve" and "binary_tensor_data" in meta["extensions"]
+    assert meta["name"] == "gpserve" and meta["extensions"] == ["binary_tensor_data"]
     model = c.get_model_metadata("echo")
     assert model["name"] == "echo" and model["versions"] == ["1"]
     config = c.get_model_config("echo")
@@ -162,7 +162,7 @@ def _errors(s, name: str, x: np.ndarray) -> None:
         (infer, {**good, "parameters": {"cache": "maybe"}}, 400, "'cache'"),
         (infer, {"inputs": [{"name": "point", "shape": [2, 2], "datatype": "FP32",
                              "parameters": {"shared_memory_region": "r"}}]}, 400,
-         "shared-memory"),
+         "--shm-clients"),
     ]
     for path, body, status, words in cases:
         r = post(s, path, body if isinstance(body, bytes) else json.dumps(body).encode())

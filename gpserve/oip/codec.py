@@ -36,10 +36,14 @@ class InferCall(NamedTuple):
     binary: dict[str, bool]       # per requested output: answer in binary?
     binary_default: bool          # for outputs not named (``binary_data_output``)
     config: str                   # gpserve's request options, as GraphPipe's config
+    to_regions: dict[str, tuple]  # output -> (region, offset, byte size): system shm
 
 
-def decode_infer(body, header_length: int | None, max_strings: int, why: str) -> InferCall:
-    """Decode an infer request's body (``header_length`` None: all JSON)."""
+def decode_infer(body, header_length: int | None, max_strings: int, why: str,
+                 read_region=None) -> InferCall:
+    """Decode an infer request's body (``header_length`` None: all JSON).
+    ``read_region(region, offset, nbytes, where)``: the bytes of an input sent by
+    reference to a client's shared-memory region (see :mod:`gpserve.oip.sharedmem`)."""
     view = memoryview(body)
     size = len(view)
     if header_length is None:
@@ -71,12 +75,18 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str) ->
         shape = shape_of(spec.get("shape"), where)
         count = math.prod(shape)
         p = _object(spec.get("parameters"), f"{where}'s 'parameters'")
-        if "shared_memory_region" in p:
-            raise ProtocolError(f"{where}: shared-memory inputs are not served on this "
-                                "server (see docs/open-inference-protocol.md)")
         strings_left = count_strings(strings_left, dtype, shape, where, max_strings, why)
         nbytes = p.get("binary_data_size")
-        if nbytes is not None:
+        if "shared_memory_region" in p:
+            if "data" in spec or nbytes is not None:
+                raise ProtocolError(f"{where} names a shared-memory region and also "
+                                    "carries data")
+            if read_region is None:
+                raise ProtocolError(f"{where}: shared-memory inputs are not served here")
+            raw = read_region(p["shared_memory_region"], p.get("shared_memory_offset", 0),
+                              p.get("shared_memory_byte_size"), where)
+            arr = from_raw(raw, dtype, shape, count, where)
+        elif nbytes is not None:
             if "data" in spec:
                 raise ProtocolError(f"{where} has both 'data' and 'binary_data_size'")
             if type(nbytes) is not int or nbytes < 0 or pos + nbytes > size:
@@ -95,32 +105,40 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str) ->
         raise ProtocolError(f"the body has {size - pos} bytes after its inputs' binary data "
                             f"(header {header_length} bytes + binary_data_size of the inputs)")
     binary_default = _flag(params.get("binary_data_output", False), "binary_data_output")
-    output_names, binary = [], {}
+    output_names, binary, to_regions = [], {}, {}
     for k, spec in enumerate(_list(head.get("outputs"), "'outputs'")):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise ProtocolError(f"requested output {k} must be an object with a 'name'")
         p = _object(spec.get("parameters"), f"output {spec['name']!r}'s 'parameters'")
         if "shared_memory_region" in p:
-            raise ProtocolError(f"output {spec['name']!r}: shared-memory outputs are not "
-                                "served on this server")
+            to_regions[spec["name"]] = (p["shared_memory_region"],
+                                        p.get("shared_memory_offset", 0),
+                                        p.get("shared_memory_byte_size"))
         if "classification" in p:
             raise UnknownOutput(f"output {spec['name']!r}: the classification extension is "
                                 "not served; ask for the output itself")
         output_names.append(spec["name"])
         binary[spec["name"]] = _flag(p.get("binary_data", binary_default), "binary_data")
     return InferCall(req_id, tensors, names, output_names, binary, binary_default,
-                     request_config(params))
+                     request_config(params), to_regions)
 
 
 def encode_infer(model: str, version: str, call: InferCall, names: list[str],
-                 arrays: list[np.ndarray]) -> tuple[bytes, int | None]:
-    """The response body, and its JSON header's length when binary outputs follow it."""
+                 arrays: list[np.ndarray], write_region=None) -> tuple[bytes, int | None]:
+    """The response body, and its JSON header's length when binary outputs follow it.
+    ``write_region(region, offset, nbytes, data, where)`` writes an output asked for in
+    a client's shared-memory region."""
     outputs, blobs = [], []
     for name, arr in zip(names, arrays):
         out = {"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape)}
-        if call.binary.get(name, call.binary_default):
-            blob = (encode_bytes(arr) if arr.dtype == object
-                    else memoryview(np.ascontiguousarray(arr)).cast("B"))
+        if name in call.to_regions:
+            region, offset, nbytes = call.to_regions[name]
+            data = raw_bytes(arr)
+            write_region(region, offset, nbytes, data, f"output {name!r}")     # 1 copy
+            out["parameters"] = {"shared_memory_region": region,
+                                 "shared_memory_byte_size": len(data)}
+        elif call.binary.get(name, call.binary_default):
+            blob = raw_bytes(arr)
             out["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif arr.dtype == object:
@@ -139,6 +157,13 @@ def encode_infer(model: str, version: str, call: InferCall, names: list[str],
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)          # 1 copy of each output
+
+
+def raw_bytes(arr: np.ndarray) -> memoryview | bytes:
+    """A tensor's bytes as the binary extension sends them (no copy when contiguous)."""
+    if arr.dtype.kind == "O":
+        return encode_bytes(arr)
+    return memoryview(np.ascontiguousarray(arr)).cast("B")
 
 
 def count_strings(left: int, dtype: np.dtype, shape: list[int], where: str,

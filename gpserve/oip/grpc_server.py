@@ -24,10 +24,10 @@ import numpy as np
 from gpserve import __version__
 from gpserve.errors import DtypeMismatch, GraphPipeError, InternalError, ProtocolError
 
-from .codec import count_strings, from_raw, request_config, shape_of
-from .datatypes import datatype_of, dtype_of, encode_bytes
+from .codec import count_strings, from_raw, raw_bytes, request_config, shape_of
+from .datatypes import datatype_of, dtype_of
 from .grpc_messages import METHODS, SERVICE, message
-from .rest import EXTENSIONS, PLATFORMS, VERSION
+from .rest import PLATFORMS, VERSION, extensions
 
 log = logging.getLogger("gpserve.front")
 STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
@@ -70,7 +70,7 @@ class InferenceService:
 
     async def ServerMetadata(self, request, context):
         return _M["ServerMetadataResponse"](name="gpserve", version=__version__,
-                                            extensions=EXTENSIONS)
+                                            extensions=extensions(self.state.cfg))
 
     async def ModelReady(self, request, context):
         await self._model(request.name, request.version, context)
@@ -85,19 +85,29 @@ class InferenceService:
         state = self.state
         regions = state.new_request()
         try:
-            tensors, names = self._inputs(request)
+            tensors, names = self._inputs(request, regions)
             params = {k: _value(v) for k, v in request.parameters.items()}
             outputs = [o.name for o in request.outputs]
+            to_regions = {o.name: _region(o.parameters) for o in request.outputs
+                          if "shared_memory_region" in o.parameters}
             out_names, arrays, finish = await state.run(tensors, names, outputs,
                                                         request_config(params), regions)
             try:
                 response = _M["ModelInferResponse"](
                     model_name=self.model, model_version=VERSION, id=request.id)
                 for name, arr in zip(out_names, arrays):
-                    response.outputs.add(name=name, datatype=datatype_of(arr.dtype),
-                                         shape=arr.shape)
-                    response.raw_output_contents.append(                 # 1 copy
-                        encode_bytes(arr) if arr.dtype.kind == "O" else arr.tobytes())
+                    out = response.outputs.add(name=name, datatype=datatype_of(arr.dtype),
+                                               shape=arr.shape)
+                    if name in to_regions:                  # into the client's region
+                        region, offset, nbytes = to_regions[name]
+                        data = raw_bytes(arr)
+                        state.client_regions.write(region, offset, nbytes, data,
+                                                   f"output {name!r}")       # 1 copy
+                        out.parameters["shared_memory_region"].string_param = region
+                        out.parameters["shared_memory_byte_size"].int64_param = len(data)
+                        response.raw_output_contents.append(b"")   # keeps positions
+                    else:
+                        response.raw_output_contents.append(bytes(raw_bytes(arr)))  # 1 copy
             finally:
                 finish()
             return response
@@ -112,29 +122,33 @@ class InferenceService:
         await context.abort(STATUS.get(failure.http_status, grpc.StatusCode.INTERNAL),
                             failure.message)
 
-    def _inputs(self, request) -> tuple[list[np.ndarray], list[str]]:
+    def _inputs(self, request, regions) -> tuple[list[np.ndarray], list[str]]:
         raw = request.raw_input_contents
-        if raw and len(raw) != len(request.inputs):
-            raise ProtocolError(f"{len(raw)} raw_input_contents for {len(request.inputs)} "
-                                "inputs; send one per input, in order, or none")
+        by_value = [t for t in request.inputs if "shared_memory_region" not in t.parameters]
+        if raw and len(raw) != len(by_value):
+            raise ProtocolError(f"{len(raw)} raw_input_contents for {len(by_value)} inputs "
+                                "(not counting those in shared memory); send one per "
+                                "input, in order, or none")
         max_strings, why = self.state.string_limit
-        left, tensors, names = max_strings, [], []
+        left, tensors, names, next_raw = max_strings, [], [], 0
         if not request.inputs:
             raise ProtocolError("the request has no inputs")
-        for k, t in enumerate(request.inputs):
+        for t in request.inputs:
             where = f"input {t.name!r}"
-            if "shared_memory_region" in t.parameters:
-                raise ProtocolError(f"{where}: shared-memory inputs are not served on this "
-                                    "server")
             dtype = dtype_of(t.datatype)
             shape = shape_of(list(t.shape), where)
             count = math.prod(shape)
             left = count_strings(left, dtype, shape, where, max_strings, why)
-            if raw:
+            if "shared_memory_region" in t.parameters:        # into the arena: 1 copy
+                data = self.state.client_regions.read(*_region(t.parameters),
+                                                      regions.alloc, where)
+                tensors.append(from_raw(data, dtype, shape, count, where))
+            elif raw:
                 if t.HasField("contents"):
                     raise ProtocolError(f"{where} has contents, and the request "
                                         "raw_input_contents: use one or the other")
-                tensors.append(from_raw(raw[k], dtype, shape, count, where))
+                tensors.append(from_raw(raw[next_raw], dtype, shape, count, where))
+                next_raw += 1
             else:
                 tensors.append(_from_contents(t, dtype, shape, count, where))
             names.append(t.name)
@@ -171,6 +185,13 @@ def _from_contents(t, dtype: np.dtype, shape: list[int], count: int,
             raise ProtocolError(f"{where}: a value is out of {t.datatype}'s range "
                                 f"[{info.min}, {info.max}]")
     return wide.astype(dtype).reshape(shape)
+
+
+def _region(params) -> tuple:
+    """(region, offset, byte size) of a tensor's shared-memory parameters."""
+    get = lambda k, default=None: _value(params[k]) if k in params else default
+    return get("shared_memory_region"), get("shared_memory_offset", 0), \
+        get("shared_memory_byte_size")
 
 
 def _value(p):

@@ -20,7 +20,12 @@ from .datatypes import datatype_of
 
 log = logging.getLogger("gpserve.front")
 VERSION = "1"              # the one version of the model a server serves
-EXTENSIONS = ["binary_tensor_data"]
+
+
+def extensions(cfg) -> list[str]:
+    """The protocol extensions this server serves (shared memory only when allowed)."""
+    return ["binary_tensor_data"] + (["system_shared_memory"] if cfg.shm_clients else [])
+
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorflow": "tensorflow_savedmodel",
              "torch": "pytorch_libtorch"}
 _JSON = [(b"content-type", b"application/json")]
@@ -43,7 +48,7 @@ class RestApi:
             "inputs": [_tensor_meta(s) for s in spec.inputs],
             "outputs": [_tensor_meta(s) for s in spec.outputs]})
         self.server_metadata = orjson.dumps(
-            {"name": "gpserve", "version": __version__, "extensions": EXTENSIONS})
+            {"name": "gpserve", "version": __version__, "extensions": extensions(state.cfg)})
         self.config = orjson.dumps(_triton_config(state.cfg, spec))
 
     async def handle(self, scope, receive) -> tuple[int, list, bytes, str]:
@@ -57,6 +62,11 @@ class RestApi:
                 return 200 if up else 503, _JSON, b"", "v2_health"
             if parts[0] == "models" and len(parts) >= 2:
                 return await self._model_route(method, parts[1:], scope, receive)
+            if parts[0] == "systemsharedmemory":
+                return await self._shm_route(method, parts[1:], scope, receive)
+            if parts[0] == "cudasharedmemory":
+                raise NotFound("CUDA shared memory is not served; system shared memory "
+                               "is (/v2/systemsharedmemory, with --shm-clients)")
             raise NotFound(f"no route {scope['path']!r}; see docs/open-inference-protocol.md")
         except GraphPipeError as e:
             return e.http_status, _JSON, _error(e.message), "v2_error"
@@ -82,17 +92,58 @@ class RestApi:
             return await self.infer(scope, receive)
         raise NotFound(f"no route {scope['path']!r}; see docs/open-inference-protocol.md")
 
+    async def _shm_route(self, method, parts, scope, receive):
+        """Triton's system shared-memory extension: register, unregister, status."""
+        regions = self.state.client_regions
+        if parts == ["status"] or parts == ["region", *parts[1:2], "status"] and \
+                len(parts) == 3:
+            self._method(method, "GET")
+            return 200, _JSON, orjson.dumps(regions.status(parts[1] if len(parts) == 3
+                                                           else None)), "v2_shm"
+        if parts == ["unregister"]:
+            self._method(method, "POST")
+            regions.unregister(None)
+            return 200, _JSON, b"", "v2_shm"
+        if len(parts) == 3 and parts[0] == "region" and parts[2] in ("register",
+                                                                     "unregister"):
+            self._method(method, "POST")
+            if parts[2] == "unregister":
+                regions.unregister(parts[1])
+                return 200, _JSON, b"", "v2_shm"
+            held = self.state.new_request()
+            try:
+                body = await self.state.body.read(scope, receive, held)
+                try:
+                    args = orjson.loads(body)
+                except orjson.JSONDecodeError as e:
+                    raise ProtocolError(f"the register request's JSON is malformed: {e}") \
+                        from None
+                if not isinstance(args, dict):
+                    raise ProtocolError("the register request must be a JSON object with "
+                                        "'key', 'offset' and 'byte_size'")
+                regions.register(parts[1], args.get("key"), args.get("offset", 0),
+                                 args.get("byte_size"))
+            finally:
+                held.release()
+            return 200, _JSON, b"", "v2_shm"
+        raise NotFound(f"no route {scope['path']!r}; see docs/open-inference-protocol.md")
+
     async def infer(self, scope, receive):
         state = self.state
         regions = state.new_request()
+        shm = state.client_regions
+
+        def read_region(name, offset, nbytes, where):     # into the arena, for the worker
+            return shm.read(name, offset, nbytes, regions.alloc, where)     # 1 copy
         try:
             header_length = _header_length(scope)
             body = await state.body.read(scope, receive, regions, align_at=header_length)
-            call = decode_infer(body, header_length, *state.string_limit)
+            call = decode_infer(body, header_length, *state.string_limit, read_region)
             names, arrays, finish = await state.run(call.tensors, call.input_names,
                                                     call.output_names, call.config, regions)
             try:
-                out, json_length = encode_infer(self.model, VERSION, call, names, arrays)
+                out, json_length = encode_infer(self.model, VERSION, call, names, arrays,
+                                                shm.write)
             finally:
                 finish()
         except GraphPipeError as e:

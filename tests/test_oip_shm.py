@@ -1,0 +1,190 @@
+"""System shared memory (--shm-clients): tensors handed over by reference, by Triton's
+own shared-memory utilities (tritonclient.utils.shared_memory, unmodified), and every
+hostile register or reference refused with a clear error while the server serves on."""
+import os
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as gc
+import tritonclient.http as hc
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
+
+from gpserve.testing import Server, eventually, free_port
+
+KEY = f"/gpserve-test-{os.getpid()}"      # refused: gpserve-* are the server's own
+TAG = f"gptest{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    with Server("--model", "standin:0,0", "--placement", "workers", "--workers", "1",
+                "--shm-clients", "--grpc-listen", f"127.0.0.1:{port}") as s:
+        s.grpc = f"127.0.0.1:{port}"
+        yield s
+
+
+@pytest.fixture
+def region():
+    """A factory of client regions, destroyed after the test."""
+    made = []
+
+    def make(name: str, nbytes: int):
+        h = shm.create_shared_memory_region(name, f"/{TAG}-{name}", nbytes)
+        made.append(h)
+        return h, f"/{TAG}-{name}"
+    yield make
+    for h in made:
+        shm.destroy_shared_memory_region(h)
+
+
+def client(s) -> hc.InferenceServerClient:
+    return hc.InferenceServerClient(s.url.removeprefix("http://"))
+
+
+def test_inputs_and_outputs_by_reference_http_and_grpc(server, region):
+    x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    h_in, key_in = region("in", 2 * x.nbytes)           # two tensors, at two offsets
+    h_out, key_out = region("out", x.nbytes)
+    shm.set_shared_memory_region(h_in, [x], offset=0)
+    shm.set_shared_memory_region(h_in, [x + 1], offset=x.nbytes)
+    c = client(server)
+    c.register_system_shared_memory("in", key_in, 2 * x.nbytes)
+    c.register_system_shared_memory("out", key_out, x.nbytes)
+    try:
+        status = {r["name"]: r for r in c.get_system_shared_memory_status()}
+        assert status["in"] == {"name": "in", "key": key_in, "offset": 0,
+                                "byte_size": 2 * x.nbytes}
+        for offset, want in ((0, 2 * x), (x.nbytes, 2 * (x + 1))):
+            inp = hc.InferInput("x", [8, 16], "FP32")
+            inp.set_shared_memory("in", x.nbytes, offset=offset)
+            out = hc.InferRequestedOutput("y")
+            out.set_shared_memory("out", x.nbytes)
+            r = c.infer("standin", [inp], outputs=[out])
+            assert r.get_output("y")["parameters"] == {"shared_memory_region": "out",
+                                                       "shared_memory_byte_size": x.nbytes}
+            np.testing.assert_array_equal(
+                shm.get_contents_as_numpy(h_out, np.float32, [8, 16]), want)
+        # gRPC: the same regions (registered over HTTP: the gRPC service has no
+        # register call), input by reference, output back in the response
+        g = gc.InferenceServerClient(server.grpc)
+        inp = gc.InferInput("x", [8, 16], "FP32")
+        inp.set_shared_memory("in", x.nbytes, offset=x.nbytes)
+        got = g.infer("standin", [inp]).as_numpy("y")
+        np.testing.assert_array_equal(got, 2 * (x + 1))
+        out = gc.InferRequestedOutput("y")
+        out.set_shared_memory("out", x.nbytes)
+        inp = gc.InferInput("x", [8, 16], "FP32")
+        inp.set_data_from_numpy(x)
+        g.infer("standin", [inp], outputs=[out])
+        np.testing.assert_array_equal(shm.get_contents_as_numpy(h_out, np.float32, [8, 16]),
+                                      2 * x)
+    finally:
+        c.unregister_system_shared_memory()
+    assert c.get_system_shared_memory_status() == []
+
+
+def refused(call, *words):
+    with pytest.raises(InferenceServerException) as e:
+        call()
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_hostile_register_calls(server, region):
+    c = client(server)
+    h, key = region("small", 64)
+    refused(lambda: c.register_system_shared_memory("a", f"/{TAG}-absent", 64),
+            "no shared-memory object")
+    refused(lambda: c.register_system_shared_memory("a", key, 64, offset=8), "past the end")
+    refused(lambda: c.register_system_shared_memory("a", key, 65), "past the end")
+    refused(lambda: c.register_system_shared_memory("a", "/../../etc/passwd", 8),
+            "directly under /dev/shm")
+    refused(lambda: c.register_system_shared_memory("a", KEY, 8), "the server's own")
+    link = f"/dev/shm/{TAG}-link"
+    os.symlink(f"/dev/shm{key}", link)
+    try:
+        refused(lambda: c.register_system_shared_memory("a", f"/{TAG}-link", 8),
+                "cannot open")
+    finally:
+        os.unlink(link)
+    if os.getuid() == 0:               # a region of another user (root can make one)
+        other = f"/dev/shm/{TAG}-other"
+        with open(other, "wb") as f:
+            f.write(bytes(64))
+        os.chown(other, 65534, 65534)
+        try:
+            refused(lambda: c.register_system_shared_memory("a", f"/{TAG}-other", 8),
+                    "owned by the user this server runs as")
+        finally:
+            os.unlink(other)
+    c.register_system_shared_memory("a", key, 64)
+    refused(lambda: c.register_system_shared_memory("a", key, 64), "already registered")
+    refused(lambda: c.get_system_shared_memory_status("nope"), "no registered region")
+    refused(lambda: c.unregister_system_shared_memory("nope"), "no registered region")
+    # references past the region, or of the wrong size
+    for nbytes, offset, words in ((64, 8, "past the end of region 'a'"),
+                                  (32, 0, "binary_data_size is 32"),
+                                  (64, -1, "non-negative")):
+        inp = hc.InferInput("x", [1, 16], "FP32")
+        inp.set_shared_memory("a", nbytes, offset=offset)
+        refused(lambda inp=inp: c.infer("standin", [inp]), words)
+    # the file shrinks, or is replaced, after it was registered
+    os.truncate(f"/dev/shm{key}", 16)
+    inp = hc.InferInput("x", [1, 16], "FP32")
+    inp.set_shared_memory("a", 64)
+    refused(lambda: c.infer("standin", [inp]), "ended after 16 of 64 bytes")
+    os.unlink(f"/dev/shm{key}")
+    with open(f"/dev/shm{key}", "wb") as f:
+        f.write(bytes(64))
+    refused(lambda: c.infer("standin", [inp]), "was replaced")
+    c.unregister_system_shared_memory("a")
+    x = np.ones((1, 16), np.float32)
+    inp = hc.InferInput("x", [1, 16], "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_array_equal(c.infer("standin", [inp]).as_numpy("y"), 2 * x)
+
+
+def test_unregistered_while_a_request_uses_it():
+    """The output region goes away while the request runs: the request is answered with
+    an error naming the region, nothing is written, and the server serves on."""
+    x = np.ones((1, 16), np.float32)
+    with Server("--model", "standin:400,0", "--placement", "workers", "--workers", "1",
+                "--shm-clients") as s:
+        c = hc.InferenceServerClient(s.url.removeprefix("http://"), concurrency=2)
+        h = shm.create_shared_memory_region("o", f"/{TAG}-busy", x.nbytes)
+        try:
+            c.register_system_shared_memory("o", f"/{TAG}-busy", x.nbytes)
+            inp = hc.InferInput("x", [1, 16], "FP32")
+            inp.set_data_from_numpy(x)
+            out = hc.InferRequestedOutput("y")
+            out.set_shared_memory("o", x.nbytes)
+            pending = c.async_infer("standin", [inp], outputs=[out])
+            eventually(lambda: s.stats()["queued_rows"] >= 1, 10, "the request running")
+            c.unregister_system_shared_memory("o")
+            refused(pending.get_result, "no registered region 'o'")
+            assert shm.get_contents_as_numpy(h, np.float32, [1, 16]).tolist() == \
+                [[0.0] * 16]
+            np.testing.assert_array_equal(c.infer("standin", [inp]).as_numpy("y"), 2 * x)
+        finally:
+            shm.destroy_shared_memory_region(h)
+
+
+def test_off_unless_asked():
+    with Server("--model", "echo") as s:
+        c = client(s)
+        refused(lambda: c.register_system_shared_memory("a", "/x", 8), "--shm-clients")
+        refused(c.get_system_shared_memory_status, "--shm-clients")
+        assert c.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+
+
+def test_grpc_status_codes_for_bad_references(server):
+    g = gc.InferenceServerClient(server.grpc)
+    inp = gc.InferInput("x", [1, 16], "FP32")
+    inp.set_shared_memory("nowhere", 64)
+    with pytest.raises(InferenceServerException) as e:
+        g.infer("standin", [inp])
+    assert "no registered region 'nowhere'" in str(e.value)
+    assert e.value.status() == str(grpc.StatusCode.NOT_FOUND)
