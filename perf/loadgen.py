@@ -30,13 +30,19 @@ def wrk_available() -> bool:
 
 
 def run_wrk(url: str, body: bytes, concurrency: int, seconds: float,
-            timeout_s: float = 120) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".bin") as f:
+            timeout_s: float = 120, headers: dict | None = None) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".bin") as f, \
+            tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         f.write(body)
         f.flush()
+        # the shared script, and the request's extra headers (Open Inference Protocol)
+        script.write(f"dofile({json.dumps(str(SHARED_LUA))})\n" + "".join(
+            f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n"
+            for k, v in (headers or {}).items()))
+        script.flush()
         out = subprocess.run(
             ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s",
-             "--timeout", f"{int(timeout_s)}s", "-s", str(SHARED_LUA), url],
+             "--timeout", f"{int(timeout_s)}s", "-s", script.name, url],
             env={**os.environ, "BODY": f.name}, capture_output=True, text=True,
             timeout=seconds + timeout_s + 30)
     line = next((t for t in out.stdout.splitlines() if t.startswith("RESULT ")), None)
@@ -51,7 +57,7 @@ def run_wrk(url: str, body: bytes, concurrency: int, seconds: float,
 
 
 async def _async_load(url: str, body, concurrency: int, seconds: float,
-                      timeout_s: float) -> dict:
+                      timeout_s: float, headers: dict | None = None) -> dict:
     """``body`` is bytes, or a function of the request number returning the body."""
     import aiohttp
     latencies: list[float] = []
@@ -66,7 +72,7 @@ async def _async_load(url: str, body, concurrency: int, seconds: float,
             data = make(next(counter))
             t0 = time.perf_counter()
             try:
-                async with session.post(url, data=data) as resp:
+                async with session.post(url, data=data, headers=headers) as resp:
                     await resp.read()
                     if resp.status != 200:
                         errors += 1
@@ -89,19 +95,21 @@ async def _async_load(url: str, body, concurrency: int, seconds: float,
 
 
 def run_async(url: str, body: bytes, concurrency: int, seconds: float,
-              timeout_s: float = 120) -> dict:
-    return asyncio.run(_async_load(url, body, concurrency, seconds, timeout_s))
+              timeout_s: float = 120, headers: dict | None = None) -> dict:
+    return asyncio.run(_async_load(url, body, concurrency, seconds, timeout_s, headers))
 
 
 def run(url: str, body, concurrency: int, seconds: float, engine: str = "auto",
-        timeout_s: float = 120, repeats: int = 1, warmup_s: float = 1.0) -> dict:
+        timeout_s: float = 120, repeats: int = 1, warmup_s: float = 1.0,
+        headers: dict | None = None) -> dict:
     """Median-of-``repeats`` report (by requests/s) from the chosen engine, after a
     warm-up whose numbers are dropped (first requests fault in shared-memory pages)."""
     use_wrk = not callable(body) and (engine == "wrk" or (engine == "auto" and wrk_available()))
     fn = run_wrk if use_wrk else run_async
     if warmup_s > 0:
-        fn(url, body, concurrency, warmup_s, timeout_s)
-    reports = [fn(url, body, concurrency, seconds, timeout_s) for _ in range(repeats)]
+        fn(url, body, concurrency, warmup_s, timeout_s, headers)
+    reports = [fn(url, body, concurrency, seconds, timeout_s, headers)
+               for _ in range(repeats)]
     return sorted(reports, key=lambda r: r["rps"])[len(reports) // 2]
 
 
