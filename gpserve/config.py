@@ -153,7 +153,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
       help="host:port of HTTP: GraphPipe (POST /) and the Open Inference Protocol (/v2)")
     a("--grpc-listen", default=d.grpc_listen, metavar="HOST:PORT",
       help="also serve the Open Inference Protocol's gRPC service here (off by default)")
-    a("--shm-clients", action="store_true", default=d.shm_clients,
+    a("--shm-clients", type=_bool, default=d.shm_clients,
       help="let clients of this host's user hand tensors over in system shared memory "
            "(/v2/systemsharedmemory; off by default: see docs/open-inference-protocol.md)")
     a("--inputs", type=_names, default=[],

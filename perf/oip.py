@@ -1,8 +1,9 @@
 """The Open Inference Protocol, measured side by side in one run.
 
 1. **Protocols**: the same model and load (wrk, single-row requests) over GraphPipe
-   (``POST /``) and over the protocol's binary extension (``POST /v2/.../infer``).
-   Target: v2 >= 0.9 of GraphPipe's rows/s (the protocols should cost the same).
+   (``POST /``) and over the protocol's binary extension (``POST /v2/.../infer``), one
+   front, runs alternating. Target: v2 >= 0.9 of GraphPipe's rows/s (the protocols
+   should cost the same).
 2. **Triton**: gpserve over v2 next to Triton (through PyTriton, ``../shared/peers``) on
    the peers' identity ([1,16]) and MLP ([1,256] -> 3 x 1024 -> [1,10]) models, the same
    v2 bodies, batching on for both (max 32 rows, 2 ms). Target: >= 2x Triton's rows/s.
@@ -67,7 +68,9 @@ def protocols(seconds: float, repeats: int) -> list[dict]:
         cases.append((str(models / "mlp.onnx"), "mlp", 256, 32))
     for model, name, width, clients in cases:
         x = np.random.default_rng(0).standard_normal((1, width)).astype(np.float32)
-        with Server("--model", model) as s:
+        # one front: with several, wrk's connections land unevenly on them and the
+        # split, not the protocol, decides the rate (up to 2x between runs here)
+        with Server("--model", model, "--fronts", "1") as s:
             gp = bytes(P.encode_request(P.InferRequest([x])))
             body, headers = v2_body("INPUT" if name != "echo" else "x", x)
             runs = {"gp": [], "v2": []}
