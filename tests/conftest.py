@@ -66,6 +66,23 @@ def graphpipe() -> GraphPipePeer:
     return GraphPipePeer(_install_graphpipe())
 
 
+KSERVE = "kserve==0.21.0"
+
+
+@pytest.fixture(scope="session")
+def kserve_python() -> Path:
+    """A Python with the kserve SDK (its v2 REST client), in a venv of its own: the SDK
+    pulls FastAPI, pandas and its own pins, which stay out of the project's env."""
+    venv = GRAPHPIPE_DIR.parent / KSERVE.replace("==", "-")
+    python = venv / "bin" / "python"
+    marker = venv / ".installed"
+    if not marker.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", KSERVE], check=True)
+        marker.write_text("ok\n")
+    return python
+
+
 def need_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: these tests need ../shared beside the checkout (CI has it)")

@@ -235,3 +235,45 @@ def test_rows_of_both_protocols_batch_together():
         ran = {k: after["batch_size_histogram"].get(k, 0) -
                before["batch_size_histogram"].get(k, 0) for k in ("1", "2")}
         assert ran == {"1": 1, "2": 1}, after
+
+
+def test_requested_outputs_chosen_ordered_and_mixed(minilm_path):
+    """MiniLM (three INT64 inputs, two outputs): one output asked for comes back alone;
+    both, in the order asked, one in binary and one in JSON."""
+    ref = np.load(need_shared(FIXTURES / "minilm_reference.npz"))
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    want = ort_session(minilm_path).run(None, {n: ref[n] for n in names})
+    with Server("--model", str(minilm_path)) as s:
+        c = hc.InferenceServerClient(host(s))
+        name = s.info()["name"]
+        inputs = []
+        for n in names:
+            inputs.append(hc.InferInput(n, list(ref[n].shape), "INT64"))
+            inputs[-1].set_data_from_numpy(ref[n])
+        r = c.infer(name, inputs, outputs=[hc.InferRequestedOutput("sentence_embedding")])
+        assert [o["name"] for o in r.get_response()["outputs"]] == ["sentence_embedding"]
+        np.testing.assert_allclose(r.as_numpy("sentence_embedding"), want[1], atol=1e-5)
+        r = c.infer(name, inputs, outputs=[
+            hc.InferRequestedOutput("sentence_embedding", binary_data=False),
+            hc.InferRequestedOutput("last_hidden_state", binary_data=True)])
+        outs = r.get_response()["outputs"]
+        assert [o["name"] for o in outs] == ["sentence_embedding", "last_hidden_state"]
+        assert "data" in outs[0] and "binary_data_size" in outs[1]["parameters"]
+        np.testing.assert_allclose(r.as_numpy("sentence_embedding"), want[1], atol=1e-5)
+        np.testing.assert_allclose(r.as_numpy("last_hidden_state"), want[0], atol=1e-5)
+
+
+def test_kserve_sdk_rest_client(echo, kserve_python):
+    """KServe's own SDK (its v2 REST client, unmodified, in a venv of its own): health,
+    readiness, and JSON and binary tensors."""
+    import subprocess
+    from pathlib import Path
+    peer = Path(__file__).with_name("kserve_peer.py")
+    proc = subprocess.run([str(kserve_python), str(peer), echo.url, "echo"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["live"] is True and got["ready"] is True
+    for way in ("json", "binary"):
+        assert got[way] == {"id": "k1", "name": "output", "shape": [3, 2], "equal": True,
+                            "dtype": "float32"}, got

@@ -59,7 +59,7 @@ class RestApi:
             if parts[0] == "health" and len(parts) == 2 and parts[1] in ("live", "ready"):
                 self._method(method, "GET")
                 up = self._live() if parts[1] == "live" else self.state.ready
-                return 200 if up else 503, _JSON, b"", "v2_health"
+                return 200 if up else 503, _JSON, orjson.dumps({parts[1]: up}), "v2_health"
             if parts[0] == "models" and len(parts) >= 2:
                 return await self._model_route(method, parts[1:], scope, receive)
             if parts[0] == "systemsharedmemory":
@@ -82,9 +82,11 @@ class RestApi:
             rest = rest[2:]
         if not rest:
             return self._get(method, self.metadata, "v2_metadata")
-        if rest == ["ready"]:
+        if rest == ["ready"]:              # the status for Triton's clients, the body KServe's
             self._method(method, "GET")
-            return 200 if self.state.ready else 503, _JSON, b"", "v2_health"
+            ready = self.state.ready
+            return 200 if ready else 503, _JSON, orjson.dumps(
+                {"name": self.model, "ready": ready}), "v2_health"
         if rest == ["config"]:
             return self._get(method, self.config, "v2_metadata")
         if rest == ["infer"]:
