@@ -277,3 +277,21 @@ def test_kserve_sdk_rest_client(echo, kserve_python):
     for way in ("json", "binary"):
         assert got[way] == {"id": "k1", "name": "output", "shape": [3, 2], "equal": True,
                             "dtype": "float32"}, got
+
+
+def test_large_binary_body_streamed_with_a_misaligned_neighbour(echo):
+    """A 4.8 MB body arrives in many pieces and streams into shared memory; an odd-sized
+    UINT8 tensor before it leaves the float tensor unaligned in the body: both come
+    back exact."""
+    odd = np.arange(3, dtype=np.uint8)
+    big = np.random.default_rng(1).standard_normal((8, 224, 224, 3)).astype(np.float32)
+    c = hc.InferenceServerClient(host(echo), network_timeout=120)
+    a, b = hc.InferInput("a", [3], "UINT8"), hc.InferInput("b", list(big.shape), "FP32")
+    a.set_data_from_numpy(odd)
+    b.set_data_from_numpy(big)
+    r = c.infer("echo", [a, b])
+    np.testing.assert_array_equal(r.as_numpy("output"), odd)
+    np.testing.assert_array_equal(r.as_numpy("output1"), big)
+    b2 = hc.InferInput("b", list(big.shape), "FP32")
+    b2.set_data_from_numpy(big)
+    np.testing.assert_array_equal(c.infer("echo", [b2]).as_numpy("output"), big)
