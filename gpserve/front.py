@@ -21,7 +21,6 @@ from gpserve.workers.batch_check import verdict
 from . import __version__, metrics
 from . import protocol as P
 from .config import Config
-from .errors import GraphPipeError, InternalError
 from .inflight import FrontState
 from .modelspec import ModelSpec
 from .protocol.messages import type_name
@@ -102,15 +101,8 @@ class FrontApp:
                 regions.release()
                 return 200, "metadata", size, state.metadata_body
             return 200, "infer", size, await state.infer(req, regions)
-        except GraphPipeError as e:
-            regions.release()     # a timed-out request has handed its regions over
-            log.debug("request failed: %r", e)
-            failure = e
-        except Exception as e:  # a bug of ours: answer clearly, keep serving
-            log.exception("internal error")
-            regions.release()
-            failure = InternalError(f"internal server error: {type(e).__name__}: {e}")
-        state.counters.count_error(state.index, failure.code)
+        except Exception as e:
+            failure = state.failed(e, regions)
         return (failure.http_status, "error", size,
                 P.encode_error(failure.code, failure.message))
 

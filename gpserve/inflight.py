@@ -25,7 +25,7 @@ from .body import BodyReader
 from .config import Config
 from .counters import Counters
 from .dispatch import Dispatcher
-from .errors import BadConfig, TooManyRows, from_code
+from .errors import BadConfig, GraphPipeError, InternalError, TooManyRows, from_code
 from .modelspec import ModelSpec
 from .oip.sharedmem import ClientRegions
 from .regions import Regions
@@ -91,6 +91,20 @@ class FrontState:
     def new_request(self) -> Regions:
         """The shared memory of one request (released by whoever ends it)."""
         return Regions(self.arena)
+
+    def failed(self, e: Exception, regions: Regions) -> GraphPipeError:
+        """End a request that failed, whichever protocol it came by: free its memory,
+        count the error, and say what to answer (a bug of ours answers clearly too;
+        the front keeps serving)."""
+        regions.release()            # a timed-out request has handed its regions over
+        if isinstance(e, GraphPipeError):
+            log.debug("request failed: %r", e)
+            failure = e
+        else:
+            log.error("internal error", exc_info=e)
+            failure = InternalError(f"internal server error: {type(e).__name__}: {e}")
+        self.counters.count_error(self.index, failure.code)
+        return failure
 
     async def infer(self, req: P.InferRequest, regions: Regions) -> memoryview:
         """A GraphPipe request's response body."""

@@ -233,12 +233,17 @@ def _from_json(data, dtype: np.dtype, shape: list[int], count: int,
                             f"{datatype_of(dtype)} tensor takes "
                             f"{'true/false' if dtype.kind == 'b' else 'numbers'}"
                             f"{' (integers)' if dtype.kind in 'iu' else ''}")
-    if dtype.kind in "iu" and count:
+    check_range(arr, dtype, where)
+    return arr.astype(dtype).reshape(shape)
+
+
+def check_range(values: np.ndarray, dtype: np.dtype, where: str) -> None:
+    """Integers given wider (JSON numbers, gRPC's int32 contents) fit ``dtype``."""
+    if dtype.kind in "iu" and values.size:
         info = np.iinfo(dtype)
-        if arr.min() < info.min or arr.max() > info.max:
+        if values.min() < info.min or values.max() > info.max:
             raise ProtocolError(f"{where}: a value is out of {datatype_of(dtype)}'s range "
                                 f"[{info.min}, {info.max}]")
-    return arr.astype(dtype).reshape(shape)
 
 
 def _kind_name(dtype: np.dtype) -> str:

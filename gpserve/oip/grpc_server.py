@@ -15,21 +15,19 @@ extension, which streams into shared memory.
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import grpc
 import numpy as np
 
 from gpserve import __version__
-from gpserve.errors import DtypeMismatch, GraphPipeError, InternalError, ProtocolError
+from gpserve.errors import DtypeMismatch, ProtocolError
 
-from .codec import count_strings, from_raw, raw_bytes, request_config, shape_of
+from .codec import check_range, count_strings, from_raw, raw_bytes, request_config, shape_of
 from .datatypes import datatype_of, dtype_of
 from .grpc_messages import METHODS, SERVICE, message
 from .rest import PLATFORMS, VERSION, extensions
 
-log = logging.getLogger("gpserve.front")
 STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
           408: grpc.StatusCode.DEADLINE_EXCEEDED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
           503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -111,14 +109,8 @@ class InferenceService:
             finally:
                 finish()
             return response
-        except GraphPipeError as e:
-            regions.release()
-            failure = e
-        except Exception as e:  # a bug of ours: answer clearly, keep serving
-            log.exception("internal error")
-            regions.release()
-            failure = InternalError(f"internal server error: {type(e).__name__}: {e}")
-        state.counters.count_error(state.index, failure.code)
+        except Exception as e:
+            failure = state.failed(e, regions)
         await context.abort(STATUS.get(failure.http_status, grpc.StatusCode.INTERNAL),
                             failure.message)
 
@@ -179,11 +171,7 @@ def _from_contents(t, dtype: np.dtype, shape: list[int], count: int,
         out[:] = list(values)
         return out.reshape(shape)
     wide = np.array(values)
-    if dtype.kind in "iu" and count:
-        info = np.iinfo(dtype)
-        if wide.min() < info.min or wide.max() > info.max:
-            raise ProtocolError(f"{where}: a value is out of {t.datatype}'s range "
-                                f"[{info.min}, {info.max}]")
+    check_range(wide, dtype, where)
     return wide.astype(dtype).reshape(shape)
 
 

@@ -8,17 +8,14 @@ infer, each model route also under ``/versions/{v}``. docs/open-inference-protoc
 """
 from __future__ import annotations
 
-import logging
-
 import orjson
 
 from gpserve import __version__
-from gpserve.errors import GraphPipeError, InternalError, ProtocolError
+from gpserve.errors import GraphPipeError, ProtocolError
 
 from .codec import decode_infer, encode_infer
 from .datatypes import datatype_of
 
-log = logging.getLogger("gpserve.front")
 VERSION = "1"              # the one version of the model a server serves
 
 
@@ -148,21 +145,14 @@ class RestApi:
                                                 shm.write)
             finally:
                 finish()
-        except GraphPipeError as e:
-            regions.release()
-            log.debug("request failed: %r", e)
-            failure = e
-        except Exception as e:  # a bug of ours: answer clearly, keep serving
-            log.exception("internal error")
-            regions.release()
-            failure = InternalError(f"internal server error: {type(e).__name__}: {e}")
+        except Exception as e:
+            failure = state.failed(e, regions)
+            return failure.http_status, _JSON, _error(failure.message), "v2_error"
         else:
             if json_length is None:
                 return 200, _JSON, out, "v2_infer"
             return 200, _OCTETS + [(b"inference-header-content-length",
                                     b"%d" % json_length)], out, "v2_infer"
-        state.counters.count_error(state.index, failure.code)
-        return failure.http_status, _JSON, _error(failure.message), "v2_error"
 
     def _get(self, method, body: bytes, kind: str):
         self._method(method, "GET")
