@@ -23,6 +23,7 @@ from . import protocol as P
 from .config import Config
 from .inflight import FrontState
 from .modelspec import ModelSpec
+from .oip.rest import RestApi, is_v2
 from .protocol.messages import type_name
 
 log = logging.getLogger("gpserve.front")
@@ -46,7 +47,6 @@ class FrontApp:
     """
 
     def __init__(self, state: FrontState, other: Starlette):
-        from .oip.rest import RestApi
         self.state, self.other = state, other
         self.v2 = RestApi(state)
         level = state.cfg.access_log
@@ -59,7 +59,7 @@ class FrontApp:
             status, kind, size, body = await self.post(scope, receive)
             await _respond(send, status, body)
             self.record(scope, status, kind, size, len(body), time.perf_counter() - started)
-        elif scope["type"] == "http" and scope["path"].startswith("/v2"):
+        elif scope["type"] == "http" and is_v2(scope["path"]):
             started = time.perf_counter()
             status, headers, body, kind = await self.v2.handle(scope, receive)
             await send({"type": "http.response.start", "status": status,

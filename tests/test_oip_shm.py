@@ -9,6 +9,8 @@ import pytest
 import tritonclient.grpc as gc
 import tritonclient.http as hc
 import tritonclient.utils.shared_memory as shm
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from gpserve.testing import Server, eventually, free_port
@@ -188,3 +190,32 @@ def test_grpc_status_codes_for_bad_references(server):
         g.infer("standin", [inp])
     assert "no registered region 'nowhere'" in str(e.value)
     assert e.value.status() == str(grpc.StatusCode.NOT_FOUND)
+
+
+def test_output_region_too_small_or_unsized(server, region):
+    """An output asked into a region smaller than it, or with no byte size: a clear
+    error over HTTP and gRPC, nothing written."""
+    h, key = region("tiny", 16)
+    c = client(server)
+    c.register_system_shared_memory("tiny", key, 16)
+    try:
+        x = np.ones((1, 16), np.float32)
+        inp = hc.InferInput("x", [1, 16], "FP32")
+        inp.set_data_from_numpy(x)
+        out = hc.InferRequestedOutput("y")
+        out.set_shared_memory("tiny", 16)
+        refused(lambda: c.infer("standin", [inp], outputs=[out]),
+                "the output has 64 bytes; its shared_memory_byte_size is 16")
+        stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc))
+        req = pb.ModelInferRequest(model_name="standin", inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 16])],
+            raw_input_contents=[x.tobytes()],
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="y")])
+        req.outputs[0].parameters["shared_memory_region"].string_param = "tiny"
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(req)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "shared_memory_byte_size must be a non-negative integer" in e.value.details()
+        assert shm.get_contents_as_numpy(h, np.float32, [4]).tolist() == [0.0] * 4
+    finally:
+        c.unregister_system_shared_memory("tiny")

@@ -17,20 +17,32 @@ from .codec import decode_infer, encode_infer
 from .datatypes import datatype_of
 
 VERSION = "1"              # the one version of the model a server serves
-
-
-def extensions(cfg) -> list[str]:
-    """The protocol extensions this server serves (shared memory only when allowed)."""
-    return ["binary_tensor_data"] + (["system_shared_memory"] if cfg.shm_clients else [])
-
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorflow": "tensorflow_savedmodel",
              "torch": "pytorch_libtorch"}
 _JSON = [(b"content-type", b"application/json")]
 _OCTETS = [(b"content-type", b"application/octet-stream")]
 
 
-class NotFound(GraphPipeError):
-    code, http_status = 5, 404
+def extensions(cfg) -> list[str]:
+    """The protocol extensions this server serves (shared memory only when allowed)."""
+    return ["binary_tensor_data"] + (["system_shared_memory"] if cfg.shm_clients else [])
+
+
+def is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+class Refused(Exception):
+    """A route that does not exist here (404) or a method it does not take (405): the
+    protocol's own answers, with no GraphPipe error code."""
+
+    def __init__(self, http_status: int, message: str):
+        super().__init__(message)
+        self.http_status, self.message = http_status, message
+
+
+def _not_found(what: str) -> Refused:
+    return Refused(404, what)
 
 
 class RestApi:
@@ -62,20 +74,20 @@ class RestApi:
             if parts[0] == "systemsharedmemory":
                 return await self._shm_route(method, parts[1:], scope, receive)
             if parts[0] == "cudasharedmemory":
-                raise NotFound("CUDA shared memory is not served; system shared memory "
-                               "is (/v2/systemsharedmemory, with --shm-clients)")
-            raise NotFound(f"no route {scope['path']!r}; see docs/open-inference-protocol.md")
-        except GraphPipeError as e:
+                raise _not_found("CUDA shared memory is not served; system shared memory "
+                                 "is (/v2/systemsharedmemory, with --shm-clients)")
+            raise _no_route(scope)
+        except (GraphPipeError, Refused) as e:
             return e.http_status, _JSON, _error(e.message), "v2_error"
 
     async def _model_route(self, method, parts, scope, receive):
         name, rest = parts[0], parts[1:]
         if name != self.model:
-            raise NotFound(f"unknown model {name!r}; this server serves {self.model!r}")
+            raise _not_found(f"unknown model {name!r}; this server serves {self.model!r}")
         if rest[:1] == ["versions"]:
             if len(rest) < 2 or rest[1] != VERSION:
-                raise NotFound(f"model {name!r} has no version "
-                               f"{rest[1] if len(rest) > 1 else ''!r}; it has {VERSION!r}")
+                raise _not_found(f"model {name!r} has no version "
+                                 f"{rest[1] if len(rest) > 1 else ''!r}; it has {VERSION!r}")
             rest = rest[2:]
         if not rest:
             return self._get(method, self.metadata, "v2_metadata")
@@ -89,26 +101,27 @@ class RestApi:
         if rest == ["infer"]:
             self._method(method, "POST")
             return await self.infer(scope, receive)
-        raise NotFound(f"no route {scope['path']!r}; see docs/open-inference-protocol.md")
+        raise _no_route(scope)
 
     async def _shm_route(self, method, parts, scope, receive):
-        """Triton's system shared-memory extension: register, unregister, status."""
+        """Triton's system shared-memory extension: ``status``, ``unregister`` (all), and
+        ``region/{name}/status|register|unregister``."""
         regions = self.state.client_regions
-        if parts == ["status"] or parts == ["region", *parts[1:2], "status"] and \
-                len(parts) == 3:
+        if len(parts) == 3 and parts[0] == "region":
+            name, action = parts[1], parts[2]
+        elif len(parts) == 1:
+            name, action = None, parts[0]
+        else:
+            raise _no_route(scope)
+        if action == "status":
             self._method(method, "GET")
-            return 200, _JSON, orjson.dumps(regions.status(parts[1] if len(parts) == 3
-                                                           else None)), "v2_shm"
-        if parts == ["unregister"]:
+            return 200, _JSON, orjson.dumps(regions.status(name)), "v2_shm"
+        if action == "unregister":
             self._method(method, "POST")
-            regions.unregister(None)
+            regions.unregister(name)
             return 200, _JSON, b"", "v2_shm"
-        if len(parts) == 3 and parts[0] == "region" and parts[2] in ("register",
-                                                                     "unregister"):
+        if action == "register" and name is not None:
             self._method(method, "POST")
-            if parts[2] == "unregister":
-                regions.unregister(parts[1])
-                return 200, _JSON, b"", "v2_shm"
             held = self.state.new_request()
             try:
                 body = await self.state.body.read(scope, receive, held)
@@ -125,7 +138,7 @@ class RestApi:
             finally:
                 held.release()
             return 200, _JSON, b"", "v2_shm"
-        raise NotFound(f"no route {scope['path']!r}; see docs/open-inference-protocol.md")
+        raise _no_route(scope)
 
     async def infer(self, scope, receive):
         state = self.state
@@ -161,15 +174,15 @@ class RestApi:
     @staticmethod
     def _method(method: str, allowed: str) -> None:
         if method != allowed and not (allowed == "GET" and method == "HEAD"):
-            raise MethodNotAllowed(f"{method} is not allowed here; use {allowed}")
+            raise Refused(405, f"{method} is not allowed here; use {allowed}")
 
     def _live(self) -> bool:
         server = self.state.server
         return server is None or not server.should_exit
 
 
-class MethodNotAllowed(GraphPipeError):
-    code, http_status = 2, 405
+def _no_route(scope) -> Refused:
+    return _not_found(f"no route {scope['path']!r}; see docs/open-inference-protocol.md")
 
 
 def _header_length(scope) -> int | None:

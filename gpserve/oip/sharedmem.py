@@ -123,10 +123,10 @@ class ClientRegions:
 
     def write(self, name: str, offset, nbytes, data: memoryview, where: str) -> None:
         """Write ``data`` (at most ``nbytes``) into a registered region (1 copy)."""
-        if len(data) > nbytes:
-            raise SharedMemoryError(f"{where}: the output has {len(data)} bytes; its "
-                                    f"shared_memory_byte_size is {nbytes}")
         with self._use(name, offset, nbytes, where, os.O_RDWR) as (fd, at):
+            if len(data) > nbytes:
+                raise SharedMemoryError(f"{where}: the output has {len(data)} bytes; its "
+                                        f"shared_memory_byte_size is {nbytes}")
             done = 0
             while done < len(data):
                 done += os.pwrite(fd, data[done:], at + done)
