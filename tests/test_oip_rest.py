@@ -156,6 +156,8 @@ def _errors(s, name: str, x: np.ndarray) -> None:
         (infer, {"inputs": [{"name": "point", "shape": [2, -2], "datatype": "FP32",
                              "data": [1, 2, 3, 4]}]}, 400, "'shape'"),
         (infer, {**good, "outputs": [{"name": "logits"}]}, 400, "unknown output 'logits'"),
+        (infer, {"inputs": [{"name": "point", "shape": [10**11, 0], "datatype": "FP32",
+                             "data": []}]}, 400, "larger than the request itself"),
         (infer, {"inputs": [{"name": "point", "shape": [2, 2], "datatype": "FP32",
                              "parameters": {"binary_data_size": 16}}]}, 400,
          "does not fit"),

@@ -83,6 +83,14 @@ def test_inputs_and_outputs_by_reference_http_and_grpc(server, region):
         g.infer("standin", [inp], outputs=[out])
         np.testing.assert_array_equal(shm.get_contents_as_numpy(h_out, np.float32, [8, 16]),
                                       2 * x)
+        # a tensor larger than the request that names it: [1024, 16] in one region
+        big = np.arange(1024 * 16, dtype=np.float32).reshape(1024, 16)
+        h_big, key_big = region("big", big.nbytes)
+        shm.set_shared_memory_region(h_big, [big])
+        c.register_system_shared_memory("big", key_big, big.nbytes)
+        inp = hc.InferInput("x", [1024, 16], "FP32")
+        inp.set_shared_memory("big", big.nbytes)
+        np.testing.assert_array_equal(c.infer("standin", [inp]).as_numpy("y"), 2 * big)
     finally:
         c.unregister_system_shared_memory()
     assert c.get_system_shared_memory_status() == []

@@ -72,7 +72,7 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str,
         name = spec["name"]
         where = f"input {name!r}"
         dtype = dtype_of(spec.get("datatype"))
-        shape = shape_of(spec.get("shape"), where)
+        shape = shape_of(spec.get("shape"), where, size)
         count = math.prod(shape)
         p = _object(spec.get("parameters"), f"{where}'s 'parameters'")
         strings_left = count_strings(strings_left, dtype, shape, where, max_strings, why)
@@ -262,11 +262,18 @@ def _flatten(data: list, where: str, depth: int = 0) -> list:
     return flat
 
 
-def shape_of(shape, where: str) -> list[int]:
+def shape_of(shape, where: str, message_bytes: int) -> list[int]:
+    """A checked shape. A tensor with no elements may have no dimension larger than the
+    message (GraphPipe's decoder has the same rule), or a few bytes (``[1e11, 3, 0,
+    192]``) would claim 1e11 rows for per-row work later; a tensor with elements is
+    bounded by its data, checked where the data is."""
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(type(d) is int and d >= 0 for d in shape)):
         raise ProtocolError(f"{where}: 'shape' must be a list of at most {MAX_DIMS} "
                             f"non-negative integers, not {shape!r}")
+    if 0 in shape and any(d > message_bytes for d in shape):
+        raise ProtocolError(f"{where}: shape {shape} has a dimension larger than the "
+                            f"request itself ({message_bytes} bytes)")
     return shape
 
 

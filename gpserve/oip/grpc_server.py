@@ -123,12 +123,13 @@ class InferenceService:
                                 "input, in order, or none")
         max_strings, why = self.state.string_limit
         left, tensors, names, next_raw = max_strings, [], [], 0
+        message_bytes = request.ByteSize()
         if not request.inputs:
             raise ProtocolError("the request has no inputs")
         for t in request.inputs:
             where = f"input {t.name!r}"
             dtype = dtype_of(t.datatype)
-            shape = shape_of(list(t.shape), where)
+            shape = shape_of(list(t.shape), where, message_bytes)
             count = math.prod(shape)
             left = count_strings(left, dtype, shape, where, max_strings, why)
             if "shared_memory_region" in t.parameters:        # into the arena: 1 copy
