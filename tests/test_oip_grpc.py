@@ -149,3 +149,14 @@ def test_grpc_port_in_use_fails_at_start():
             capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert f"cannot listen on --grpc-listen 127.0.0.1:{port}" in proc.stderr
+
+
+def test_grpc_requests_counted_in_metrics(echo):
+    c = gc.InferenceServerClient(echo.grpc)
+    before = echo.metric("gpserve_requests_total", status="200", kind="grpc_infer")
+    inp = gc.InferInput("x", [1, 2], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 2), np.float32))
+    for _ in range(3):
+        c.infer("echo", [inp])
+    assert echo.metric("gpserve_requests_total", status="200", kind="grpc_infer") == \
+        before + 3

@@ -16,11 +16,12 @@ extension, which streams into shared memory.
 from __future__ import annotations
 
 import math
+import time
 
 import grpc
 import numpy as np
 
-from gpserve import __version__
+from gpserve import __version__, metrics
 from gpserve.errors import DtypeMismatch, ProtocolError
 
 from .codec import check_range, count_strings, from_raw, raw_bytes, request_config, shape_of
@@ -80,7 +81,7 @@ class InferenceService:
 
     async def ModelInfer(self, request, context):
         await self._model(request.model_name, request.model_version, context)
-        state = self.state
+        state, started = self.state, time.perf_counter()
         regions = state.new_request()
         try:
             tensors, names = self._inputs(request, regions)
@@ -108,9 +109,11 @@ class InferenceService:
                         response.raw_output_contents.append(bytes(raw_bytes(arr)))  # 1 copy
             finally:
                 finish()
+            _record(200, "grpc_infer", started)
             return response
         except Exception as e:
             failure = state.failed(e, regions)
+        _record(failure.http_status, "grpc_error", started)
         await context.abort(STATUS.get(failure.http_status, grpc.StatusCode.INTERNAL),
                             failure.message)
 
@@ -174,6 +177,11 @@ def _from_contents(t, dtype: np.dtype, shape: list[int], count: int,
     wide = np.array(values)
     check_range(wide, dtype, where)
     return wide.astype(dtype).reshape(shape)
+
+
+def _record(status: int, kind: str, started: float) -> None:
+    metrics.REQUESTS.labels(str(status), kind).inc()
+    metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
 
 
 def _region(params) -> tuple:
