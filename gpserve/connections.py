@@ -47,9 +47,10 @@ NOTES = _Notes()
 FIRST_REQUEST_GRACE_S = 1.0
 
 
-def guarded_protocol(header_timeout_s: float):
+def guarded_protocol(header_timeout_s: float, on_count=None):
     """uvicorn's httptools protocol with a header timeout, for ``uvicorn.Config(http=...)``
-    (uvicorn is imported here, in the front that runs it, not by whoever imports us)."""
+    (uvicorn is imported here, in the front that runs it, not by whoever imports us).
+    ``on_count(n)`` hears this front's number of open connections when it changes."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -58,6 +59,8 @@ def guarded_protocol(header_timeout_s: float):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm()
+            if on_count is not None:
+                on_count(len(self.connections))
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -76,6 +79,8 @@ def guarded_protocol(header_timeout_s: float):
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
+            if on_count is not None:
+                on_count(len(self.connections))
 
         def shutdown(self) -> None:
             """The drain: uvicorn closes every connection not in a request, but one that

@@ -21,10 +21,10 @@ WORKER_FIELDS = ("pid", "ready", "queued_rows", "batches", "rows", "padded_rows"
                  "max_batch_rows", "rejected_queue_full",
                  "checks", "checks_changed", "check_abs", "check_rel",   # the last two: float64
                  *(f"warmed{i}" for i in range(WARMED_SIZES)))
-FRONT_FIELDS = ("pid", "cache_hits", "cache_misses", "cache_writes", "cache_evictions",
+CACHE_FIELDS = ("cache_hits", "cache_misses", "cache_writes", "cache_evictions",
                 "cache_errors", "cache_rotations")
+FRONT_FIELDS = ("pid", *CACHE_FIELDS, "connections")
 ERROR_CODES = 32
-CACHE_FIELDS = FRONT_FIELDS[1:]
 
 
 class Counters:
@@ -46,6 +46,8 @@ class Counters:
         self._fronts = slots[at + MAX_PROCESSES * w:].reshape(MAX_PROCESSES, f)
         self._w = {name: i for i, name in enumerate(WORKER_FIELDS)}
         self._f = {name: i for i, name in enumerate(FRONT_FIELDS)}
+        if create:
+            self._fronts[:, self._f["connections"]] = -1      # not accepting (yet)
 
     # -- the supervisor ----------------------------------------------------------------
     def count_restart(self, role: str) -> None:
@@ -130,6 +132,21 @@ class Counters:
 
     def cache_totals(self) -> dict:
         return {name[6:]: int(self._fronts[:, self._f[name]].sum()) for name in CACHE_FIELDS}
+
+    def set_connections(self, index: int, count: int) -> None:
+        """How many client connections front ``index`` holds now; -1: it is not
+        accepting (starting)."""
+        self._fronts[index, self._f["connections"]] = count
+
+    def fronts_accepting(self, fronts: int) -> int:
+        return int((self._fronts[:fronts, self._f["connections"]] >= 0).sum())
+
+    def fewest_connections(self, fronts: int, but: int) -> int | None:
+        """The fewest connections another accepting front holds (None: none is)."""
+        others = [int(self._fronts[i, self._f["connections"]])
+                  for i in range(fronts) if i != but]
+        others = [n for n in others if n >= 0]
+        return min(others) if others else None
 
     def count_error(self, index: int, code: int) -> None:
         """A front answered a request with this error code."""

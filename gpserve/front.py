@@ -128,7 +128,8 @@ def build_app(state: FrontState) -> FrontApp:
                          **verdict(spec.batch_probe, state.counters.batch_checks())},
             "processes": {"fronts": state.cfg.fronts, "workers": state.cfg.workers,
                           "pids": state.counters.pids(state.cfg.workers, state.cfg.fronts),
-                          "this_front": os.getpid(), "workers_linked": workers},
+                          "this_front": os.getpid(), "workers_linked": workers,
+                          "fronts_accepting": state.counters.fronts_accepting(state.cfg.fronts)},
             "stats": state.counters.snapshot(),
             "cache": None if state.cache is None else {
                 **state.cache.stats(), **state.counters.cache_totals(),
@@ -184,16 +185,26 @@ def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
     from .logs import setup
     setup(cfg.verbose, f"front{index}", cfg.log_format)
     from .connections import guarded_protocol
+    from .listener import FrontServer
     _raise_file_limit()
     state = FrontState(cfg, spec, index)
+    counters = state.counters
+    counters.set_connections(index, -1)      # not accepting yet: others need not yield
+
+    def crowded() -> bool:            # more connections here than at another front?
+        fewest = counters.fewest_connections(cfg.fronts, index)
+        return fewest is not None and len(state.server.server_state.connections) > fewest
     config = uvicorn.Config(
-        build_app(state), loop="uvloop", http=guarded_protocol(cfg.header_timeout_s),
+        build_app(state), loop="uvloop",
+        http=guarded_protocol(cfg.header_timeout_s,
+                              lambda n: counters.set_connections(index, n)),
         lifespan="on", access_log=False, log_config=None,   # our own access log and logging
         log_level="warning" if cfg.verbose < 2 else "info",
         timeout_graceful_shutdown=int(cfg.timeout_ms / 1000) + 5, backlog=2048,
         timeout_keep_alive=cfg.keepalive_timeout_s, limit_concurrency=cfg.max_connections,
         proxy_headers=False, server_header=False)
-    state.server = uvicorn.Server(config)
+    state.server = FrontServer(config, crowded,
+                               on_listening=lambda: counters.set_connections(index, 0))
     try:
         state.server.run(sockets=[sock])
     finally:

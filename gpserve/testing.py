@@ -71,13 +71,19 @@ class Server:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 with urllib.request.urlopen(self.url + "/control/is_ready", timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and self._every_front_accepting():
                         return
             except OSError:
                 pass
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"server not ready in {timeout}s:\n{self.output()}")
+
+    def _every_front_accepting(self) -> bool:
+        """Ready is one front's word; a test's connections should find every front up
+        (connections opened before then stay where they landed)."""
+        processes = self.info()["processes"]
+        return processes.get("fronts_accepting", processes["fronts"]) >= processes["fronts"]
 
     def info(self) -> dict:
         with urllib.request.urlopen(self.url + "/", timeout=10) as r:
