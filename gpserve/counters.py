@@ -138,8 +138,9 @@ class Counters:
         accepting (starting)."""
         self._fronts[index, self._f["connections"]] = count
 
-    def fronts_accepting(self, fronts: int) -> int:
-        return int((self._fronts[:fronts, self._f["connections"]] >= 0).sum())
+    def connections(self, fronts: int) -> list[int]:
+        """Each front's open client connections (-1: not accepting)."""
+        return self._fronts[:fronts, self._f["connections"]].tolist()
 
     def fewest_connections(self, fronts: int, but: int) -> int | None:
         """The fewest connections another accepting front holds (None: none is)."""

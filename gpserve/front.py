@@ -129,7 +129,7 @@ def build_app(state: FrontState) -> FrontApp:
             "processes": {"fronts": state.cfg.fronts, "workers": state.cfg.workers,
                           "pids": state.counters.pids(state.cfg.workers, state.cfg.fronts),
                           "this_front": os.getpid(), "workers_linked": workers,
-                          "fronts_accepting": state.counters.fronts_accepting(state.cfg.fronts)},
+                          "connections": state.counters.connections(state.cfg.fronts)},
             "stats": state.counters.snapshot(),
             "cache": None if state.cache is None else {
                 **state.cache.stats(), **state.counters.cache_totals(),
