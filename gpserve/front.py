@@ -130,6 +130,9 @@ def build_app(state: FrontState) -> FrontApp:
                           "pids": state.counters.pids(state.cfg.workers, state.cfg.fronts),
                           "this_front": os.getpid(), "workers_linked": workers,
                           "connections": state.counters.connections(state.cfg.fronts)},
+            "protocols": {"graphpipe": "POST /", "open_inference_protocol": {
+                "rest": "/v2", "grpc": state.cfg.grpc_listen or None,
+                "system_shared_memory": state.cfg.shm_clients}},
             "stats": state.counters.snapshot(),
             "cache": None if state.cache is None else {
                 **state.cache.stats(), **state.counters.cache_totals(),

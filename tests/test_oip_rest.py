@@ -110,6 +110,8 @@ def test_server_and_model_routes(echo):
     assert model["name"] == "echo" and model["versions"] == ["1"]
     config = c.get_model_config("echo")
     assert config["max_batch_size"] == 32
+    assert echo.info()["protocols"] == {"graphpipe": "POST /", "open_inference_protocol": {
+        "rest": "/v2", "grpc": None, "system_shared_memory": False}}
 
 
 def test_default_model_metadata_config_and_answers():
