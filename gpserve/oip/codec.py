@@ -71,7 +71,7 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str,
             raise ProtocolError(f"input {k} must be an object with a 'name'")
         name = spec["name"]
         where = f"input {name!r}"
-        dtype = dtype_of(spec.get("datatype"))
+        dtype = dtype_of(spec.get("datatype"), where)
         shape = shape_of(spec.get("shape"), where, size)
         count = math.prod(shape)
         p = _object(spec.get("parameters"), f"{where}'s 'parameters'")

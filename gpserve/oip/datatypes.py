@@ -25,12 +25,12 @@ _NAMES = {(dt.kind, dt.itemsize): name for name, dt in DTYPES.items() if name !=
 _LENGTH = struct.Struct("<I")
 
 
-def dtype_of(datatype) -> np.dtype:
+def dtype_of(datatype, where: str) -> np.dtype:
     """The numpy dtype of a protocol datatype name; a clear error for any other."""
     dtype = DTYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
-        raise DtypeMismatch(f"datatype {datatype!r} is not one gpserve serves; use one of "
-                            f"{', '.join(DTYPES)}")
+        raise DtypeMismatch(f"{where}: datatype {datatype!r} is not one gpserve serves; use "
+                            f"one of {', '.join(DTYPES)}")
     return dtype
 
 

@@ -18,9 +18,8 @@ _SCALARS = {"bool": _F.TYPE_BOOL, "string": _F.TYPE_STRING, "bytes": _F.TYPE_BYT
             "int32": _F.TYPE_INT32, "int64": _F.TYPE_INT64, "uint32": _F.TYPE_UINT32,
             "uint64": _F.TYPE_UINT64, "float": _F.TYPE_FLOAT, "double": _F.TYPE_DOUBLE}
 
-# message: [(field, number, type, "" | "repeated" | "map" | "oneof")]; a map's values
-# are InferParameter (the only map the protocol has); nested names use a dot.
-_PARAMS = ("parameters", "map")
+# message: [(field, number, type, "" | "repeated" | "map" | "oneof")]; a map has
+# string keys and values of its type; nested messages' names have a dot.
 MESSAGES: dict[str, list[tuple]] = {
     "ServerLiveRequest": [],
     "ServerLiveResponse": [("live", 1, "bool", "")],
@@ -50,23 +49,23 @@ MESSAGES: dict[str, list[tuple]] = {
         ("bytes_contents", 8, "bytes", "repeated")],
     "ModelInferRequest.InferInputTensor": [
         ("name", 1, "string", ""), ("datatype", 2, "string", ""),
-        ("shape", 3, "int64", "repeated"), (*_PARAMS[:1], 4, None, "map"),
+        ("shape", 3, "int64", "repeated"), ("parameters", 4, "InferParameter", "map"),
         ("contents", 5, "InferTensorContents", "")],
     "ModelInferRequest.InferRequestedOutputTensor": [
-        ("name", 1, "string", ""), (*_PARAMS[:1], 2, None, "map")],
+        ("name", 1, "string", ""), ("parameters", 2, "InferParameter", "map")],
     "ModelInferRequest": [
         ("model_name", 1, "string", ""), ("model_version", 2, "string", ""),
-        ("id", 3, "string", ""), (*_PARAMS[:1], 4, None, "map"),
+        ("id", 3, "string", ""), ("parameters", 4, "InferParameter", "map"),
         ("inputs", 5, "ModelInferRequest.InferInputTensor", "repeated"),
         ("outputs", 6, "ModelInferRequest.InferRequestedOutputTensor", "repeated"),
         ("raw_input_contents", 7, "bytes", "repeated")],
     "ModelInferResponse.InferOutputTensor": [
         ("name", 1, "string", ""), ("datatype", 2, "string", ""),
-        ("shape", 3, "int64", "repeated"), (*_PARAMS[:1], 4, None, "map"),
+        ("shape", 3, "int64", "repeated"), ("parameters", 4, "InferParameter", "map"),
         ("contents", 5, "InferTensorContents", "")],
     "ModelInferResponse": [
         ("model_name", 1, "string", ""), ("model_version", 2, "string", ""),
-        ("id", 3, "string", ""), (*_PARAMS[:1], 4, None, "map"),
+        ("id", 3, "string", ""), ("parameters", 4, "InferParameter", "map"),
         ("outputs", 5, "ModelInferResponse.InferOutputTensor", "repeated"),
         ("raw_output_contents", 6, "bytes", "repeated")],
 }
@@ -86,14 +85,13 @@ def _build() -> descriptor_pool.DescriptorPool:
         made[full] = msg
         for name, number, kind, label in fields:
             field = msg.field.add(name=name, number=number)
-            if label == "map":                  # map<string, InferParameter>
+            if label == "map":                  # map<string, kind>: entries on the wire
                 entry = msg.nested_type.add(name=name.title().replace("_", "") + "Entry")
                 entry.options.map_entry = True
                 entry.field.add(name="key", number=1, type=_F.TYPE_STRING,
                                 label=_F.LABEL_OPTIONAL)
                 entry.field.add(name="value", number=2, type=_F.TYPE_MESSAGE,
-                                type_name=".inference.InferParameter",
-                                label=_F.LABEL_OPTIONAL)
+                                type_name=f".inference.{kind}", label=_F.LABEL_OPTIONAL)
                 field.type, field.label = _F.TYPE_MESSAGE, _F.LABEL_REPEATED
                 field.type_name = f".inference.{full}.{entry.name}"
                 continue

@@ -131,7 +131,7 @@ class InferenceService:
             raise ProtocolError("the request has no inputs")
         for t in request.inputs:
             where = f"input {t.name!r}"
-            dtype = dtype_of(t.datatype)
+            dtype = dtype_of(t.datatype, where)
             shape = shape_of(list(t.shape), where, message_bytes)
             count = math.prod(shape)
             left = count_strings(left, dtype, shape, where, max_strings, why)
