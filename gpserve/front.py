@@ -194,9 +194,10 @@ def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
     counters = state.counters
     counters.set_connections(index, -1)      # not accepting yet: others need not yield
 
-    def crowded() -> bool:            # more connections here than at another front?
+    def load() -> tuple[int, int]:    # (connections here, beyond the least-loaded front's)
+        held = len(state.server.server_state.connections)
         fewest = counters.fewest_connections(cfg.fronts, index)
-        return fewest is not None and len(state.server.server_state.connections) > fewest
+        return held, 0 if fewest is None else held - fewest
     config = uvicorn.Config(
         build_app(state), loop="uvloop",
         http=guarded_protocol(cfg.header_timeout_s,
@@ -206,7 +207,7 @@ def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
         timeout_graceful_shutdown=int(cfg.timeout_ms / 1000) + 5, backlog=2048,
         timeout_keep_alive=cfg.keepalive_timeout_s, limit_concurrency=cfg.max_connections,
         proxy_headers=False, server_header=False)
-    state.server = FrontServer(config, crowded,
+    state.server = FrontServer(config, load,
                                on_listening=lambda: counters.set_connections(index, 0))
     try:
         state.server.run(sockets=[sock])
