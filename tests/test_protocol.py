@@ -181,3 +181,27 @@ def test_unknown_union_tag_is_unsupported_request():
         with pytest.raises(kind, match=f"req_type is {tag}"):
             P.decode_request(bytes(body))
     assert issubclass(UnsupportedRequest, ProtocolError) and UnsupportedRequest.code == 2
+
+
+def test_response_templates_give_the_bytes_a_fresh_build_gives():
+    """A response made from a cached layout is byte for byte the one built field by
+    field, whatever the data: contiguous or not, big-endian, several outputs."""
+    from gpserve.protocol import encode as E
+    rng = np.random.default_rng(5)
+    layouts = [
+        lambda: [rng.standard_normal((1, 16)).astype(np.float32)],
+        lambda: [rng.integers(-9, 9, (3, 4)), rng.standard_normal((2,)).astype(">f8")],
+        lambda: [rng.standard_normal((4, 6)).astype(np.float32)[:, ::2]],
+        lambda: [rng.integers(0, 255, (5, 1, 2), dtype=np.uint8),
+                 rng.standard_normal((1,)).astype(np.float16)],
+    ]
+    for make in layouts:
+        for _ in range(3):
+            outputs = make()
+            cached = bytes(P.encode_response(P.InferResponse(outputs)))
+            E._TEMPLATES.clear()
+            fresh = bytes(P.encode_response(P.InferResponse(outputs)))
+            assert cached == fresh
+            for got, want in zip(P.decode_response(cached).outputs, outputs):
+                np.testing.assert_array_equal(got, want)
+            P.encode_response(P.InferResponse(make()))     # leave a template behind

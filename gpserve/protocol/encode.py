@@ -43,12 +43,13 @@ _ZEROS = bytes(64)
 class _Writer:
     """One message under construction: ``head`` holds everything but large tensor data."""
 
-    __slots__ = ("head", "blobs", "blob_bytes")
+    __slots__ = ("head", "blobs", "blob_bytes", "data_starts")
 
     def __init__(self):
         self.head = bytearray(4)  # the root uoffset, patched by set_root
         self.blobs: list[tuple[int, np.ndarray, np.dtype]] = []
         self.blob_bytes = 0
+        self.data_starts: list[int] = []   # where each blob's bytes went (small messages)
 
     def pad_to(self, align: int, rem: int = 0) -> None:
         k = (rem - len(self.head)) % align
@@ -152,6 +153,7 @@ class _Writer:
                 self.pad_to(DATA_ALIGN, DATA_ALIGN - 4)
                 self.patch(at, len(head))
                 head += _u32.pack(arr.nbytes)
+                self.data_starts.append(len(head))
                 # 1 copy (np.ascontiguousarray is a no-op for contiguous little-endian data)
                 flat = np.ascontiguousarray(arr, dtype=dtype).reshape(-1)
                 head += memoryview(flat.view(np.uint8))
@@ -205,13 +207,58 @@ def encode_request(request: InferRequest | MetadataRequest) -> memoryview:
 
 
 def encode_response(response: InferResponse) -> memoryview:
-    """Encode an ``InferResponse`` (outputs, or errors)."""
+    """Encode an ``InferResponse`` (outputs, or errors).
+
+    A small response whose outputs have the types and shapes of one encoded before is
+    its layout again with other data: it is made from that layout's template (the
+    message with its data zeroed) and the outputs copied in (1 copy, as below), not
+    built field by field: a fifth of the time of a [1,16] response."""
+    key = _layout(response)
+    if key is not None:
+        hit = _TEMPLATES.get(key)
+        if hit is not None:
+            template, starts = hit
+            out = bytearray(template)
+            for start, arr in zip(starts, response.outputs):
+                out[start:start + arr.nbytes] = _data_bytes(arr)                # 1 copy
+            return memoryview(out)
     w = _Writer()
     root, (f_out, f_err) = w.table(2, [(0, "o", 0), (1, "o", 0)])
     w.set_root(root)
     w.patch(f_out, w.tensors(list(response.outputs)))
     w.patch(f_err, _errors(w, response.errors))
-    return w.finish()
+    out = w.finish()
+    if key is not None and len(w.data_starts) == len(response.outputs):
+        if len(_TEMPLATES) >= MAX_TEMPLATES:
+            _TEMPLATES.clear()
+        template = bytearray(out)
+        for start, arr in zip(w.data_starts, response.outputs):
+            template[start:start + arr.nbytes] = bytes(arr.nbytes)
+        _TEMPLATES[key] = (bytes(template), tuple(w.data_starts))
+    return out
+
+
+MAX_TEMPLATES = 256
+_TEMPLATES: dict[tuple, tuple[bytes, tuple[int, ...]]] = {}
+
+
+def _layout(response: InferResponse) -> tuple | None:
+    """What decides a response's layout, when a template may stand for it: no errors,
+    numeric non-empty outputs, small data."""
+    if response.errors or not response.outputs:
+        return None
+    key, nbytes = [], 0
+    for arr in response.outputs:
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iuf" or not arr.size:
+            return None
+        key.append((type_of(arr.dtype), arr.shape))
+        nbytes += arr.nbytes
+    return tuple(key) if nbytes < SMALL_DATA else None
+
+
+def _data_bytes(arr: np.ndarray) -> memoryview:
+    flat = np.ascontiguousarray(arr, dtype=TYPE_TO_DTYPE[type_of(arr.dtype)]).reshape(-1)
+    return memoryview(flat.view(np.uint8))
 
 
 def encode_error(code: int, message: str) -> memoryview:
