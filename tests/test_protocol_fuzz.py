@@ -155,3 +155,47 @@ def test_aliased_string_offsets_cannot_amplify():
         raise AssertionError("aliased strings were accepted")
     except ProtocolError as e:
         assert "more bytes than the message holds" in str(e)
+
+
+def _outcome(body):
+    try:
+        req = P.decode_request(body)
+    except ProtocolError as e:
+        return ("error", str(e))
+    if isinstance(req, P.MetadataRequest):
+        return ("metadata",)
+    return ("infer", req.config, req.input_names, req.output_names,
+            [(a.dtype.str, a.shape, a.tobytes() if a.dtype != object else a.tolist())
+             for a in req.inputs])
+
+
+@given(st.sampled_from(SEEDS), mutations)
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_remembered_layouts_decode_as_the_full_decoder(seed, changes):
+    """The decoder answers a request laid out as one before from that layout: for any
+    message, mutated anywhere (in data or in structure), that answer is the full
+    decoder's, value for value and error for error."""
+    from gpserve.protocol import decode as D
+    _outcome(seed)                # a request seed's layout is remembered, if it has one
+    body = bytearray(seed)
+    for at, value in changes:
+        body[at % len(body)] = value
+    body = bytes(body)
+    remembered = _outcome(body)
+    D._LAYOUTS.clear()
+    assert remembered == _outcome(body)
+
+
+def test_structure_read_inside_data_is_never_remembered():
+    """A layout is kept only when no byte read for structure lies in a tensor's data."""
+    from gpserve.protocol import decode as D
+    x = np.arange(4, dtype=np.float32)
+    body = bytes(P.encode_request(P.InferRequest([x])))
+    r = D._Reader(body, record=True)
+    req = P.InferRequest([x], [], [], "")
+    (start, nbytes), = [(s, n) for s, n in [(body.index(x.tobytes()), 16)]]
+    r.data = [(start, nbytes)]
+    r.read = [(0, 4), (start + 8, start + 12)]     # as if a table sat in the data
+    assert D._Layout.of(r, req) is None
+    r.read = [(0, 4), (start - 4, start)]          # only the length before the data
+    assert D._Layout.of(r, req) is not None
