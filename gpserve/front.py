@@ -51,7 +51,6 @@ class FrontApp:
         self.v2 = RestApi(state)
         level = state.cfg.access_log
         self.access_level = None if level == "off" else logging.getLevelName(level.upper())
-        self.counted: dict[tuple[int, str], object] = {}   # prometheus children, per label
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/":
@@ -74,10 +73,7 @@ class FrontApp:
 
     def record(self, scope, status: int, kind: str, size: int, sent: int, seconds: float):
         """Metrics, and the access-log line, for one request of either protocol."""
-        counter = self.counted.get((status, kind))
-        if counter is None:
-            counter = self.counted[status, kind] = metrics.REQUESTS.labels(str(status), kind)
-        counter.inc()
+        metrics.REQUESTS.labels(str(status), kind).inc()
         metrics.REQUEST_SECONDS.observe(seconds)
         if self.access_level is not None and access_log.isEnabledFor(self.access_level):
             client = scope.get("client") or ("-", 0)
@@ -165,6 +161,7 @@ def build_app(state: FrontState) -> FrontApp:
             await grpc_server.stop(state.cfg.timeout_ms / 1000 + 1)
         for task in state.tasks:
             task.cancel()
+        metrics.flush()
 
     return FrontApp(state, Starlette(routes=[
         Route("/", get_info, methods=["GET"]), Route("/metrics", get_metrics),

@@ -77,6 +77,7 @@ class FrontState:
 
     async def start(self) -> None:
         self.tasks.append(asyncio.create_task(self.workers.sweep_abandoned()))
+        self.tasks.append(asyncio.create_task(metrics.flush_periodically()))
         if self.hosted is not None:
             await self.hosted.start()
             self.workers.host(self.hosted)

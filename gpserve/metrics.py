@@ -5,12 +5,16 @@ at a folder of this run (``/dev/shm/gpserve-<pid>-metrics``, removed with the ru
 segments) before it starts any child; each process records into its own files there, and
 ``GET /metrics`` on any front adds them up. Import this module only after that.
 
-Each record is a write to a memory-mapped file (about a microsecond): cheap enough
-for the request path, and the same in every process.
+Each record is a write to a memory-mapped file (0.5-1.2 µs). Most metrics record
+that way. The ones every request updates, five or more updates a request (a sixth of
+a front's time on a small request), are added up in the process first and written
+at most ``FLUSH_S`` later (:class:`Tally`): ``GET /metrics`` may lag by that much.
 """
 from __future__ import annotations
 
+import bisect
 import os
+import time
 
 from prometheus_client import Counter, Gauge, Histogram, values
 
@@ -25,25 +29,115 @@ if "PROMETHEUS_MULTIPROC_DIR" in os.environ:       # else: one process's own met
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _TIME = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-REQUESTS = Counter("gpserve_requests", "Requests answered, by HTTP status and kind",
-                   ["status", "kind"])
-REQUEST_SECONDS = Histogram("gpserve_request_seconds",
-                            "End-to-end time in a front, from the first body byte to the "
-                            "response handed to the server", buckets=_TIME)
-QUEUE_WAIT_SECONDS = Histogram("gpserve_queue_wait_seconds",
-                               "Time a request waited in a worker's queue before its batch ran",
-                               buckets=_TIME)
+FLUSH_S = 1.0
+
+
+class Tally:
+    """Per-request updates of counters and histograms, added up here and written to
+    prometheus-client's files at most FLUSH_S later (at the next update after that, or
+    by :func:`flush`, which the fronts and workers also call every FLUSH_S while idle).
+    For the event loop's thread only. A process killed loses at most FLUSH_S of them."""
+
+    counters: dict = {}                  # counter child -> count not yet written
+    histograms: list = []                # TallyHistogram
+    due = time.monotonic() + FLUSH_S
+
+    @classmethod
+    def tick(cls) -> None:
+        if time.monotonic() >= cls.due:
+            flush()
+
+
+class TallyCounter:
+    """A labelled Counter whose ``labels(...).inc(n)`` is added up first (see Tally)."""
+
+    def __init__(self, counter: Counter):
+        self.counter, self.children = counter, {}
+
+    def labels(self, *values: str) -> "_TallyChild":
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = _TallyChild(self.counter.labels(*values))
+        return child
+
+
+class _TallyChild:
+    __slots__ = ("child",)
+
+    def __init__(self, child):
+        self.child = child
+
+    def inc(self, n: float = 1) -> None:
+        Tally.counters[self.child] = Tally.counters.get(self.child, 0) + n
+        Tally.tick()
+
+
+class TallyHistogram:
+    """A Histogram whose ``observe`` is added up first (see Tally): bucket counts and
+    the sum, written as one increment each."""
+
+    def __init__(self, histogram: Histogram, buckets):
+        self.histogram, self.bounds = histogram, [*buckets, float("inf")]
+        self.counts, self.total = [0] * len(self.bounds), 0.0
+        Tally.histograms.append(self)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        Tally.tick()
+
+    def write(self) -> None:
+        if not any(self.counts):
+            return
+        # prometheus-client keeps one value per bucket (not cumulative) and the sum;
+        # its observe() does these same increments, one observation at a time
+        for value, n in zip(self.histogram._buckets, self.counts):
+            if n:
+                value.inc(n)
+        self.histogram._sum.inc(self.total)
+        self.counts, self.total = [0] * len(self.bounds), 0.0
+
+
+def flush() -> None:
+    """Write every tallied update of this process now."""
+    pending, Tally.counters = Tally.counters, {}
+    for child, n in pending.items():
+        child.inc(n)
+    for histogram in Tally.histograms:
+        histogram.write()
+    Tally.due = time.monotonic() + FLUSH_S
+
+
+async def flush_periodically() -> None:
+    """A process's tallies written while it is idle too (a task in its event loop)."""
+    import asyncio
+    while True:
+        await asyncio.sleep(FLUSH_S)
+        flush()
+
+
+REQUESTS = TallyCounter(Counter("gpserve_requests",
+                                "Requests answered, by HTTP status and kind",
+                                ["status", "kind"]))
+REQUEST_SECONDS = TallyHistogram(Histogram(
+    "gpserve_request_seconds", "End-to-end time in a front, from the first body byte to "
+    "the response handed to the server", buckets=_TIME), _TIME)
+QUEUE_WAIT_SECONDS = TallyHistogram(Histogram(
+    "gpserve_queue_wait_seconds", "Time a request waited in a worker's queue before its "
+    "batch ran", buckets=_TIME), _TIME)
 BATCH_ASSEMBLY_SECONDS = Histogram("gpserve_batch_assembly_seconds",
                                    "Worker time gathering a batch's rows into model inputs",
                                    buckets=_TIME)
 MODEL_SECONDS = Histogram("gpserve_model_seconds", "Worker time in the model runtime per batch",
                           buckets=_TIME)
-RESPONSE_BUILD_SECONDS = Histogram("gpserve_response_build_seconds",
-                                   "Front time encoding the response", buckets=_TIME)
+RESPONSE_BUILD_SECONDS = TallyHistogram(Histogram(
+    "gpserve_response_build_seconds", "Front time encoding the response", buckets=_TIME),
+    _TIME)
 BATCH_ROWS = Histogram("gpserve_batch_rows", "Rows per batch a worker ran",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
 QUEUE_ROWS = Gauge("gpserve_queue_rows", "Rows waiting in a worker's queue",
                    multiprocess_mode="livemax")
+# written at once: a client that has its answer sees its rows counted (tests rely on it)
 ROWS = Counter("gpserve_rows", "Rows answered, by where they came from (cache or model)",
                ["source"])
 CACHE_EVICTIONS = Counter("gpserve_cache_evictions",

@@ -149,8 +149,8 @@ def test_compose_up_serves_drains_and_keeps_its_cache(image, tmp_path, graphpipe
         meta = json.loads(get(url + "/"))
         assert meta["name"] == "ocr" and meta["cache"]["enabled"] is True
         assert meta["batching"]["invariant"] is True
-        assert metric(get(url + "/metrics"), "gpserve_requests_total",
-                      status="200", kind="infer") >= 1
+        eventually(lambda: metric(get(url + "/metrics"), "gpserve_requests_total",
+                                  status="200", kind="infer") >= 1, 10, "requests counted")
         # the image's health check (podman runs it on demand where systemd is absent)
         eventually(lambda: sh("podman", "healthcheck", "run", name,
                               check=False).returncode == 0, 60, "a passing health check")

@@ -199,7 +199,14 @@ def test_metrics_count_known_traffic(tmp_path):
         with pytest.raises(GraphPipeError):
             c.execute_multi([x], ["a", "b"], None)
         c.metadata()
-        text = urllib.request.urlopen(s.url + "/metrics").read().decode()
+
+        def scrape() -> str:
+            return urllib.request.urlopen(s.url + "/metrics").read().decode()
+        # per-request metrics are tallied in each process and written within FLUSH_S
+        eventually(lambda: metric(scrape(), "gpserve_request_seconds_count") == 5 and
+                   metric(scrape(), "gpserve_queue_wait_seconds_count") == 1, 10,
+                   "the tallied metrics written")
+        text = scrape()
         assert metric(text, "gpserve_requests_total", status="200", kind="infer") == 3
         assert metric(text, "gpserve_requests_total", status="400", kind="error") == 1
         assert metric(text, "gpserve_requests_total", status="200", kind="metadata") == 1
@@ -215,7 +222,7 @@ def test_metrics_count_known_traffic(tmp_path):
         worker = s.info()["processes"]["pids"]["workers"][0]
         os.kill(worker, signal.SIGKILL)
         eventually(lambda: s.stats()["worker_restarts"] >= 1, 30, "the worker's restart")
-        text = urllib.request.urlopen(s.url + "/metrics").read().decode()
+        text = scrape()
         assert metric(text, "gpserve_process_restarts_total", role="worker") == 1
         assert metric(text, "gpserve_requests_total", status="200", kind="infer") == 3
 

@@ -304,4 +304,5 @@ def test_requests_held_by_a_killed_worker_are_answered_at_once(tmp_path):
         assert "exited while holding this request" in str(results["second"])
         stats = s.stats()
         assert stats["errors"] == {"Unavailable": 2} and stats["expired"] == 0
-        assert s.metric("gpserve_requests_total", status="503", kind="error") == 2
+        eventually(lambda: s.metric("gpserve_requests_total", status="503",
+                                    kind="error") == 2, 10, "two 503s counted")

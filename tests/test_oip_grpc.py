@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from gpserve.client import Client
-from gpserve.testing import Server, free_port
+from gpserve.testing import Server, eventually, free_port
 
 
 @pytest.fixture(scope="module")
@@ -158,5 +158,5 @@ def test_grpc_requests_counted_in_metrics(echo):
     inp.set_data_from_numpy(np.ones((1, 2), np.float32))
     for _ in range(3):
         c.infer("echo", [inp])
-    assert echo.metric("gpserve_requests_total", status="200", kind="grpc_infer") == \
-        before + 3
+    eventually(lambda: echo.metric("gpserve_requests_total", status="200",
+                                   kind="grpc_infer") == before + 3, 10, "3 counted")

@@ -143,6 +143,7 @@ class Worker:
     async def serve(self) -> None:
         """A worker process: take fronts' connections on this worker's address."""
         await self.start()
+        self.flusher = asyncio.create_task(metrics.flush_periodically())
         server = await asyncio.get_running_loop().create_unix_server(
             lambda: ipc.Link(self, self.hello),
             sock=ipc.listening_socket(ipc.worker_address(self.cfg.run_id, self.index)))
