@@ -32,10 +32,10 @@ OCTETS = "application/octet-stream"
 _OCTET_HEADERS = [(b"content-type", OCTETS.encode())]
 
 
-async def _respond(send, status: int, body) -> None:
+async def _respond(send, status: int, body, headers=_OCTET_HEADERS, send_body=True) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": _OCTET_HEADERS + [(b"content-length", b"%d" % len(body))]})
-    await send({"type": "http.response.body", "body": body})
+                "headers": headers + [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body if send_body else b""})
 
 
 class FrontApp:
@@ -61,10 +61,7 @@ class FrontApp:
         elif scope["type"] == "http" and is_v2(scope["path"]):
             started = time.perf_counter()
             status, headers, body, kind = await self.v2.handle(scope, receive)
-            await send({"type": "http.response.start", "status": status,
-                        "headers": headers + [(b"content-length", b"%d" % len(body))]})
-            await send({"type": "http.response.body",
-                        "body": b"" if scope["method"] == "HEAD" else body})
+            await _respond(send, status, body, headers, send_body=scope["method"] != "HEAD")
             size = next((int(v) for k, v in scope["headers"]
                          if k == b"content-length" and v.isdigit()), 0)
             self.record(scope, status, kind, size, len(body), time.perf_counter() - started)
@@ -144,9 +141,8 @@ def build_app(state: FrontState) -> FrontApp:
                                  status_code=200 if state.ready else 503)
 
     async def is_alive(request: Request) -> Response:
-        draining = state.server is not None and state.server.should_exit
-        return PlainTextResponse("draining" if draining else "ok",
-                                 status_code=503 if draining else 200)
+        return PlainTextResponse("draining" if state.draining else "ok",
+                                 status_code=503 if state.draining else 200)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -85,9 +85,13 @@ class FrontState:
             self.tasks.append(asyncio.create_task(self.workers.keep_connected()))
 
     @property
+    def draining(self) -> bool:
+        """Stopping: answering what it holds, taking no new work."""
+        return self.server is not None and self.server.should_exit
+
+    @property
     def ready(self) -> bool:
-        draining = self.server is not None and self.server.should_exit
-        return not draining and self.workers.ready
+        return not self.draining and self.workers.ready
 
     def new_request(self) -> Regions:
         """The shared memory of one request (released by whoever ends it)."""

@@ -64,18 +64,23 @@ def _reserve_grpc_port(cfg: Config) -> socket.socket | None:
     use fails here, with a clear message, not in every front; and the port's group
     admits only processes of this user (the kernel's rule for SO_REUSEPORT). The
     fronts' gRPC servers bind it too and listen; this one never listens, so it takes
-    no connections."""
+    no connections. First a bind *without* SO_REUSEPORT: it fails while any socket holds
+    the port, another gpserve's group included, which a SO_REUSEPORT bind would join."""
     if not cfg.grpc_listen:
         return None
     host, _, port = cfg.grpc_listen.rpartition(":")
     host = host.strip("[]")
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                         socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = None
     try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, int(port)))
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, int(port)))
     except OSError as e:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise SystemExit(f"gpserve: cannot listen on --grpc-listen {cfg.grpc_listen}: "
                          f"{e.strerror}") from None
     return sock

@@ -68,13 +68,19 @@ def bar_chart(path: str, title: str, labels: list[str], series: dict[str, list[f
 
 
 class Process:
-    """A server subprocess started for a benchmark, waited for, and stopped by its pid."""
+    """A server subprocess started for a benchmark, waited for, and stopped by its pid.
+
+    ``group``: the server starts processes of its own that outlive it when it is
+    stopped (PyTriton's tritonserver does): it runs in a session of its own, and
+    stopping signals that whole group, which is only what it started."""
 
     def __init__(self, argv: list[str], ready_url: str, ready_body: bytes | None = None,
-                 timeout: float = 90):
+                 timeout: float = 90, group: bool = False):
         import subprocess
         import urllib.request
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.group = group
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=group)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -92,6 +98,7 @@ class Process:
             time.sleep(0.2)
 
     def stop(self) -> None:
+        import os
         import signal
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -100,6 +107,16 @@ class Process:
             except Exception:
                 self.proc.kill()
                 self.proc.wait()
+        if self.group:          # what it started and left behind: asked, then made to
+            for sig, patience in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+                deadline = time.monotonic() + patience
+                try:
+                    os.killpg(self.proc.pid, sig)
+                    while time.monotonic() < deadline:
+                        time.sleep(0.1)
+                        os.killpg(self.proc.pid, 0)
+                except ProcessLookupError:
+                    return                  # the whole group is gone
 
 
 def uvicorn_argv(app: str, port: int, workers: int) -> list[str]:

@@ -41,14 +41,15 @@ SCRIPTS = Path(__file__).resolve().parents[1].parent / "shared" / "peers"
 PEERS_DIR = Path(os.environ.get("PEERS_DIR", Path(tempfile.gettempdir()) / "gpserve-peers"))
 
 
-def v2_body(name: str, x: np.ndarray) -> tuple[bytes, dict]:
+def v2_body(name: str, x: np.ndarray, output: str | None = None) -> tuple[bytes, dict]:
     """A binary-extension request and its headers (what tritonclient sends)."""
-    head = json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
-                                   "parameters": {"binary_data_size": x.nbytes}}],
-                       "outputs": [{"name": "OUTPUT", "parameters": {"binary_data": True}}]
-                       if name == "INPUT" else None}).replace(', "outputs": null', "")
-    return head.encode() + x.tobytes(), {"Inference-Header-Content-Length": str(len(head)),
-                                         "Content-Type": "application/octet-stream"}
+    head = {"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
+                        "parameters": {"binary_data_size": x.nbytes}}]}
+    if output is not None:
+        head["outputs"] = [{"name": output, "parameters": {"binary_data": True}}]
+    raw = json.dumps(head).encode()
+    return raw + x.tobytes(), {"Inference-Header-Content-Length": str(len(raw)),
+                               "Content-Type": "application/octet-stream"}
 
 
 def peer_models() -> Path | None:
@@ -72,7 +73,8 @@ def protocols(seconds: float, repeats: int) -> list[dict]:
         # split, not the protocol, decides the rate (up to 2x between runs here)
         with Server("--model", model, "--fronts", "1") as s:
             gp = bytes(P.encode_request(P.InferRequest([x])))
-            body, headers = v2_body("INPUT" if name != "echo" else "x", x)
+            body, headers = (v2_body("x", x) if name == "echo" else
+                             v2_body("INPUT", x, "OUTPUT"))
             runs = {"gp": [], "v2": []}
             for _ in range(repeats):          # alternating: both see the same drift
                 runs["gp"].append(loadgen.run(s.url + "/", gp, clients, seconds))
@@ -101,12 +103,13 @@ def triton(seconds: float) -> list[dict]:
     rows = []
     for name, width, clients in (("identity", 16, 16), ("mlp", 256, 32)):
         x = np.random.default_rng(0).standard_normal((1, width)).astype(np.float32)
-        body, headers = v2_body("INPUT", x)
+        body, headers = v2_body("INPUT", x, "OUTPUT")
         port = free_port()
         os.environ["PEERS_DIR"] = str(PEERS_DIR)
         peer = Process([str(venv), str(SCRIPTS / "pytriton_server.py"), "--model", name,
                         "--batching", "on", "--port", str(port)],
-                       f"http://127.0.0.1:{port}/v2/models/{name}/ready", timeout=180)
+                       f"http://127.0.0.1:{port}/v2/models/{name}/ready", timeout=180,
+                       group=True)
         try:
             t = loadgen.run(f"http://127.0.0.1:{port}/v2/models/{name}/infer", body,
                             clients, seconds, headers=headers)

@@ -160,3 +160,14 @@ def test_grpc_requests_counted_in_metrics(echo):
         c.infer("echo", [inp])
     eventually(lambda: echo.metric("gpserve_requests_total", status="200",
                                    kind="grpc_infer") == before + 3, 10, "3 counted")
+
+
+def test_a_second_server_cannot_join_a_grpc_port(echo):
+    """The fronts share --grpc-listen with SO_REUSEPORT; another gpserve given the same
+    port must fail at start, not silently take half its connections."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpserve", "serve", "--model", "echo", "--listen",
+         f"127.0.0.1:{free_port()}", "--grpc-listen", echo.grpc],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"cannot listen on --grpc-listen {echo.grpc}" in proc.stderr

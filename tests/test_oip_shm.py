@@ -227,3 +227,20 @@ def test_output_region_too_small_or_unsized(server, region):
         assert shm.get_contents_as_numpy(h, np.float32, [4]).tolist() == [0.0] * 4
     finally:
         c.unregister_system_shared_memory("tiny")
+
+
+def test_long_and_unusual_region_names(server, region):
+    """Names of up to 255 characters (any but "/", which a URL path cannot carry), each
+    its own region."""
+    h, key = region("names", 64)
+    c = client(server)
+    names = ["r" * 255, "r" * 254 + "s", "\u00e9..\\ x"]
+    try:
+        for n in names:
+            c.register_system_shared_memory(n, key, 64)
+        assert sorted(r["name"] for r in c.get_system_shared_memory_status()) == \
+            sorted(names)
+        assert c.get_system_shared_memory_status(names[1])[0]["name"] == names[1]
+        refused(lambda: c.register_system_shared_memory("r" * 256, key, 64), "1 to 255")
+    finally:
+        c.unregister_system_shared_memory()

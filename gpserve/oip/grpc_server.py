@@ -27,7 +27,7 @@ from gpserve.errors import DtypeMismatch, ProtocolError
 from .codec import check_range, count_strings, from_raw, raw_bytes, request_config, shape_of
 from .datatypes import datatype_of, dtype_of
 from .grpc_messages import METHODS, SERVICE, message
-from .rest import PLATFORMS, VERSION, extensions
+from .rest import VERSION, extensions, model_metadata
 
 STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
           408: grpc.StatusCode.DEADLINE_EXCEEDED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -45,13 +45,8 @@ class InferenceService:
     """The service's calls, on a front's :class:`FrontState`."""
 
     def __init__(self, state):
-        self.state, spec = state, state.spec
-        self.model = spec.name
-        meta = lambda s: {"name": s.name, "datatype": datatype_of(s.dtype), "shape": s.shape}
-        self.metadata = _M["ModelMetadataResponse"](
-            name=spec.name, versions=[VERSION],
-            platform=PLATFORMS.get(spec.backend, f"gpserve_{spec.backend}"),
-            inputs=[meta(s) for s in spec.inputs], outputs=[meta(s) for s in spec.outputs])
+        self.state, self.model = state, state.spec.name
+        self.metadata = _M["ModelMetadataResponse"](**model_metadata(state.spec))
 
     def handlers(self) -> grpc.GenericRpcHandler:
         calls = {name: grpc.unary_unary_rpc_method_handler(
@@ -61,8 +56,7 @@ class InferenceService:
         return grpc.method_handlers_generic_handler(SERVICE, calls)
 
     async def ServerLive(self, request, context):
-        server = self.state.server
-        return _M["ServerLiveResponse"](live=server is None or not server.should_exit)
+        return _M["ServerLiveResponse"](live=not self.state.draining)
 
     async def ServerReady(self, request, context):
         return _M["ServerReadyResponse"](ready=self.state.ready)

@@ -51,11 +51,7 @@ class RestApi:
     def __init__(self, state):
         self.state, spec = state, state.spec
         self.model = spec.name
-        self.metadata = orjson.dumps({
-            "name": spec.name, "versions": [VERSION],
-            "platform": PLATFORMS.get(spec.backend, f"gpserve_{spec.backend}"),
-            "inputs": [_tensor_meta(s) for s in spec.inputs],
-            "outputs": [_tensor_meta(s) for s in spec.outputs]})
+        self.metadata = orjson.dumps(model_metadata(spec))
         self.server_metadata = orjson.dumps(
             {"name": "gpserve", "version": __version__, "extensions": extensions(state.cfg)})
         self.config = orjson.dumps(_triton_config(state.cfg, spec))
@@ -67,7 +63,7 @@ class RestApi:
                 return self._get(method, self.server_metadata, "v2_server")
             if parts[0] == "health" and len(parts) == 2 and parts[1] in ("live", "ready"):
                 self._method(method, "GET")
-                up = self._live() if parts[1] == "live" else self.state.ready
+                up = not self.state.draining if parts[1] == "live" else self.state.ready
                 return 200 if up else 503, _JSON, orjson.dumps({parts[1]: up}), "v2_health"
             if parts[0] == "models" and len(parts) >= 2:
                 return await self._model_route(method, parts[1:], scope, receive)
@@ -176,10 +172,6 @@ class RestApi:
         if method != allowed and not (allowed == "GET" and method == "HEAD"):
             raise Refused(405, f"{method} is not allowed here; use {allowed}")
 
-    def _live(self) -> bool:
-        server = self.state.server
-        return server is None or not server.should_exit
-
 
 def _no_route(scope) -> Refused:
     return _not_found(f"no route {scope['path']!r}; see docs/open-inference-protocol.md")
@@ -200,8 +192,16 @@ def _error(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
-def _tensor_meta(spec) -> dict:
-    return {"name": spec.name, "datatype": datatype_of(spec.dtype), "shape": spec.shape}
+def platform(spec) -> str:
+    return PLATFORMS.get(spec.backend, f"gpserve_{spec.backend}")
+
+
+def model_metadata(spec) -> dict:
+    """The protocol's model metadata (REST's JSON; gRPC's message has the same fields)."""
+    io = lambda specs: [{"name": s.name, "datatype": datatype_of(s.dtype), "shape": s.shape}
+                        for s in specs]
+    return {"name": spec.name, "versions": [VERSION], "platform": platform(spec),
+            "inputs": io(spec.inputs), "outputs": io(spec.outputs)}
 
 
 def _triton_config(cfg, spec) -> dict:
@@ -214,10 +214,8 @@ def _triton_config(cfg, spec) -> dict:
     def io(s):
         dims = s.shape[1:] if max_batch else s.shape
         return {"name": s.name, "data_type": "TYPE_" + _triton_type(s.dtype), "dims": dims}
-    config = {"name": spec.name, "platform": PLATFORMS.get(spec.backend,
-                                                           f"gpserve_{spec.backend}"),
-              "max_batch_size": max_batch, "input": [io(s) for s in spec.inputs],
-              "output": [io(s) for s in spec.outputs]}
+    config = {"name": spec.name, "platform": platform(spec), "max_batch_size": max_batch,
+              "input": [io(s) for s in spec.inputs], "output": [io(s) for s in spec.outputs]}
     if batching:
         config["dynamic_batching"] = {
             "max_queue_delay_microseconds": int(cfg.max_delay_ms * 1000)}

@@ -20,6 +20,8 @@ on different fronts): one small JSON file per region in the run's folder under
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import stat
 import uuid
@@ -55,9 +57,7 @@ class ClientRegions:
         if not isinstance(key, str) or not key:
             raise SharedMemoryError("'key' must name a POSIX shared-memory object, e.g. "
                                     "'/input0'")
-        for what, v in (("offset", offset), ("byte_size", byte_size)):
-            if type(v) is not int or v < 0:
-                raise SharedMemoryError(f"'{what}' must be a non-negative integer, not {v!r}")
+        _non_negative(f"region {name!r}", offset=offset, byte_size=byte_size)
         if os.path.exists(self._entry(name)):
             raise SharedMemoryError(f"region {name!r} is already registered; unregister "
                                     "it first")
@@ -131,13 +131,11 @@ class ClientRegions:
             while done < len(data):
                 done += os.pwrite(fd, data[done:], at + done)
 
+    @contextlib.contextmanager
     def _use(self, name, offset, nbytes, where, mode):
+        """(the region's open file, where the bytes are in it), for one read or write."""
         self._check_on()
-        for what, v in (("shared_memory_offset", offset),
-                        ("shared_memory_byte_size", nbytes)):
-            if type(v) is not int or v < 0:
-                raise SharedMemoryError(f"{where}: {what} must be a non-negative integer, "
-                                        f"not {v!r}")
+        _non_negative(where, shared_memory_offset=offset, shared_memory_byte_size=nbytes)
         entry = self._lookup(name)
         if offset + nbytes > entry["byte_size"]:
             raise SharedMemoryError(
@@ -149,13 +147,19 @@ class ClientRegions:
             os.close(fd)
             raise SharedMemoryError(f"{where}: region {name!r}'s file {entry['key']!r} was "
                                     "replaced since it was registered; register it again")
-        return _Open(fd, entry["offset"] + offset)
+        try:
+            yield fd, entry["offset"] + offset
+        finally:
+            os.close(fd)
 
     def _lookup(self, name: str) -> dict:
         try:
-            return self._read(self._entry(name))
+            entry = self._read(self._entry(name))
         except FileNotFoundError:
-            raise NoSuchRegion(f"no registered region {name!r}") from None
+            entry = None
+        if entry is None or entry["name"] != name:
+            raise NoSuchRegion(f"no registered region {name!r}")
+        return entry
 
     @staticmethod
     def _read(path: str) -> dict:
@@ -163,9 +167,11 @@ class ClientRegions:
             return orjson.loads(f.read())
 
     def _entry(self, name) -> str:
+        """The registration's file: named by a hash of the region's name (any name fits
+        a file name; the entry holds the name itself, checked on lookup)."""
         if not isinstance(name, str) or not name or len(name) > 255:
             raise SharedMemoryError(f"a region name must be 1 to 255 characters, not {name!r}")
-        return os.path.join(self.folder, name.encode().hex()[:500])
+        return os.path.join(self.folder, hashlib.sha256(name.encode()).hexdigest())
 
     def _check_on(self) -> None:
         if not self.enabled:
@@ -174,17 +180,11 @@ class ClientRegions:
                                     "gpserve with --shm-clients to allow it")
 
 
-class _Open:
-    """An open region file for one read or write, closed after."""
-
-    def __init__(self, fd: int, at: int):
-        self.fd, self.at = fd, at
-
-    def __enter__(self):
-        return self.fd, self.at
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
+def _non_negative(where: str, **values) -> None:
+    for what, v in values.items():
+        if type(v) is not int or v < 0:
+            raise SharedMemoryError(f"{where}: {what} must be a non-negative integer, "
+                                    f"not {v!r}")
 
 
 def _open(key: str, mode: int = os.O_RDONLY) -> int:

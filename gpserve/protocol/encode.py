@@ -154,9 +154,7 @@ class _Writer:
                 self.patch(at, len(head))
                 head += _u32.pack(arr.nbytes)
                 self.data_starts.append(len(head))
-                # 1 copy (np.ascontiguousarray is a no-op for contiguous little-endian data)
-                flat = np.ascontiguousarray(arr, dtype=dtype).reshape(-1)
-                head += memoryview(flat.view(np.uint8))
+                head += _data_bytes(arr, dtype)                                # 1 copy
             return memoryview(head)
 
         end = len(head)
@@ -220,7 +218,7 @@ def encode_response(response: InferResponse) -> memoryview:
             template, starts = hit
             out = bytearray(template)
             for start, arr in zip(starts, response.outputs):
-                out[start:start + arr.nbytes] = _data_bytes(arr)                # 1 copy
+                out[start:start + arr.nbytes] = _data_bytes(arr)               # 1 copy
             return memoryview(out)
     w = _Writer()
     root, (f_out, f_err) = w.table(2, [(0, "o", 0), (1, "o", 0)])
@@ -256,9 +254,11 @@ def _layout(response: InferResponse) -> tuple | None:
     return tuple(key) if nbytes < SMALL_DATA else None
 
 
-def _data_bytes(arr: np.ndarray) -> memoryview:
-    flat = np.ascontiguousarray(arr, dtype=TYPE_TO_DTYPE[type_of(arr.dtype)]).reshape(-1)
-    return memoryview(flat.view(np.uint8))
+def _data_bytes(arr: np.ndarray, dtype: np.dtype | None = None) -> memoryview:
+    """A numeric tensor's bytes as the wire has them: little-endian, row-major (a view
+    when the array already is; else the 1 copy that converts it)."""
+    dtype = dtype if dtype is not None else TYPE_TO_DTYPE[type_of(arr.dtype)]
+    return memoryview(np.ascontiguousarray(arr, dtype=dtype).reshape(-1).view(np.uint8))
 
 
 def encode_error(code: int, message: str) -> memoryview:
