@@ -8,9 +8,11 @@ chosen by :func:`choose_worker`. Rows, not requests, are what the policy counts.
   non-batch shapes, outputs, config). Unbatchable requests (``rows`` None) run alone.
 - The group whose head waited longest goes first; a batch takes its requests in arrival
   order up to ``max_batch`` rows. A request larger than that runs alone.
-- **While the worker's device is busy** a batch is staged only once it is full: rows
-  that arrive meanwhile would wait anyway, and waiting makes the next batch fuller.
-  Fill-or-finish: the moment the device is free, whatever is queued goes.
+- **While the worker's device is busy** the oldest group is staged at once, and rows of
+  its key that arrive before the device frees join it (:meth:`BatchQueue.more`, up to
+  ``max_batch`` rows): the worker copies each request's rows in as it comes, so the
+  gather overlaps the running batch, and waiting for the device makes the next batch
+  fuller. Fill-or-finish: the moment the device is free, the staged batch goes.
 - **While the device is idle** a partial batch is held only if waiting pays: for at
   most the model's fixed cost per batch (the intercept ``a`` of ``t(n) = a + b*n``,
   fitted from the batches run, warm-up included), never past ``--max-delay-ms``, and
@@ -185,7 +187,8 @@ class BatchQueue:
         return dropped
 
     def next(self, now: float, busy: bool) -> Decision:
-        """The batch to run (or stage, when ``busy``) now, if any; see the module doc."""
+        """The batch to run now, or, when ``busy``, to stage and fill while the device
+        runs; see the module doc."""
         out = Decision()
         while self.groups:
             key = min(self.groups, key=lambda k: self.groups[k][0].arrived)
@@ -196,9 +199,7 @@ class BatchQueue:
                 self._set_group(key, group)
                 continue
             rows = self.group_rows[key]
-            if head.item.rows is not None and rows < self.max_batch:
-                if busy:
-                    return out                          # fill, or wait for the device
+            if head.item.rows is not None and rows < self.max_batch and not busy:
                 hold = min(self.max_delay_s, self.costs.fixed_s)
                 left = hold - (now - head.arrived)
                 if left > 0 and self.arrivals.expected(left, now) >= 1:
@@ -209,11 +210,24 @@ class BatchQueue:
                 return out
         return out
 
-    def _take(self, key: tuple, now: float, expired: list) -> list[Queued]:
+    def more(self, key: tuple, room: int, now: float) -> Decision:
+        """Rows of ``key`` for a staged batch with ``room`` rows left: its group's
+        requests in arrival order while they fit (expired ones answered instead)."""
+        out = Decision()
+        if key in self.groups and room > 0:
+            out.batch = self._take(key, now, out.expired, room)
+        return out
+
+    def _take(self, key: tuple, now: float, expired: list,
+              room: int | None = None) -> list[Queued]:
+        """A new batch (``room`` None: its first request is taken whatever its size, a
+        large one to run alone), or more rows for a staged one (only what fits)."""
         group, batch, rows = self.groups[key], [], 0
+        limit = self.max_batch if room is None else room
         while group:
             q = group[0]
-            if batch and (q.item.rows is None or rows + q.rows > self.max_batch):
+            if ((batch or room is not None)
+                    and (q.item.rows is None or rows + q.rows > limit)):
                 break
             group.popleft()
             if q.item.deadline <= now:
@@ -221,7 +235,7 @@ class BatchQueue:
                 continue
             batch.append(q)
             rows += q.rows
-            if q.item.rows is None or rows >= self.max_batch:
+            if q.item.rows is None or rows >= limit:
                 break
         self._set_group(key, group)
         return batch

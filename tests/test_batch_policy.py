@@ -54,14 +54,27 @@ def test_unbatchable_requests_run_alone():
     assert ids(q.next(0.0, busy=False).batch) == [2]
 
 
-def test_while_the_device_is_busy_only_a_full_batch_is_staged():
+def test_while_the_device_is_busy_the_oldest_group_is_staged_and_fills():
     q = BatchQueue(max_batch=4, max_delay_s=1.0, max_queue=100)
     q.add(submit(1, 1), FRONT_A, 0.0)
-    d = q.next(5.0, busy=True)                     # waited long, but the device is busy
-    assert d.batch == [] and d.wait is None        # looked at again when it frees
-    for i in (2, 3, 4):
-        q.add(submit(i, 1), FRONT_A, 5.0)
-    assert ids(q.next(5.0, busy=True).batch) == [1, 2, 3, 4]
+    q.add(submit(2, 1, key=("other",)), FRONT_A, 0.5)
+    d = q.next(5.0, busy=True)          # staged at once: its rows are copied in meanwhile
+    assert ids(d.batch) == [1] and d.wait is None
+    for i, rows in ((3, 2), (4, 2), (5, 1)):
+        q.add(submit(i, rows), FRONT_B, 5.0)
+    assert ids(q.more(KEY, room=3, now=5.0).batch) == [3]    # 2 more would pass the room
+    assert q.more(KEY, room=1, now=5.0).batch == []          # 2 rows do not fit in 1
+    assert q.more(("none",), room=3, now=5.0).batch == []
+    assert ids(q.next(5.0, busy=True).batch) == [2]          # the next oldest group
+    assert ids(q.next(5.0, busy=False).batch) == [4, 5]
+
+
+def test_a_staged_batch_takes_no_expired_request():
+    q = BatchQueue(max_batch=8, max_delay_s=0, max_queue=100)
+    q.add(submit(1, 1, deadline=1.0), FRONT_A, 0.0)
+    q.add(submit(2, 1, deadline=9.0), FRONT_A, 0.0)
+    d = q.more(KEY, room=7, now=2.0)
+    assert ids(d.expired) == [1] and ids(d.batch) == [2] and q.rows == 0
 
 
 def warmed_costs(q: BatchQueue, fixed_s: float, per_row_s: float) -> None:

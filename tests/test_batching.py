@@ -194,6 +194,38 @@ def test_every_batch_size_formed_is_one_the_worker_warmed(placement):
         assert stats["batched_rows"] == 2 * sum(len(x) for x in requests) + 64
 
 
+def test_rows_that_arrive_while_the_device_runs_join_the_staged_batch():
+    """While a batch runs, the next one is staged and takes the rows of its key as they
+    arrive (copied in at once); it starts the moment the device frees, padded up to a
+    warmed size, and every request gets its own rows back."""
+    rng = np.random.default_rng(11)
+    requests = [rng.uniform(-1, 1, (n, 16)).astype(np.float32) for n in (2, 3, 5, 9)]
+    with Server("--model", "standin:500,0", "--workers", "1", "--placement", "workers",
+                "--max-batch", "16", "--batch-sizes", "1,4,16", "--fronts", "1",
+                "--batch-check-every", "0") as s:
+        first = np.full((1, 16), 7, np.float32)
+
+        async def load():
+            async with AsyncClient(s.url) as c:
+                running = asyncio.ensure_future(c.execute(first))   # the device: 500 ms
+                while s.stats()["queued_rows"] < 1:
+                    await asyncio.sleep(0.01)
+                others = asyncio.gather(*(c.execute(x) for x in requests))
+                while s.stats()["queued_rows"] < 1 + 19:
+                    await asyncio.sleep(0.01)
+                during = s.stats()["batches"]          # all 19 rows came while it ran
+                return await running, await others, during
+        alone, answers, during = asyncio.run(load())
+        stats = s.stats()
+    np.testing.assert_array_equal(alone, 2 * first)
+    for got, x in zip(answers, requests):
+        np.testing.assert_array_equal(got, 2 * x)
+    assert during == 0 and stats["batches"] == 3, stats   # 19 rows: two batches of <= 16
+    assert set(stats["batch_size_histogram"]) <= {"1", "4", "16"}, stats
+    assert stats["batched_rows"] == 20 and stats["padded_rows"] == (
+        sum(int(k) * v for k, v in stats["batch_size_histogram"].items()) - 20), stats
+
+
 def test_a_burst_of_requests_run_alone_is_answered():
     """Hundreds of one-request batches formed in one go (echo runs them inline, one
     after another, without growing the stack)."""

@@ -62,16 +62,24 @@ class Outcome:
 
 @dataclass
 class Batch:
-    """A batch on its way through the pipeline: gathered, computed, delivered."""
+    """A batch on its way through the pipeline: staged (taking rows while the device
+    runs the one before), computed, delivered."""
 
     entries: list[Queued]
     rows: int                         # real rows (1 per unbatchable request)
-    size: int                         # rows the model runs (padded up)
+    size: int = 0                     # rows the model runs (padded up), once closed
+    views: list = field(default_factory=list)         # per entry: its inputs' arrays
+    buffers: list = field(default_factory=list)       # per input: (array, ref) of capacity
+    copied: int = 0                   # entries whose rows are in ``buffers``
     feed: dict = field(default_factory=dict)
     regions: list = field(default_factory=list)       # arena regions of gathered inputs
     region_of: dict = field(default_factory=dict)     # id(gathered array) -> its ref
     outcomes: list[Outcome] = field(default_factory=list)   # one per entry
     started: float = 0.0
+
+    @property
+    def batchable(self) -> bool:
+        return self.entries[0].item.rows is not None
 
 
 class Worker:
@@ -196,27 +204,38 @@ class Worker:
 
     # -- the pipeline ------------------------------------------------------------------
     def pump(self) -> None:
-        """Stage a batch if the policy says so, and start it if the device is free."""
+        """Stage a batch if the policy says so (while the device runs, rows of its key
+        keep joining it), and start it once the device is free."""
         self.pump_scheduled = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        while self.staged is None:
+        while True:
             now = time.monotonic()
-            decision = self.queue.next(now, busy=self.running is not None)
+            if self.staged is None:
+                decision = self.queue.next(now, busy=self.running is not None)
+            elif self.staged.batchable and self.staged.rows < self.queue.max_batch:
+                decision = self.queue.more(self.staged.entries[0].item.key,
+                                           self.queue.max_batch - self.staged.rows, now)
+            else:
+                break
             for q in decision.expired:
                 self._answer_error(q, DeadlineExceeded(
                     "the request's deadline passed while it waited in the queue "
                     f"(--timeout-ms {self.cfg.timeout_ms:g})"))
-            if not decision.batch:
+            for q in decision.batch:
+                metrics.QUEUE_WAIT_SECONDS.observe(now - q.arrived)
+            if decision.batch:
+                self._stage(decision.batch)
+            elif self.staged is None:
                 if decision.wait is not None:
                     self.timer = asyncio.get_running_loop().call_later(decision.wait, self.pump)
                 break
-            for q in decision.batch:
-                metrics.QUEUE_WAIT_SECONDS.observe(now - q.arrived)
-            self.staged = self._gather(decision.batch)
-            if self.running is None:
-                self._start_staged()        # inline: done by now, and this loop goes on
+            if self.running is not None:
+                if not decision.batch:
+                    break
+                continue                    # busy: the staged batch takes what is queued
+            self._start_staged()            # inline: done by now, and this loop goes on
         self._publish_load()
 
     def _start_staged(self) -> None:
@@ -224,6 +243,7 @@ class Worker:
         self.running = batch
         if batch is None:
             return
+        self._close(batch)
         if self.inline:
             self._compute_safely(batch)
             self._finished(batch, then_pump=False)     # pump()'s own loop takes the next
@@ -259,26 +279,77 @@ class Worker:
         if then_pump:
             self.pump()
 
-    def _gather(self, entries: list[Queued]) -> Batch:
-        """The batch's model inputs: one request's own shared memory (0 copies), or its
-        requests' rows gathered, and padded up to a warmed size, into this worker's
-        arena (1 copy; a padding row repeats the last row, a valid input)."""
-        first = entries[0].item
-        if first.rows is not None:
-            rows = sum(q.item.rows for q in entries)
-            size = self.sizes.pad(rows) if rows else 0
+    def _stage(self, entries: list[Queued]) -> None:
+        """Add requests to the staged batch (a new one if none). From its second request
+        on, each request's rows are copied into the batch's arena buffers as it joins
+        (1 copy), so the gather is done by the time the device frees."""
+        batch = self.staged
+        if batch is None:
+            batch = self.staged = Batch([], 0)
+        for q in entries:
+            batch.entries.append(q)
+            batch.views.append([self.segments.view(ref) for ref in q.item.inputs])
+            batch.rows += q.item.rows or 0    # unbatchable: its rows are set on close
+        if self.running is not None and batch.batchable and len(batch.entries) > 1:
+            self._copy_in(batch)
+
+    def _copy_in(self, batch: Batch) -> bool:
+        """Copy the rows of the batch's entries not copied yet into buffers that hold
+        ``max_batch`` rows (allocated on first use); False if the arena has no room or
+        the inputs are String tensors (the batch is then gathered when it closes)."""
+        if not batch.buffers:
+            if batch.copied < 0:
+                return False
+            capacity = self.queue.max_batch
+            for part in batch.views[0]:
+                placed = (self._alloc(part.dtype, (capacity,) + part.shape[1:])
+                          if part.dtype != object else None)
+                if placed is None:
+                    for offset, nbytes in batch.regions:
+                        self.arena.release(offset, nbytes)
+                    batch.buffers, batch.regions, batch.copied = [], [], -1
+                    return False
+                out, ref, region = placed
+                batch.buffers.append((out, ref))
+                batch.regions.append(region)
+        started = time.perf_counter()
+        row = sum(q.item.rows for q in batch.entries[:batch.copied])
+        for q, views in zip(batch.entries[batch.copied:], batch.views[batch.copied:]):
+            for (out, _), part in zip(batch.buffers, views):
+                out[row:row + q.item.rows] = part                         # the gather: 1 copy
+            row += q.item.rows
+        batch.copied = len(batch.entries)
+        metrics.BATCH_ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
+        return True
+
+    def _close(self, batch: Batch) -> None:
+        """The batch's model inputs at the size it runs as: one request's own shared
+        memory (0 copies), or its requests' rows gathered, and padded up to a warmed
+        size, in this worker's arena (1 copy; a padding row repeats the last row, a
+        valid input)."""
+        entries, first = batch.entries, batch.entries[0].item
+        if batch.batchable:
+            batch.size = self.sizes.pad(batch.rows) if batch.rows else 0
         else:                   # run alone, at its own size: its rows if it has a dim 0
             shape = first.inputs[0].shape if first.inputs else ()
-            rows = size = shape[0] if shape and self.backend.spec.batchable else 1
-        batch = Batch(entries, rows, size)
-        views = [[self.segments.view(ref) for ref in q.item.inputs] for q in entries]
-        if len(entries) == 1 and size == rows:
-            batch.feed = dict(zip(first.input_names, views[0]))
-            batch.region_of = {id(v): ref for v, ref in zip(views[0], first.inputs)}
-            return batch
+            batch.rows = batch.size = (shape[0] if shape and self.backend.spec.batchable
+                                       else 1)
+        size, rows = batch.size, batch.rows
+        if len(entries) == 1 and size == rows and not batch.buffers:
+            batch.feed = dict(zip(first.input_names, batch.views[0]))
+            batch.region_of = {id(v): ref for v, ref in zip(batch.views[0], first.inputs)}
+            return
+        if batch.batchable and size <= self.queue.max_batch and self._copy_in(batch):
+            for k, ((out, ref), name) in enumerate(zip(batch.buffers, first.input_names)):
+                if size > rows:
+                    out[rows:size] = batch.views[-1][k][-1:]
+                view = out[:size]
+                batch.region_of[id(view)] = ref._replace(shape=view.shape)
+                batch.feed[name] = view
+            return
         started = time.perf_counter()
         for k, name in enumerate(first.input_names):
-            parts = [v[k] for v in views]
+            parts = [v[k] for v in batch.views]
             shape = (size,) + parts[0].shape[1:]
             placed = self._alloc(parts[0].dtype, shape) if parts[0].dtype != object else None
             if placed is None:                  # String tensors (or a full arena): private
@@ -292,7 +363,6 @@ class Worker:
                     out[rows:] = parts[-1][-1:]
             batch.feed[name] = out
         metrics.BATCH_ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
-        return batch
 
     def _alloc(self, dtype, shape):
         nbytes = int(np.prod(shape)) * dtype.itemsize
@@ -325,7 +395,7 @@ class Worker:
         start = 0
         for q in batch.entries:
             batch.outcomes.append(Outcome(outputs, start))
-            start += q.rows
+            start += q.item.rows or 0          # an empty tensor adds no rows
         if len(batch.entries) > 1 and self.cfg.batch_check_every:
             if self.merged_batches % self.cfg.batch_check_every == 0:
                 self._check_batching(batch.entries[0].item, outputs)
@@ -417,7 +487,7 @@ class Worker:
             start = outcome.start
             whole = q.item.rows is None or start is None
             slices = tuple(ipc.OutputSlice(refs[id(o)], 0 if whole else start,
-                                           None if whole else start + q.rows)
+                                           None if whole else start + q.item.rows)
                            for o in outcome.outputs)
             if q.owner.open:
                 q.owner.send(ipc.Done(q.item.req_id, slices, None, token))
