@@ -136,5 +136,31 @@ def test_auto_device_falls_back_to_the_cpu_without_a_cuda_provider(caplog):
         providers_for("cuda:1", cpu_only, chosen_by_user=True)
     both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert providers_for("cuda:1", both, chosen_by_user=False)[0] == (
-        "CUDAExecutionProvider", {"device_id": 1, "cudnn_conv_algo_search": "EXHAUSTIVE"})
+        "CUDAExecutionProvider", {"device_id": 1, "cudnn_conv_algo_search": "HEURISTIC"})
     assert providers_for("cpu", both, chosen_by_user=True) == cpu_only
+
+
+def test_onnx_on_cuda_runs_each_batch_size_in_a_session_of_its_own(tmp_path):
+    """ONNX Runtime's CUDA convolutions re-plan on every change of input shape, so a
+    worker on CUDA gives each batch size it warms a session of its own and runs a batch
+    in the session of its size (others in the first). On the CPU nothing changes. Real
+    ONNX Runtime on the CPU; only the provider check is overridden."""
+    from gpserve.workers.batch_check import made_up_rows
+    from gpserve.workers.default_model import ensure
+    from gpserve.workers.onnx import OnnxBackend
+    backend = OnnxBackend(str(ensure(tmp_path / "default.onnx")), "cpu", 1, [], [])
+    assert not backend.on_cuda
+    backend.prepare_batch_size(4)
+    assert backend.per_size == {}                 # the CPU: one session for every size
+    backend.on_cuda = True
+    for size in (1, 4, 4):
+        backend.prepare_batch_size(size)
+    assert sorted(backend.per_size) == [1, 4]
+    used = []
+    for session in [backend.session, *backend.per_size.values()]:
+        session.run = (lambda run, s: lambda *a: used.append(s) or run(*a))(session.run, session)
+    names = [s.name for s in backend.spec.outputs]
+    for rows in (4, 3, 1):
+        feed = made_up_rows(backend.spec, rows)
+        assert backend.run(feed, names, "")[0].shape[0] == rows
+    assert used == [backend.per_size[4], backend.session, backend.per_size[1]]

@@ -25,6 +25,9 @@ class Backend(Protocol):
             config: str) -> list[np.ndarray]:
         """Outputs in the order of ``output_names``."""
 
+    # Optional: ``prepare_batch_size(rows)``, called by the worker's warm-up before its
+    # runs of each batch size it forms (ONNX Runtime on CUDA: a session per size).
+
 
 def backend_name(model_path: str) -> str:
     """Tell the backend by file type and contents: SavedModel directory, zip archive

@@ -124,7 +124,10 @@ class Worker:
         if self.inline or not spec.batchable:
             return
         outputs = [s.name for s in spec.outputs]
+        prepare = getattr(self.backend, "prepare_batch_size", None)
         for size in self.sizes.warm_up():
+            if prepare is not None:
+                prepare(size)
             feed = made_up_rows(spec, size)
             if feed is None:
                 log.warning("no warm-up: the model takes String inputs, so no rows can be "
