@@ -22,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED_LUA = Path(__file__).resolve().parents[1].parent / "shared" / "load" / "post_body.lua"
+# ../shared/load/post_body.lua, or where POST_BODY_LUA says (a host without ../shared)
+SHARED_LUA = Path(os.environ.get("POST_BODY_LUA") or Path(__file__).resolve().parents[1].parent
+                  / "shared" / "load" / "post_body.lua")
 
 
 def wrk_available() -> bool:
@@ -30,7 +32,7 @@ def wrk_available() -> bool:
 
 
 def run_wrk(url: str, body: bytes, concurrency: int, seconds: float,
-            timeout_s: float = 120, headers: dict | None = None) -> dict:
+            timeout_s: float = 120, headers: dict | None = None, threads: int = 1) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".bin") as f, \
             tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         f.write(body)
@@ -41,7 +43,7 @@ def run_wrk(url: str, body: bytes, concurrency: int, seconds: float,
             for k, v in (headers or {}).items()))
         script.flush()
         out = subprocess.run(
-            ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s",
+            ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s",
              "--timeout", f"{int(timeout_s)}s", "-s", script.name, url],
             env={**os.environ, "BODY": f.name}, capture_output=True, text=True,
             timeout=seconds + timeout_s + 30)
@@ -52,6 +54,7 @@ def run_wrk(url: str, body: bytes, concurrency: int, seconds: float,
     return {"engine": "wrk", "concurrency": concurrency, "requests": int(fields["requests"]),
             "seconds": float(fields["secs"]), "rps": float(fields["rps"]),
             "p50_ms": float(fields["p50_ms"]), "p99_ms": float(fields["p99_ms"]),
+            "max_ms": float(fields["max_ms"]),
             "req_MBps": float(fields["req_MBps"]), "errors": int(fields["non2xx"]) +
             int(fields["errors"])}
 
