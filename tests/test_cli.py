@@ -164,3 +164,22 @@ def test_onnx_on_cuda_runs_each_batch_size_in_a_session_of_its_own(tmp_path):
         feed = made_up_rows(backend.spec, rows)
         assert backend.run(feed, names, "")[0].shape[0] == rows
     assert used == [backend.per_size[4], backend.session, backend.per_size[1]]
+
+
+def test_onnx_without_room_for_another_session_shares_the_first(tmp_path, caplog):
+    """A session per size that cannot be made (device memory, say) is not fatal: the
+    sizes without one run in the first session, and the log says what that costs."""
+    from gpserve.workers.default_model import ensure
+    from gpserve.workers.onnx import OnnxBackend
+    backend = OnnxBackend(str(ensure(tmp_path / "default.onnx")), "cpu", 1, [], [])
+    backend.on_cuda = True
+    backend.prepare_batch_size(1)
+
+    def out_of_memory():
+        raise RuntimeError("CUDA failure 2: out of memory")
+    backend._new_session = out_of_memory
+    backend.prepare_batch_size(8)
+    backend.prepare_batch_size(16)
+    assert sorted(backend.per_size) == [1] and backend.per_size_failed
+    assert caplog.text.count("no session of its own for batch size 8") == 1
+    assert "out of memory" in caplog.text and "batch size 16" not in caplog.text

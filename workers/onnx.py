@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,8 @@ import numpy as np
 from gpserve.modelspec import IOSpec, ModelSpec
 
 from .devices import usable
+
+log = logging.getLogger("gpserve.worker")
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
@@ -67,6 +70,7 @@ class OnnxBackend:
         self.providers = self.session.get_providers()
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
         self.per_size: dict[int, object] = {}     # batch size -> a session of its own
+        self.per_size_failed = False
         ins = [_io(a) for a in self.session.get_inputs()]
         outs = [_io(a) for a in self.session.get_outputs()]
         self.spec = ModelSpec(
@@ -92,8 +96,17 @@ class OnnxBackend:
         sizes re-plans on every batch; a session per size never sees its shape change.
         The cost: the weights once per size in device memory (``--batch-sizes pow2``
         makes fewer sizes)."""
-        if self.on_cuda and self.spec.batchable and rows not in self.per_size:
+        if not (self.on_cuda and self.spec.batchable) or rows in self.per_size \
+                or self.per_size_failed:
+            return
+        try:
             self.per_size[rows] = self._new_session()
+        except Exception as e:          # device memory, most likely: keep what we have
+            self.per_size_failed = True
+            log.warning("no session of its own for batch size %d (%s: %s); sizes without "
+                        "one share the first session, whose convolutions re-plan at each "
+                        "change of size (fewer sizes: --batch-sizes pow2 or a list)",
+                        rows, type(e).__name__, str(e)[:200])
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str],
             config: str) -> list[np.ndarray]:
