@@ -226,6 +226,31 @@ def test_rows_that_arrive_while_the_device_runs_join_the_staged_batch():
         sum(int(k) * v for k, v in stats["batch_size_histogram"].items()) - 20), stats
 
 
+def test_an_empty_tensor_in_a_padded_batch_takes_no_rows_from_its_neighbours():
+    """A request of 0 rows merged with others: it gets 0 rows back, the others their own,
+    and padding repeats a real row (not the empty request's, which has none)."""
+    rng = np.random.default_rng(12)
+    three = rng.uniform(-1, 1, (3, 16)).astype(np.float32)
+    empty = np.zeros((0, 16), np.float32)
+    with Server("--model", "standin:300,0", "--workers", "1", "--placement", "workers",
+                "--max-batch", "16", "--batch-sizes", "1,4,16", "--fronts", "1",
+                "--batch-check-every", "0") as s:
+        async def load():
+            async with AsyncClient(s.url) as c:
+                running = asyncio.ensure_future(c.execute(np.ones((1, 16), np.float32)))
+                while s.stats()["queued_rows"] < 1:
+                    await asyncio.sleep(0.01)
+                got = await asyncio.gather(c.execute(three), c.execute(empty),
+                                           c.execute(three))
+                await running
+                return got
+        first, none, again = asyncio.run(load())
+        assert s.stats()["errors"] == {}
+    np.testing.assert_array_equal(first, 2 * three)
+    np.testing.assert_array_equal(again, 2 * three)
+    assert none.shape == (0, 16)
+
+
 def test_a_burst_of_requests_run_alone_is_answered():
     """Hundreds of one-request batches formed in one go (echo runs them inline, one
     after another, without growing the stack)."""

@@ -342,10 +342,10 @@ class Worker:
             batch.feed = dict(zip(first.input_names, batch.views[0]))
             batch.region_of = {id(v): ref for v, ref in zip(batch.views[0], first.inputs)}
             return
-        if batch.batchable and size <= self.queue.max_batch and self._copy_in(batch):
-            for k, ((out, ref), name) in enumerate(zip(batch.buffers, first.input_names)):
-                if size > rows:
-                    out[rows:size] = batch.views[-1][k][-1:]
+        if batch.buffers and self._copy_in(batch):     # filled while the device ran
+            for (out, ref), name in zip(batch.buffers, first.input_names):
+                if size > rows:                       # padding: the last real row again
+                    out[rows:size] = out[rows - 1:rows]
                 view = out[:size]
                 batch.region_of[id(view)] = ref._replace(shape=view.shape)
                 batch.feed[name] = view
@@ -356,14 +356,16 @@ class Worker:
             shape = (size,) + parts[0].shape[1:]
             placed = self._alloc(parts[0].dtype, shape) if parts[0].dtype != object else None
             if placed is None:                  # String tensors (or a full arena): private
-                out = np.concatenate(parts + [parts[-1][-1:]] * (size - rows))
+                out = np.concatenate(parts)
+                if size > rows:
+                    out = np.concatenate([out] + [out[-1:]] * (size - rows))
             else:
                 out, ref, region = placed
                 batch.regions.append(region)
                 batch.region_of[id(out)] = ref
                 np.concatenate(parts, out=out[:rows])                    # the gather: 1 copy
                 if size > rows:
-                    out[rows:] = parts[-1][-1:]
+                    out[rows:] = out[rows - 1:rows]
             batch.feed[name] = out
         metrics.BATCH_ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
 
