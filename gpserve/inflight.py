@@ -49,7 +49,7 @@ class FrontState:
         self.hosted = None
         if cfg.placement == "fronts":           # this front runs its own model instance
             from gpserve.workers.worker import Worker
-            self.hosted = Worker(cfg, index)
+            self.hosted = Worker(cfg, index, local=True)
             self.counters.set_pid("worker", index, os.getpid())
             self.segments.adopt(self.hosted.arena)
             self.hosted.segments.adopt(self.arena)
@@ -142,7 +142,7 @@ class FrontState:
             arrays, finish = await self._run_cached(tensors, names, outputs, config, rows,
                                                     regions, alone)
         else:
-            refs = tuple(regions.place(a) for a in tensors)
+            refs = tuple(self._for_worker(regions, t) for t in tensors)
             arrays, finish = await self._compute(refs, names, outputs, config, rows, regions,
                                                  alone)
         return outputs, arrays, finish
@@ -158,10 +158,8 @@ class FrontState:
             regions.release()
             return [np.stack([found[k] for found in cached])
                     for k in range(len(outputs))], _nothing
-        if len(missing) == rows:
-            refs = tuple(regions.place(t) for t in tensors)
-        else:
-            refs = tuple(regions.place_rows(t, missing) for t in tensors)
+        refs = tuple(self._for_worker(regions, t, None if len(missing) == rows else missing)
+                     for t in tensors)
         computed, finish = await self._compute(refs, names, outputs, config, len(missing),
                                                regions, alone)
         try:
@@ -182,6 +180,14 @@ class FrontState:
             raise
         return merged, finish
 
+    def _for_worker(self, regions: Regions, tensor: np.ndarray, rows: list[int] | None = None):
+        """What a worker is sent of a tensor (or of some of its rows): the array itself
+        for the worker in this process (0 copies; 1 for some rows), else a descriptor of
+        shared memory (0 copies if the tensor is already there, else 1)."""
+        if self.hosted is not None:
+            return tensor if rows is None else tensor[rows]
+        return regions.place(tensor) if rows is None else regions.place_rows(tensor, rows)
+
     async def _compute(self, refs, names, outputs, config, rows, regions: Regions,
                        alone=False):
         """Send to a worker and wait: the output arrays (views of the worker's shared
@@ -191,7 +197,7 @@ class FrontState:
         served_rows = rows if rows is not None else 1
         if alone or self.cfg.batching == "off" or not self.spec.batchable:
             rows = None
-        key = (tuple(names), tuple((r.ttype, r.shape[1:]) for r in refs), tuple(outputs),
+        key = (tuple(names), tuple(_layout(r) for r in refs), tuple(outputs),
                config) if rows is not None else ("alone", next(self.ids))
         link, done = await self.workers.run(refs, tuple(names), tuple(outputs), config, rows,
                                             key, self.timeout, regions.hand_over)
@@ -205,14 +211,24 @@ class FrontState:
             raise from_code(*done.error)
         self.rows_from_model.inc(served_rows)
         arrays = []
+        local = self.hosted is not None
         for sl in done.outputs:
-            arr = self.segments.view(sl.ref)       # the worker's arena, or ours for echo
+            # the array itself from the worker in this process; else a view of the
+            # worker's arena (or of ours, for echo)
+            arr = sl.ref if local else self.segments.view(sl.ref)
             arrays.append(arr if sl.stop is None else arr[sl.start:sl.stop])
         return arrays, finish
 
 
 def _nothing() -> None:
     pass
+
+
+def _layout(ref) -> tuple:
+    """A tensor's type and non-batch shape, from its array or its descriptor."""
+    if isinstance(ref, np.ndarray):
+        return ref.dtype.str, ref.shape[1:]
+    return ref.ttype, ref.shape[1:]
 
 
 def request_options(config: str) -> dict[str, bool]:

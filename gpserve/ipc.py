@@ -52,7 +52,7 @@ class Submit(NamedTuple):
     """One request's rows, for a worker's queue."""
 
     req_id: int
-    inputs: tuple[TensorRef, ...]
+    inputs: tuple[TensorRef, ...]    # to a worker in the front's process: the arrays
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     config: str
@@ -62,7 +62,7 @@ class Submit(NamedTuple):
 
 
 class OutputSlice(NamedTuple):
-    ref: TensorRef        # the whole batch output
+    ref: TensorRef        # the whole batch output (from a local worker: the array)
     start: int            # this request's rows; (0, None) means the whole tensor
     stop: int | None
 

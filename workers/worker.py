@@ -83,8 +83,11 @@ class Batch:
 
 
 class Worker:
-    def __init__(self, cfg: Config, index: int):
-        self.cfg, self.index = cfg, index
+    def __init__(self, cfg: Config, index: int, local: bool = False):
+        """``local``: the worker runs in its front's process (``--placement fronts``):
+        requests carry their arrays, not descriptors of shared memory, and answers
+        carry the output arrays (0 copies either way, no regions to release)."""
+        self.cfg, self.index, self.local = cfg, index, local
         started = time.perf_counter()
         self.device = worker_device(cfg.device, index)
         self.backend = load(cfg, self.device, cfg.threads)
@@ -291,7 +294,7 @@ class Worker:
             batch = self.staged = Batch([], 0)
         for q in entries:
             batch.entries.append(q)
-            batch.views.append([self.segments.view(ref) for ref in q.item.inputs])
+            batch.views.append([self._array(ref) for ref in q.item.inputs])
             batch.rows += q.item.rows or 0    # unbatchable: its rows are set on close
         if self.running is not None and batch.batchable and len(batch.entries) > 1:
             self._copy_in(batch)
@@ -369,7 +372,17 @@ class Worker:
             batch.feed[name] = out
         metrics.BATCH_ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
 
+    def _array(self, ref):
+        """A request's input: the array itself from a front in this process, else a view
+        of the shared memory its descriptor points at."""
+        return ref if self.local else self.segments.view(ref)
+
     def _alloc(self, dtype, shape):
+        """A new array in this worker's arena: (array, descriptor, region), or None when
+        the arena is full, or the worker is local (its batches are gathered into private
+        memory when they close: nothing to share, nothing to release)."""
+        if self.local:
+            return None
         nbytes = int(np.prod(shape)) * dtype.itemsize
         offset = self.arena.alloc(nbytes)
         if offset is None:
@@ -408,7 +421,7 @@ class Worker:
 
     def _run_alone(self, q: Queued) -> Outcome:
         item = q.item
-        feed = dict(zip(item.input_names, (self.segments.view(r) for r in item.inputs)))
+        feed = dict(zip(item.input_names, (self._array(r) for r in item.inputs)))
         try:
             return Outcome(self.backend.run(feed, list(item.output_names), item.config))
         except Exception as e:
@@ -427,7 +440,7 @@ class Worker:
     def _check_batching(self, item, outputs: list) -> None:
         """Re-run the batch's first request alone and compare it with its rows of the
         batch: does batching change this model's answers (on this device)?"""
-        feed = dict(zip(item.input_names, (self.segments.view(r) for r in item.inputs)))
+        feed = dict(zip(item.input_names, (self._array(r) for r in item.inputs)))
         try:
             alone = self.backend.run(feed, list(item.output_names), item.config)
         except Exception as e:     # it ran in the batch; alone it fails: say so, carry on
@@ -451,6 +464,9 @@ class Worker:
         an input) and answer each request; one write per front, at the end of the turn."""
         self.counters.add_batch(self.index, batch.rows, batch.size)
         metrics.BATCH_ROWS.observe(batch.rows)
+        if self.local:
+            self._deliver_arrays(batch)
+            return
         refs: dict[int, ipc.TensorRef] = {}     # id(output array) -> where it is shared
         regions: list[tuple[int, int]] = []     # arena regions the answers point into
         failed = None
@@ -505,6 +521,19 @@ class Worker:
             else:
                 for offset, nbytes in regions:
                     self.arena.release(offset, nbytes)
+
+    def _deliver_arrays(self, batch: Batch) -> None:
+        """Answer a front in this process with the output arrays themselves (0 copies)."""
+        for q, outcome in zip(batch.entries, batch.outcomes):
+            if outcome.error is not None:
+                self._answer_error(q, outcome.error)
+                continue
+            start = outcome.start
+            whole = q.item.rows is None or start is None
+            q.owner.send(ipc.Done(q.item.req_id, tuple(
+                ipc.OutputSlice(out, 0 if whole else start,
+                                None if whole else start + q.item.rows)
+                for out in outcome.outputs), None, None))
 
     def _answer_error(self, q: Queued, err: GraphPipeError) -> None:
         if q.owner.open:
