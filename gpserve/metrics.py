@@ -40,6 +40,7 @@ class Tally:
 
     counters: dict = {}                  # counter child -> count not yet written
     histograms: list = []                # TallyHistogram
+    gauges: list = []                    # TallyGauge
     due = time.monotonic() + FLUSH_S
 
     @classmethod
@@ -98,6 +99,23 @@ class TallyHistogram:
         self.counts, self.total = [0] * len(self.bounds), 0.0
 
 
+class TallyGauge:
+    """A Gauge whose ``set`` keeps the latest value, written with the tallies (see Tally)."""
+
+    def __init__(self, gauge: Gauge):
+        self.gauge, self.value, self.written = gauge, None, None
+        Tally.gauges.append(self)
+
+    def set(self, value: float) -> None:
+        self.value = value
+        Tally.tick()
+
+    def write(self) -> None:
+        if self.value is not None and self.value != self.written:
+            self.gauge.set(self.value)
+            self.written = self.value
+
+
 def flush() -> None:
     """Write every tallied update of this process now."""
     pending, Tally.counters = Tally.counters, {}
@@ -105,6 +123,8 @@ def flush() -> None:
         child.inc(n)
     for histogram in Tally.histograms:
         histogram.write()
+    for gauge in Tally.gauges:
+        gauge.write()
     Tally.due = time.monotonic() + FLUSH_S
 
 
@@ -125,18 +145,20 @@ REQUEST_SECONDS = TallyHistogram(Histogram(
 QUEUE_WAIT_SECONDS = TallyHistogram(Histogram(
     "gpserve_queue_wait_seconds", "Time a request waited in a worker's queue before its "
     "batch ran", buckets=_TIME), _TIME)
-BATCH_ASSEMBLY_SECONDS = Histogram("gpserve_batch_assembly_seconds",
-                                   "Worker time gathering a batch's rows into model inputs",
-                                   buckets=_TIME)
-MODEL_SECONDS = Histogram("gpserve_model_seconds", "Worker time in the model runtime per batch",
-                          buckets=_TIME)
+BATCH_ASSEMBLY_SECONDS = TallyHistogram(Histogram(
+    "gpserve_batch_assembly_seconds", "Worker time gathering a batch's rows into model "
+    "inputs", buckets=_TIME), _TIME)
+MODEL_SECONDS = TallyHistogram(Histogram(
+    "gpserve_model_seconds", "Worker time in the model runtime per batch", buckets=_TIME),
+    _TIME)
 RESPONSE_BUILD_SECONDS = TallyHistogram(Histogram(
     "gpserve_response_build_seconds", "Front time encoding the response", buckets=_TIME),
     _TIME)
-BATCH_ROWS = Histogram("gpserve_batch_rows", "Rows per batch a worker ran",
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
-QUEUE_ROWS = Gauge("gpserve_queue_rows", "Rows waiting in a worker's queue",
-                   multiprocess_mode="livemax")
+_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BATCH_ROWS = TallyHistogram(Histogram("gpserve_batch_rows", "Rows per batch a worker ran",
+                                      buckets=_ROWS), _ROWS)
+QUEUE_ROWS = TallyGauge(Gauge("gpserve_queue_rows", "Rows waiting in a worker's queue",
+                              multiprocess_mode="livemax"))
 # written at once: a client that has its answer sees its rows counted (tests rely on it)
 ROWS = Counter("gpserve_rows", "Rows answered, by where they came from (cache or model)",
                ["source"])

@@ -204,7 +204,8 @@ def test_metrics_count_known_traffic(tmp_path):
             return urllib.request.urlopen(s.url + "/metrics").read().decode()
         # per-request metrics are tallied in each process and written within FLUSH_S
         eventually(lambda: metric(scrape(), "gpserve_request_seconds_count") == 5 and
-                   metric(scrape(), "gpserve_queue_wait_seconds_count") == 1, 10,
+                   metric(scrape(), "gpserve_queue_wait_seconds_count") == 1 and
+                   metric(scrape(), "gpserve_model_seconds_count") == 1, 10,
                    "the tallied metrics written")
         text = scrape()
         assert metric(text, "gpserve_requests_total", status="200", kind="infer") == 3

@@ -76,6 +76,7 @@ class Batch:
     region_of: dict = field(default_factory=dict)     # id(gathered array) -> its ref
     outcomes: list[Outcome] = field(default_factory=list)   # one per entry
     started: float = 0.0
+    took: float | None = None         # seconds in the model, once run as one batch
 
     @property
     def batchable(self) -> bool:
@@ -406,8 +407,7 @@ class Worker:
                 return
             batch.outcomes = [self._run_alone(q) for q in batch.entries]
             return
-        took = time.perf_counter() - batch.started
-        metrics.MODEL_SECONDS.observe(took)
+        took = batch.took = time.perf_counter() - batch.started
         if first.rows is not None:
             self.queue.costs.observe(batch.size, took)
         start = 0
@@ -464,6 +464,8 @@ class Worker:
         an input) and answer each request; one write per front, at the end of the turn."""
         self.counters.add_batch(self.index, batch.rows, batch.size)
         metrics.BATCH_ROWS.observe(batch.rows)
+        if batch.took is not None:              # tallied here: the event loop's thread
+            metrics.MODEL_SECONDS.observe(batch.took)
         if self.local:
             self._deliver_arrays(batch)
             return
