@@ -47,6 +47,45 @@ NOTES = _Notes()
 FIRST_REQUEST_GRACE_S = 1.0
 
 
+class OneWrite:
+    """A response's view of its connection: the head (the first write of a response) is
+    held and leaves with the first write of the body. uvicorn writes them apart: two
+    system calls and two TCP segments for every small response, a tenth of a front's
+    time on small requests. A small body is joined to the head (1 copy of it); a large
+    one follows it at once."""
+
+    __slots__ = ("transport", "head", "started")
+    JOIN_BELOW = 64 * 1024
+
+    def __init__(self, transport):
+        self.transport, self.head, self.started = transport, None, False
+
+    def write(self, data) -> None:
+        head = self.head
+        if head is not None:
+            self.head = None
+            if len(data) < self.JOIN_BELOW:
+                self.transport.write(head + data)
+            else:
+                self.transport.writelines((head, data))
+        elif not self.started and data != CONTINUE:       # the response's head
+            self.started, self.head = True, data
+        else:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.head is not None:                          # a response cut short
+            self.transport.write(self.head)
+            self.head = None
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
 def guarded_protocol(header_timeout_s: float, on_count=None):
     """uvicorn's httptools protocol with a header timeout, for ``uvicorn.Config(http=...)``
     (uvicorn is imported here, in the front that runs it, not by whoever imports us).
@@ -75,6 +114,10 @@ def guarded_protocol(header_timeout_s: float, on_count=None):
                 NOTES.acted("connection_limit",
                             f"--max-connections {limit} reached: requests get 503")
             super().on_headers_complete()
+            cycle = self.cycle
+            if (cycle is not None and type(cycle.transport) is not OneWrite
+                    and cycle.scope["method"] != "HEAD"):     # HEAD: no body write follows
+                cycle.transport = OneWrite(cycle.transport)
 
         def connection_lost(self, exc) -> None:
             self._disarm()
