@@ -46,6 +46,9 @@ class BodyReader:
             if size > limit:
                 raise BodyTooLarge(f"the body is {size} bytes, over --max-body-mb "
                                    f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
+        if _already_here(receive):                  # no waiting, so no timer to set
+            chunk, _ = await _receive_chunk(receive)
+            return self._whole(chunk, size)
         patience = self.cfg.body_timeout_s
         got = [0]                                   # bytes received, for the 408's message
         try:
@@ -53,12 +56,7 @@ class BodyReader:
                 chunk, more = await _receive_chunk(receive)
                 got[0] = len(chunk)
                 if not more:
-                    if size is not None and len(chunk) != size:
-                        raise ProtocolError(f"the body has {len(chunk)} bytes, its "
-                                            f"Content-Length says {size}")
-                    if len(chunk) > limit:
-                        raise self._too_large()
-                    return chunk
+                    return self._whole(chunk, size)
                 if size is None:
                     return await self._gather(chunk, receive, timer, got)
                 return await self._stream(chunk, size, receive, timer, got, regions,
@@ -115,6 +113,15 @@ class BodyReader:
         regions.hold(offset, size + lead)
         return self.arena_view[end - size:end]
 
+    def _whole(self, chunk: bytes, size: int | None) -> bytes:
+        """A body that came in one message, checked against its Content-Length."""
+        if size is not None and len(chunk) != size:
+            raise ProtocolError(f"the body has {len(chunk)} bytes, its Content-Length "
+                                f"says {size}")
+        if len(chunk) > self.cfg.max_body_bytes:
+            raise self._too_large()
+        return chunk
+
     def _too_large(self) -> BodyTooLarge:
         return BodyTooLarge(f"the body is over --max-body-mb {self.cfg.max_body_mb:g} MiB "
                             f"({self.cfg.max_body_bytes} bytes)")
@@ -133,6 +140,18 @@ class BodyReader:
         if offset is None:
             raise arena_full(self.arena)
         return offset
+
+
+def _already_here(receive) -> bool:
+    """Whether uvicorn already holds the whole body, so that ``receive()`` returns it at
+    once (a small request's body usually comes with its headers): its request cycle
+    has seen the message end and has it ready. Read defensively: anything else (another
+    server, a uvicorn without these) says no, and the body is awaited under its timer."""
+    cycle = getattr(receive, "__self__", None)
+    event = getattr(cycle, "message_event", None)
+    return (type(event) is asyncio.Event and event.is_set()
+            and getattr(cycle, "more_body", True) is False
+            and not getattr(cycle, "disconnected", True))
 
 
 async def _receive_chunk(receive) -> tuple[bytes, bool]:

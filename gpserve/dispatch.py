@@ -141,9 +141,12 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(LINK_WAIT_S):
                     await self.linked.wait()
-        loads = {i: self.counters.queued_rows(i) for i in self.links}
-        chosen = choose_worker(loads, self.turn)
-        self.turn += 1
+        if len(self.links) == 1:                # one worker (or the one in this process)
+            chosen = next(iter(self.links))
+        else:
+            loads = {i: self.counters.queued_rows(i) for i in self.links}
+            chosen = choose_worker(loads, self.turn)
+            self.turn += 1
         if chosen is None:
             raise Unavailable("no worker is running (the server is starting, or restarting "
                               "a worker); try again")
