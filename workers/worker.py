@@ -507,11 +507,7 @@ class Worker:
             if outcome.error is not None:
                 self._answer_error(q, outcome.error)
                 continue
-            start = outcome.start
-            whole = q.item.rows is None or start is None
-            slices = tuple(ipc.OutputSlice(refs[id(o)], 0 if whole else start,
-                                           None if whole else start + q.item.rows)
-                           for o in outcome.outputs)
+            slices = _slices(q, outcome, lambda out: refs[id(out)])
             if q.owner.open:
                 q.owner.send(ipc.Done(q.item.req_id, slices, None, token))
                 if token is not None:
@@ -530,16 +526,22 @@ class Worker:
             if outcome.error is not None:
                 self._answer_error(q, outcome.error)
                 continue
-            start = outcome.start
-            whole = q.item.rows is None or start is None
-            q.owner.send(ipc.Done(q.item.req_id, tuple(
-                ipc.OutputSlice(out, 0 if whole else start,
-                                None if whole else start + q.item.rows)
-                for out in outcome.outputs), None, None))
+            q.owner.send(ipc.Done(q.item.req_id, _slices(q, outcome, lambda out: out),
+                                  None, None))
 
     def _answer_error(self, q: Queued, err: GraphPipeError) -> None:
         if q.owner.open:
             q.owner.send(ipc.Done(q.item.req_id, (), (err.code, err.message), None))
+
+
+def _slices(q: Queued, outcome: Outcome, where) -> tuple:
+    """A request's rows of each output, at ``where(output)`` (a descriptor, or the array
+    itself): all of it for a request that ran alone."""
+    start = outcome.start
+    if q.item.rows is None or start is None:
+        return tuple(ipc.OutputSlice(where(out), 0, None) for out in outcome.outputs)
+    stop = start + q.item.rows
+    return tuple(ipc.OutputSlice(where(out), start, stop) for out in outcome.outputs)
 
 
 def _model_error(e: Exception) -> GraphPipeError:
