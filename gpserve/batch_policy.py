@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class Queued:
     """A request waiting in a worker's queue."""
 
@@ -45,7 +45,7 @@ class Queued:
         return self.item.rows or 1
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     """What the worker should do now: run ``batch`` (may be empty), answer ``expired``,
     and, if nothing runs, look again after ``wait`` seconds (None: when rows arrive or

@@ -50,7 +50,7 @@ from .devices import worker_device
 log = logging.getLogger("gpserve.worker")
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     """One request's result in a batch: outputs and where its rows start in them (None:
     the outputs are its own, run alone), or an error."""
@@ -60,7 +60,7 @@ class Outcome:
     error: GraphPipeError | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Batch:
     """A batch on its way through the pipeline: staged (taking rows while the device
     runs the one before), computed, delivered."""
