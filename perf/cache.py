@@ -106,7 +106,7 @@ def per_row_costs(make, names, tmp: Path) -> dict:
     from gpserve.cache.keys import row_keys
     from gpserve.cache.store import RowCache
 
-    from gpserve.ipc import Counters
+    from gpserve.counters import Counters
     tensors = make()
     n = 2000
     t0 = time.perf_counter()
