@@ -6,8 +6,8 @@ segments) before it starts any child; each process records into its own files th
 ``GET /metrics`` on any front adds them up. Import this module only after that.
 
 Each record is a write to a memory-mapped file (0.5-1.2 µs). Most metrics record
-that way. The ones every request updates, five or more updates a request (a sixth of
-a front's time on a small request), are added up in the process first and written
+that way. The ones every request or batch updates, eight updates for a small request
+(a sixth of a front's time and more), are added up in the process first and written
 at most ``FLUSH_S`` later (:class:`Tally`): ``GET /metrics`` may lag by that much.
 """
 from __future__ import annotations
@@ -77,8 +77,8 @@ class TallyHistogram:
     """A Histogram whose ``observe`` is added up first (see Tally): bucket counts and
     the sum, written as one increment each."""
 
-    def __init__(self, histogram: Histogram, buckets):
-        self.histogram, self.bounds = histogram, [*buckets, float("inf")]
+    def __init__(self, histogram: Histogram):
+        self.histogram, self.bounds = histogram, histogram._upper_bounds    # +inf last
         self.counts, self.total = [0] * len(self.bounds), 0.0
         Tally.histograms.append(self)
 
@@ -141,22 +141,20 @@ REQUESTS = TallyCounter(Counter("gpserve_requests",
                                 ["status", "kind"]))
 REQUEST_SECONDS = TallyHistogram(Histogram(
     "gpserve_request_seconds", "End-to-end time in a front, from the first body byte to "
-    "the response handed to the server", buckets=_TIME), _TIME)
+    "the response handed to the server", buckets=_TIME))
 QUEUE_WAIT_SECONDS = TallyHistogram(Histogram(
     "gpserve_queue_wait_seconds", "Time a request waited in a worker's queue before its "
-    "batch ran", buckets=_TIME), _TIME)
+    "batch ran", buckets=_TIME))
 BATCH_ASSEMBLY_SECONDS = TallyHistogram(Histogram(
     "gpserve_batch_assembly_seconds", "Worker time gathering a batch's rows into model "
-    "inputs", buckets=_TIME), _TIME)
+    "inputs", buckets=_TIME))
 MODEL_SECONDS = TallyHistogram(Histogram(
-    "gpserve_model_seconds", "Worker time in the model runtime per batch", buckets=_TIME),
-    _TIME)
+    "gpserve_model_seconds", "Worker time in the model runtime per batch", buckets=_TIME))
 RESPONSE_BUILD_SECONDS = TallyHistogram(Histogram(
-    "gpserve_response_build_seconds", "Front time encoding the response", buckets=_TIME),
-    _TIME)
-_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-BATCH_ROWS = TallyHistogram(Histogram("gpserve_batch_rows", "Rows per batch a worker ran",
-                                      buckets=_ROWS), _ROWS)
+    "gpserve_response_build_seconds", "Front time encoding the response", buckets=_TIME))
+BATCH_ROWS = TallyHistogram(Histogram(
+    "gpserve_batch_rows", "Rows per batch a worker ran",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)))
 QUEUE_ROWS = TallyGauge(Gauge("gpserve_queue_rows", "Rows waiting in a worker's queue",
                               multiprocess_mode="livemax"))
 # written at once: a client that has its answer sees its rows counted (tests rely on it)

@@ -17,7 +17,7 @@ def samples(registry, name):
 def test_a_flushed_tally_equals_direct_observation():
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     tallied = metrics.TallyHistogram(Histogram("t_seconds", "t", buckets=BUCKETS,
-                                               registry=ours), BUCKETS)
+                                               registry=ours))
     direct = Histogram("t_seconds", "t", buckets=BUCKETS, registry=theirs)
     counted = metrics.TallyCounter(Counter("c", "c", ["k"], registry=ours))
     direct_count = Counter("c", "c", ["k"], registry=theirs)

@@ -70,7 +70,7 @@ class Batch:
     size: int = 0                     # rows the model runs (padded up), once closed
     views: list = field(default_factory=list)         # per entry: its inputs' arrays
     buffers: list = field(default_factory=list)       # per input: (array, ref) of capacity
-    copied: int = 0                   # entries whose rows are in ``buffers``
+    copied: int = 0                   # entries whose rows are in ``buffers`` (-1: none can be)
     feed: dict = field(default_factory=dict)
     regions: list = field(default_factory=list)       # arena regions of gathered inputs
     region_of: dict = field(default_factory=dict)     # id(gathered array) -> its ref

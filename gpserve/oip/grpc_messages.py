@@ -20,6 +20,10 @@ _SCALARS = {"bool": _F.TYPE_BOOL, "string": _F.TYPE_STRING, "bytes": _F.TYPE_BYT
 
 # message: [(field, number, type, "" | "repeated" | "map" | "oneof")]; a map has
 # string keys and values of its type; nested messages' names have a dot.
+_TENSOR = [  # an input tensor of a request and an output tensor of a response alike
+    ("name", 1, "string", ""), ("datatype", 2, "string", ""),
+    ("shape", 3, "int64", "repeated"), ("parameters", 4, "InferParameter", "map"),
+    ("contents", 5, "InferTensorContents", "")]
 MESSAGES: dict[str, list[tuple]] = {
     "ServerLiveRequest": [],
     "ServerLiveResponse": [("live", 1, "bool", "")],
@@ -47,10 +51,7 @@ MESSAGES: dict[str, list[tuple]] = {
         ("uint64_contents", 5, "uint64", "repeated"),
         ("fp32_contents", 6, "float", "repeated"), ("fp64_contents", 7, "double", "repeated"),
         ("bytes_contents", 8, "bytes", "repeated")],
-    "ModelInferRequest.InferInputTensor": [
-        ("name", 1, "string", ""), ("datatype", 2, "string", ""),
-        ("shape", 3, "int64", "repeated"), ("parameters", 4, "InferParameter", "map"),
-        ("contents", 5, "InferTensorContents", "")],
+    "ModelInferRequest.InferInputTensor": _TENSOR,
     "ModelInferRequest.InferRequestedOutputTensor": [
         ("name", 1, "string", ""), ("parameters", 2, "InferParameter", "map")],
     "ModelInferRequest": [
@@ -59,10 +60,7 @@ MESSAGES: dict[str, list[tuple]] = {
         ("inputs", 5, "ModelInferRequest.InferInputTensor", "repeated"),
         ("outputs", 6, "ModelInferRequest.InferRequestedOutputTensor", "repeated"),
         ("raw_input_contents", 7, "bytes", "repeated")],
-    "ModelInferResponse.InferOutputTensor": [
-        ("name", 1, "string", ""), ("datatype", 2, "string", ""),
-        ("shape", 3, "int64", "repeated"), ("parameters", 4, "InferParameter", "map"),
-        ("contents", 5, "InferTensorContents", "")],
+    "ModelInferResponse.InferOutputTensor": _TENSOR,
     "ModelInferResponse": [
         ("model_name", 1, "string", ""), ("model_version", 2, "string", ""),
         ("id", 3, "string", ""), ("parameters", 4, "InferParameter", "map"),
