@@ -90,11 +90,52 @@ def test_an_idle_device_holds_a_partial_batch_only_while_waiting_pays():
     for i in range(10):
         q.add(submit(i, 1), FRONT_A, now=i * 1e-4)
     d = q.next(now=0.001, busy=False)
-    assert d.batch == [] and d.wait == pytest.approx(0.005 - 0.001)   # --max-delay-ms bounds
-    assert len(q.next(now=0.0051, busy=False).batch) == 10            # then it goes
+    # held; looked at again when 8 gaps of silence would say the stream stopped
+    assert d.batch == [] and d.wait == pytest.approx(8e-4 - 1e-4)
+    for i in range(10, 46):
+        q.add(submit(i, 1), FRONT_A, now=i * 1e-4)
+    assert q.next(now=0.0045, busy=False).wait == pytest.approx(0.005 - 0.0045)
+    assert len(q.next(now=0.0051, busy=False).batch) == 46     # --max-delay-ms bounds it
     # nothing more is expected (the last row came long ago): no hold
     q.add(submit(99, 1), FRONT_A, now=10.0)
     assert ids(q.next(now=10.0, busy=False).batch) == [99]
+
+
+def test_a_stream_that_stopped_is_not_waited_for():
+    q = BatchQueue(max_batch=64, max_delay_s=0.005, max_queue=1000)
+    warmed_costs(q, 0.008, 0.00005)
+    for i in range(10):
+        q.add(submit(i, 1), FRONT_A, now=i * 1e-4)
+    assert q.next(now=0.0009 + 7e-4, busy=False).batch == []  # 7 gaps of silence: held
+    assert len(q.next(now=0.0009 + 9e-4, busy=False).batch) == 10   # 9: it stopped
+
+
+def test_a_staged_batch_waits_on_the_freed_device_for_the_clients_just_answered():
+    # closed-loop clients in two waves: the one staged while the device ran, and the one
+    # whose batch just finished, about to come back. Merging them saves a batch's 8 ms.
+    q = BatchQueue(max_batch=64, max_delay_s=0.010, max_queue=1000)
+    warmed_costs(q, 0.008, 0.00005)
+    for i in range(32):
+        q.add(submit(i, 1), FRONT_A, now=i * 5e-5)
+    staged = q.next(now=0.002, busy=True).batch                 # staged while busy
+    assert len(staged) == 32
+    q.device_free(0.0096, answered=32)
+    wait = q.hold(32, staged[0].arrived, now=0.0096)
+    assert wait == pytest.approx(0.008)                         # a's worth: wave or not
+    for i in range(32, 64):                                     # the wave comes back
+        q.add(submit(i, 1), FRONT_B, now=0.0100 + (i - 32) * 5e-5)
+    assert q.hold(32, staged[0].arrived, now=0.0116) == pytest.approx(8 * 5e-5 - 5e-5)
+    more = q.more(KEY, room=32, now=0.0116).batch
+    assert len(more) == 32 and q.hold(64, staged[0].arrived, now=0.0116) == 0   # full: go
+
+
+def test_a_freed_device_does_not_wait_when_no_rows_came_lately():
+    q = BatchQueue(max_batch=64, max_delay_s=0.010, max_queue=1000)
+    warmed_costs(q, 0.008, 0.00005)
+    q.add(submit(1, 1), FRONT_A, now=0.0)
+    staged = q.next(now=0.0, busy=True).batch
+    q.device_free(1.0, answered=1)        # a long batch: the window saw one row
+    assert q.hold(1, staged[0].arrived, now=1.0) == 0
 
 
 def test_a_cpu_like_model_is_not_held():

@@ -226,6 +226,30 @@ def test_rows_that_arrive_while_the_device_runs_join_the_staged_batch():
         sum(int(k) * v for k, v in stats["batch_size_histogram"].items()) - 20), stats
 
 
+def test_closed_loop_clients_get_their_own_rows_through_held_batches():
+    """Clients that send again once answered, on a model whose fixed cost makes the
+    worker hold partial batches on its idle device for the clients just answered: rows
+    joining a held batch are copied in as they come, and each answer is its own rows."""
+    async def client(url, seed):
+        rng, rows = np.random.default_rng(seed), 0
+        async with AsyncClient(url) as c:
+            for _ in range(15):
+                x = rng.uniform(-1, 1, (int(rng.integers(1, 4)), 16)).astype(np.float32)
+                np.testing.assert_array_equal(await c.execute(x), 2 * x)
+                rows += len(x)
+        return rows
+
+    async def clients(url):
+        return sum(await asyncio.gather(*(client(url, seed) for seed in range(12))))
+    with Server("--model", "standin:20,0", "--workers", "1", "--placement", "workers",
+                "--max-batch", "16", "--max-delay-ms", "50", "--fronts", "2",
+                "--batch-check-every", "0") as s:
+        rows = asyncio.run(clients(s.url))
+        stats = s.stats()
+    assert stats["errors"] == {}, stats
+    assert stats["batched_rows"] == rows and stats["batches"] < 12 * 15, stats
+
+
 def test_an_empty_tensor_in_a_padded_batch_takes_no_rows_from_its_neighbours():
     """A request of 0 rows merged with others: it gets 0 rows back, the others their own,
     and padding repeats a real row (not the empty request's, which has none)."""

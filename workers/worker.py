@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpserve import ipc, metrics
-from gpserve.batch_policy import BatchQueue, BatchSizes, Queued
+from gpserve.batch_policy import BatchQueue, BatchSizes, Decision, Queued
 from gpserve.config import Config
 from gpserve.counters import Counters
 from gpserve.errors import (
@@ -212,20 +212,22 @@ class Worker:
     # -- the pipeline ------------------------------------------------------------------
     def pump(self) -> None:
         """Stage a batch if the policy says so (while the device runs, rows of its key
-        keep joining it), and start it once the device is free."""
+        keep joining it), and start it once the device is free, unless the policy holds
+        a partial batch on the idle device for rows about to come."""
         self.pump_scheduled = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         while True:
             now = time.monotonic()
-            if self.staged is None:
+            fresh = self.staged is None
+            if fresh:
                 decision = self.queue.next(now, busy=self.running is not None)
             elif self.staged.batchable and self.staged.rows < self.queue.max_batch:
                 decision = self.queue.more(self.staged.entries[0].item.key,
                                            self.queue.max_batch - self.staged.rows, now)
             else:
-                break
+                decision = Decision()
             for q in decision.expired:
                 self._answer_error(q, DeadlineExceeded(
                     "the request's deadline passed while it waited in the queue "
@@ -234,16 +236,24 @@ class Worker:
                 metrics.QUEUE_WAIT_SECONDS.observe(now - q.arrived)
             if decision.batch:
                 self._stage(decision.batch)
+                if self.running is not None or not fresh:
+                    continue                # the staged batch takes what is queued
             elif self.staged is None:
-                if decision.wait is not None:
-                    self.timer = asyncio.get_running_loop().call_later(decision.wait, self.pump)
+                self._wake_after(decision.wait)
                 break
-            if self.running is not None:
-                if not decision.batch:
+            elif self.running is not None:
+                break
+            elif self.staged.batchable:     # idle device, a staged batch: hold it?
+                wait = self.queue.hold(self.staged.rows, self.staged.entries[0].arrived, now)
+                if wait > 0:
+                    self._wake_after(wait)
                     break
-                continue                    # busy: the staged batch takes what is queued
             self._start_staged()            # inline: done by now, and this loop goes on
         self._publish_load()
+
+    def _wake_after(self, seconds: float | None) -> None:
+        if seconds is not None:
+            self.timer = asyncio.get_running_loop().call_later(seconds, self.pump)
 
     def _start_staged(self) -> None:
         batch, self.staged = self.staged, None
@@ -274,8 +284,9 @@ class Worker:
 
     def _finished(self, batch: Batch, then_pump: bool = True) -> None:
         self.running = None
-        if self.staged is not None:
-            self._start_staged()             # the device first, then the answers
+        self.queue.device_free(time.monotonic(), batch.rows)
+        if then_pump:
+            self.pump()                      # the device first, then the answers
         try:
             self._deliver(batch)
         except Exception as e:
@@ -283,21 +294,22 @@ class Worker:
             err = InternalError(f"internal server error: {type(e).__name__}: {e}")
             for q in batch.entries:
                 self._answer_error(q, err)
-        if then_pump:
-            self.pump()
 
     def _stage(self, entries: list[Queued]) -> None:
         """Add requests to the staged batch (a new one if none). From its second request
         on, each request's rows are copied into the batch's arena buffers as it joins
-        (1 copy), so the gather is done by the time the device frees."""
+        (1 copy), so the gather is done by the time the device frees (or the policy's
+        hold ends). A batch formed on an idle device to run at once is gathered as it
+        closes."""
         batch = self.staged
+        waits = batch is not None or self.running is not None
         if batch is None:
             batch = self.staged = Batch([], 0)
         for q in entries:
             batch.entries.append(q)
             batch.views.append([self._array(ref) for ref in q.item.inputs])
             batch.rows += q.item.rows or 0    # unbatchable: its rows are set on close
-        if self.running is not None and batch.batchable and len(batch.entries) > 1:
+        if waits and batch.batchable and len(batch.entries) > 1:
             self._copy_in(batch)
 
     def _copy_in(self, batch: Batch) -> bool:
