@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from gpserve.workers.batch_check import verdict
 
-from . import __version__, metrics
+from . import __version__, heap, metrics
 from . import protocol as P
 from .config import Config
 from .inflight import FrontState
@@ -152,6 +152,7 @@ def build_app(state: FrontState) -> FrontApp:
             from .oip import grpc_server as oip_grpc
             grpc_server = await oip_grpc.start(state, state.cfg.grpc_listen,
                                                state.cfg.max_body_bytes)
+        heap.settle()
         yield
         if grpc_server is not None:          # answers what it holds, takes no more
             await grpc_server.stop(state.cfg.timeout_ms / 1000 + 1)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gpserve import ipc, metrics
+from gpserve import heap, ipc, metrics
 from gpserve.batch_policy import BatchQueue, BatchSizes, Decision, Queued
 from gpserve.config import Config
 from gpserve.counters import Counters
@@ -158,6 +158,7 @@ class Worker:
     async def serve(self) -> None:
         """A worker process: take fronts' connections on this worker's address."""
         await self.start()
+        heap.settle()                            # the model and its warm-up stay put
         self.flusher = asyncio.create_task(metrics.flush_periodically())
         server = await asyncio.get_running_loop().create_unix_server(
             lambda: ipc.Link(self, self.hello),
