@@ -172,6 +172,7 @@ class Link(asyncio.Protocol):
         self.owner, self.hello = owner, hello
         self.frames = FrameBuffer()
         self.transport = None
+        self.loop = None
         self.peer: Hello | None = None
         self.outbox: list[bytes] = []
         self.releases: list[int] = []
@@ -183,6 +184,7 @@ class Link(asyncio.Protocol):
             transport.close()
             return
         self.transport = transport
+        self.loop = asyncio.get_running_loop()     # once: see Dispatcher.loop
         self.send(self.hello)
 
     def data_received(self, data: bytes) -> None:
@@ -215,7 +217,7 @@ class Link(asyncio.Protocol):
     def _schedule_flush(self) -> None:
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            (self.loop or asyncio.get_running_loop()).call_soon(self.flush)
 
     def flush(self) -> None:
         """Write everything queued now (it is also done at the end of the turn)."""

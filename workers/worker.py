@@ -110,6 +110,7 @@ class Worker:
         self.running: Batch | None = None        # in the compute thread
         self.staged: Batch | None = None         # gathered, next to run
         self.timer: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None   # see Dispatcher.loop
         self.pump_scheduled = False
         # output regions: token -> [regions, requests that have not released it yet]
         self.outstanding: dict[int, list] = {}
@@ -152,7 +153,8 @@ class Worker:
 
     async def start(self) -> None:
         """Warm up (off the event loop), then say so in the shared counters."""
-        await asyncio.get_running_loop().run_in_executor(self.compute_thread, self.warm_up)
+        self.loop = asyncio.get_running_loop()
+        await self.loop.run_in_executor(self.compute_thread, self.warm_up)
         self.counters.worker_ready(self.index, True, self.warmed)
 
     async def serve(self) -> None:
@@ -160,7 +162,7 @@ class Worker:
         await self.start()
         heap.settle()                            # the model and its warm-up stay put
         self.flusher = asyncio.create_task(metrics.flush_periodically())
-        server = await asyncio.get_running_loop().create_unix_server(
+        server = await self.loop.create_unix_server(
             lambda: ipc.Link(self, self.hello),
             sock=ipc.listening_socket(ipc.worker_address(self.cfg.run_id, self.index)))
         async with server:
@@ -175,7 +177,7 @@ class Worker:
                 link.send(ipc.Done(message.req_id, (), (QueueFull.code, refused), None))
             elif not self.pump_scheduled:       # once every message read this turn is in
                 self.pump_scheduled = True
-                asyncio.get_running_loop().call_soon(self.pump)
+                self.loop.call_soon(self.pump)
         elif type(message) is ipc.Release:
             held = self.held_by.get(link)
             for token in message.tokens:
@@ -254,7 +256,7 @@ class Worker:
 
     def _wake_after(self, seconds: float | None) -> None:
         if seconds is not None:
-            self.timer = asyncio.get_running_loop().call_later(seconds, self.pump)
+            self.timer = self.loop.call_later(seconds, self.pump)
 
     def _start_staged(self) -> None:
         batch, self.staged = self.staged, None
@@ -266,7 +268,7 @@ class Worker:
             self._compute_safely(batch)
             self._finished(batch, then_pump=False)     # pump()'s own loop takes the next
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
 
         def run() -> None:
             self._compute_safely(batch)
