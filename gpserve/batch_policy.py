@@ -111,6 +111,7 @@ class CostModel:
     def __init__(self):
         self.w = self.sn = self.st = self.snn = self.snt = 0.0
         self.sizes: set[int] = set()
+        self.fixed_s = 0.0      # the per-batch cost merging saves (a); 0 until 2 sizes ran
 
     def observe(self, rows: int, seconds: float) -> None:
         d = self.DECAY
@@ -121,10 +122,9 @@ class CostModel:
         self.snt = self.snt * d + rows * seconds
         if len(self.sizes) < 2:
             self.sizes.add(rows)
+        self.fixed_s = self._fit()          # once per batch, not on every request's path
 
-    @property
-    def fixed_s(self) -> float:
-        """The per-batch cost that merging saves (``a``); 0 until two sizes were seen."""
+    def _fit(self) -> float:
         if len(self.sizes) < 2:
             return 0.0
         var = self.snn * self.w - self.sn * self.sn
@@ -215,8 +215,9 @@ class BatchQueue:
         group.append(Queued(item, owner, now))
         self.group_rows[item.key] += rows
         self.rows += rows
-        self.arrivals.add(rows, now, self.idle_since)
-        self.owed -= rows
+        if self.costs.fixed_s and self.max_delay_s:   # else nothing is ever held
+            self.arrivals.add(rows, now, self.idle_since)
+            self.owed -= rows
         return None
 
     def drop_owner(self, owner) -> list[Queued]:
