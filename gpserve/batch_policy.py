@@ -25,7 +25,7 @@ chosen by :func:`choose_worker`. Rows, not requests, are what the policy counts.
   for the clients just answered. Without that, closed-loop clients split into two
   cohorts that alternate at half a batch each (one runs while the other is answered and
   comes back) and never merge: 64 one-row clients of an 8 ms + 0.05 ms/row model were
-  served at 0.59 of its full-batch rate that way, 0.66 merged (``perf/standin.py``).
+  served at 0.54 of its full-batch rate that way, 0.69 merged (``perf/standin.py``).
 - A batch of ``n`` rows is padded up to the smallest of the worker's batch sizes that
   holds it (:class:`BatchSizes`), the sizes the worker ran before taking traffic.
 - The queue holds at most ``max_queue`` rows; past it a request is refused at once.
@@ -138,49 +138,37 @@ class CostModel:
 class ArrivalRate:
     """Rows arriving, which the hold asks about: will another come soon? Clients that
     wait for their answer (most do) come back in waves once their batch is answered,
-    and a wave reaches the worker in chunks (a front's event-loop turn each), silent
-    between. So two estimates:
-
-    - while the rows just answered are not all back, the rows counted over the last
-      ``WINDOW_S`` seconds (decaying exponentially): the steady rate, which says
-      whether anyone is sending at all;
-    - after that, the smoothed gap between rows (gaps that span a device's run are
-      not counted): another row is expected only while the silence stays under
-      ``PAUSE`` such gaps; longer, and the stream has stopped.
+    and a wave reaches the worker in chunks (a front's event-loop turn each) with
+    silence between. So: while rows the last batch answered are not all back, more are
+    expected (those clients, most likely); after that, another row is expected only
+    while the silence since the last stays under ``PAUSE`` times the smoothed gap
+    between rows (gaps that span a device's run are not counted); longer, and the
+    stream has stopped.
     """
 
-    WINDOW_S = 0.1
     PAUSE = 8
+    NEW_STREAM_S = 0.1         # a silence this long starts the gap estimate afresh
 
     def __init__(self):
         self.mean_gap: float | None = None     # seconds per row, within a wave
         self.last: float | None = None
-        self.counted = 0.0                     # rows per second over the window, at last
 
     def add(self, rows: int, now: float, device_freed: float) -> None:
-        if self.last is not None and now - self.last > self.WINDOW_S:
-            self.mean_gap = None               # a new stream after a long silence
+        if self.last is not None and now - self.last > self.NEW_STREAM_S:
+            self.mean_gap = None
         elif self.last is not None and self.last >= device_freed:
             gap = (now - self.last) / rows
             self.mean_gap = gap if self.mean_gap is None else 0.8 * self.mean_gap + 0.2 * gap
-        self.counted = self._counted(now) + rows / self.WINDOW_S
         self.last = now
-
-    def _counted(self, now: float) -> float:
-        if self.last is None:
-            return 0.0
-        return self.counted * math.exp(-max(0.0, now - self.last) / self.WINDOW_S)
 
     def wait(self, left: float, now: float, owed: int) -> float:
         """How long to wait for the next row, at most ``left`` seconds: 0 when none is
         expected in that time; else until ``left`` runs out or until the silence would
         say the stream stopped (look again then). ``owed``: rows answered by the last
         batch that have not come back."""
-        if self.last is None:
-            return 0.0
         if owed > 0:
-            return left if left * self._counted(now) >= 1 else 0.0
-        if self.mean_gap is None:
+            return left
+        if self.mean_gap is None or self.last is None:
             return 0.0
         silence = now - self.last
         until_over = self.PAUSE * self.mean_gap - silence

@@ -129,13 +129,19 @@ def test_a_staged_batch_waits_on_the_freed_device_for_the_clients_just_answered(
     assert len(more) == 32 and q.hold(64, staged[0].arrived, now=0.0116) == 0   # full: go
 
 
-def test_a_freed_device_does_not_wait_when_no_rows_came_lately():
-    q = BatchQueue(max_batch=64, max_delay_s=0.010, max_queue=1000)
+def test_a_freed_device_waits_only_for_rows_it_answered():
+    q = BatchQueue(max_batch=64, max_delay_s=0.002, max_queue=1000)
     warmed_costs(q, 0.008, 0.00005)
     q.add(submit(1, 1), FRONT_A, now=0.0)
     staged = q.next(now=0.0, busy=True).batch
-    q.device_free(1.0, answered=1)        # a long batch: the window saw one row
-    assert q.hold(1, staged[0].arrived, now=1.0) == 0
+    q.device_free(1.0, answered=3)           # 3 clients are being answered: hold
+    assert q.hold(1, staged[0].arrived, now=1.0) == pytest.approx(0.002)  # max-delay
+    for i in range(3):
+        q.add(submit(10 + i, 1), FRONT_A, now=1.0005 + i * 1e-5)
+    q.more(KEY, room=63, now=1.0006)
+    assert q.hold(4, staged[0].arrived, now=1.0007) == 0      # all back, the stream paused
+    q.device_free(2.0, answered=0)           # nothing answered (say, all expired)
+    assert q.hold(1, staged[0].arrived, now=2.0) == 0
 
 
 def test_a_cpu_like_model_is_not_held():
