@@ -148,6 +148,9 @@ QUEUE_WAIT_SECONDS = TallyHistogram(Histogram(
 BATCH_ASSEMBLY_SECONDS = TallyHistogram(Histogram(
     "gpserve_batch_assembly_seconds", "Worker time gathering a batch's rows into model "
     "inputs", buckets=_TIME))
+BATCH_HOLD_SECONDS = TallyHistogram(Histogram(
+    "gpserve_batch_hold_seconds", "Time an idle device waited for a fuller batch before "
+    "running it (batches that were held only)", buckets=_TIME))
 MODEL_SECONDS = TallyHistogram(Histogram(
     "gpserve_model_seconds", "Worker time in the model runtime per batch", buckets=_TIME))
 RESPONSE_BUILD_SECONDS = TallyHistogram(Histogram(

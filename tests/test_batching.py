@@ -229,7 +229,8 @@ def test_rows_that_arrive_while_the_device_runs_join_the_staged_batch():
 def test_closed_loop_clients_get_their_own_rows_through_held_batches():
     """Clients that send again once answered, on a model whose fixed cost makes the
     worker hold partial batches on its idle device for the clients just answered: rows
-    joining a held batch are copied in as they come, and each answer is its own rows."""
+    joining a held batch are copied in as they come, each answer is its own rows, and
+    the holds are counted."""
     async def client(url, seed):
         rng, rows = np.random.default_rng(seed), 0
         async with AsyncClient(url) as c:
@@ -246,6 +247,9 @@ def test_closed_loop_clients_get_their_own_rows_through_held_batches():
                 "--batch-check-every", "0") as s:
         rows = asyncio.run(clients(s.url))
         stats = s.stats()
+        # ~24 rows in flight, 16 a batch: a partial batch waits at each device free
+        eventually(lambda: s.metric("gpserve_batch_hold_seconds_count") > 0,
+                   what="a held batch in gpserve_batch_hold_seconds")
     assert stats["errors"] == {}, stats
     assert stats["batched_rows"] == rows and stats["batches"] < 12 * 15, stats
 

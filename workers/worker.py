@@ -111,6 +111,7 @@ class Worker:
         self.staged: Batch | None = None         # gathered, next to run
         self.timer: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None   # see Dispatcher.loop
+        self.held_since: float | None = None     # the idle device waits for more rows
         self.pump_scheduled = False
         # output regions: token -> [regions, requests that have not released it yet]
         self.outstanding: dict[int, list] = {}
@@ -243,14 +244,23 @@ class Worker:
                     continue                # the staged batch takes what is queued
             elif self.staged is None:
                 self._wake_after(decision.wait)
+                if decision.wait is None:
+                    self.held_since = None                 # nothing waits
+                elif self.held_since is None:
+                    self.held_since = now                  # queued rows held (idle device)
                 break
             elif self.running is not None:
                 break
             elif self.staged.batchable:     # idle device, a staged batch: hold it?
                 wait = self.queue.hold(self.staged.rows, self.staged.entries[0].arrived, now)
                 if wait > 0:
+                    if self.held_since is None:
+                        self.held_since = now
                     self._wake_after(wait)
                     break
+            if self.held_since is not None:
+                metrics.BATCH_HOLD_SECONDS.observe(now - self.held_since)
+                self.held_since = None
             self._start_staged()            # inline: done by now, and this loop goes on
         self._publish_load()
 
