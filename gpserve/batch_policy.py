@@ -25,7 +25,7 @@ chosen by :func:`choose_worker`. Rows, not requests, are what the policy counts.
   for the clients just answered. Without that, closed-loop clients split into two
   cohorts that alternate at half a batch each (one runs while the other is answered and
   comes back) and never merge: 64 one-row clients of an 8 ms + 0.05 ms/row model were
-  served at 0.54 of its full-batch rate that way, 0.69 merged (``perf/standin.py``).
+  served at 0.54 of its full-batch rate that way, 0.72 merged (``perf/standin.py``).
 - A batch of ``n`` rows is padded up to the smallest of the worker's batch sizes that
   holds it (:class:`BatchSizes`), the sizes the worker ran before taking traffic.
 - The queue holds at most ``max_queue`` rows; past it a request is refused at once.
