@@ -51,8 +51,6 @@ class FrontState:
             from gpserve.workers.worker import Worker
             self.hosted = Worker(cfg, index, local=True)
             self.counters.set_pid("worker", index, os.getpid())
-            self.segments.adopt(self.hosted.arena)
-            self.hosted.segments.adopt(self.arena)
         self.ids = itertools.count(1)
         self.rows_from_model = metrics.ROWS.labels("model")
         self.timeout = cfg.timeout_ms / 1000.0

@@ -94,10 +94,12 @@ class Worker:
         self.backend = load(cfg, self.device, cfg.threads)
         metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - started)
         spec = self.backend.spec
-        self.arena = Arena(segment_path(cfg.run_id, f"worker{index}-{os.getpid()}"),
-                           cfg.arena_bytes)
         self.segments = Segments()
-        self.segments.adopt(self.arena)
+        self.arena = None                        # local: nothing to share with a front
+        if not local:
+            self.arena = Arena(segment_path(cfg.run_id, f"worker{index}-{os.getpid()}"),
+                               cfg.arena_bytes)
+            self.segments.adopt(self.arena)
         self.counters = Counters(segment_path(cfg.run_id, "counters"))
         max_batch = cfg.max_batch if cfg.batching != "off" and spec.batchable else 1
         self.sizes = BatchSizes.parse(cfg.batch_sizes, max_batch,
@@ -325,14 +327,16 @@ class Worker:
         if waits and batch.batchable and len(batch.entries) > 1:
             self._copy_in(batch)
 
-    def _copy_in(self, batch: Batch) -> bool:
-        """Copy the rows of the batch's entries not copied yet into buffers that hold
-        ``max_batch`` rows (allocated on first use); False if the arena has no room or
-        the inputs are String tensors (the batch is then gathered when it closes)."""
+    def _copy_in(self, batch: Batch, capacity: int | None = None) -> bool:
+        """Copy the rows of the batch's entries not copied yet into buffers in this
+        worker's arena, allocated on first use for ``capacity`` rows (``max_batch``
+        while the batch may still grow); False if the arena has no room, the worker is
+        in its front, or the inputs are String tensors (then the batch is gathered into
+        private memory when it closes)."""
         if not batch.buffers:
             if batch.copied < 0:
                 return False
-            capacity = self.queue.max_batch
+            capacity = capacity if capacity is not None else self.queue.max_batch
             for part in batch.views[0]:
                 placed = (self._alloc(part.dtype, (capacity,) + part.shape[1:])
                           if part.dtype != object else None)
@@ -355,10 +359,10 @@ class Worker:
         return True
 
     def _close(self, batch: Batch) -> None:
-        """The batch's model inputs at the size it runs as: one request's own shared
-        memory (0 copies), or its requests' rows gathered, and padded up to a warmed
-        size, in this worker's arena (1 copy; a padding row repeats the last row, a
-        valid input)."""
+        """The batch's model inputs at the size it runs as: one request's own memory (0
+        copies), or its requests' rows gathered (1 copy, done as they joined if the
+        batch waited), and padded up to a warmed size (a padding row repeats the last
+        real row, a valid input)."""
         entries, first = batch.entries, batch.entries[0].item
         if batch.batchable:
             batch.size = self.sizes.pad(batch.rows) if batch.rows else 0
@@ -371,30 +375,19 @@ class Worker:
             batch.feed = dict(zip(first.input_names, batch.views[0]))
             batch.region_of = {id(v): ref for v, ref in zip(batch.views[0], first.inputs)}
             return
-        if batch.buffers and self._copy_in(batch):     # filled while the device ran
+        if self._copy_in(batch, capacity=size):      # in the arena: outputs may point in
             for (out, ref), name in zip(batch.buffers, first.input_names):
-                if size > rows:                       # padding: the last real row again
+                if size > rows:
                     out[rows:size] = out[rows - 1:rows]
                 view = out[:size]
                 batch.region_of[id(view)] = ref._replace(shape=view.shape)
                 batch.feed[name] = view
             return
-        started = time.perf_counter()
+        started = time.perf_counter()     # String tensors, a full arena, or a local worker
         for k, name in enumerate(first.input_names):
-            parts = [v[k] for v in batch.views]
-            shape = (size,) + parts[0].shape[1:]
-            placed = self._alloc(parts[0].dtype, shape) if parts[0].dtype != object else None
-            if placed is None:                  # String tensors (or a full arena): private
-                out = np.concatenate(parts)
-                if size > rows:
-                    out = np.concatenate([out] + [out[-1:]] * (size - rows))
-            else:
-                out, ref, region = placed
-                batch.regions.append(region)
-                batch.region_of[id(out)] = ref
-                np.concatenate(parts, out=out[:rows])                    # the gather: 1 copy
-                if size > rows:
-                    out[rows:] = out[rows - 1:rows]
+            out = np.concatenate([v[k] for v in batch.views])            # the gather: 1 copy
+            if size > rows:
+                out = np.concatenate([out] + [out[-1:]] * (size - rows))
             batch.feed[name] = out
         metrics.BATCH_ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
 
