@@ -2,10 +2,12 @@
 attacker and as an operator would, kept fixed. Bounded in time and size; synchronised
 on what the server says, never on sleeps. Runs on echo, the default model and models
 the tests build, so a fresh clone runs all of it."""
+import http.client
 import os
 import signal
 import socket
 import threading
+import time
 
 import flatbuffers
 import numpy as np
@@ -251,6 +253,16 @@ def test_slow_headers_and_idle_keepalive_connections_are_closed():
         idle = raw(s.port, post_head(len(body)) + body)
         reply = read_all(idle)                  # answered, then closed after the idle time
         assert reply.startswith(b"HTTP/1.1 200") and reply.count(b"HTTP/1.1") == 1
+        # a connection in use is never closed by either clock, however long it is used
+        busy = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        busy.connect()
+        sock, answers, started = busy.sock, [], time.monotonic()
+        while time.monotonic() - started < 3:              # 3x both timeouts
+            busy.request("POST", "/", body, {"Content-Type": "application/octet-stream"})
+            answers.append(busy.getresponse().read())
+            assert busy.sock is sock, f"reconnected after {len(answers)} requests"
+        assert set(answers) == {reply.split(b"\r\n\r\n", 1)[1]}
+        busy.close()
         assert s.metric("gpserve_connections_refused_total", reason="header_timeout") == 21
     assert "within --header-timeout-s 1" in s.output()
 
