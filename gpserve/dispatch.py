@@ -5,6 +5,10 @@ A request goes straight to one worker (the least loaded, by the shared counters:
 :func:`gpserve.batch_policy.choose_worker`) and its answer comes back on the same link:
 two hops. When a worker's link drops (the worker died), every request it held is
 answered at once with ``Unavailable``; none waits for its deadline.
+
+Deadlines: every request of a front has the same timeout, so the oldest request waiting
+has the earliest deadline; one timer, at that deadline, serves them all (a timer per
+request cost about 1.7 us of uvloop's time to arm and cancel, 3% of a small request).
 """
 from __future__ import annotations
 
@@ -31,23 +35,27 @@ class Waiting:
     """A request sent to a worker: its answer's future, and, once the front stopped
     waiting (deadline), the arena regions the worker may still read."""
 
-    __slots__ = ("future", "worker", "deadline", "abandoned", "release")
+    __slots__ = ("future", "worker", "deadline", "answered", "release")
 
     def __init__(self, future, worker: int, deadline: float):
         self.future, self.worker, self.deadline = future, worker, deadline
-        self.abandoned = False
+        self.answered = False        # the answer came after the deadline failed it
         self.release = None          # frees the request's regions, once abandoned
 
 
 class Dispatcher:
     def __init__(self, run_id: str, front_index: int, workers: int, counters: Counters,
-                 segments: Segments):
+                 segments: Segments, timeout: float):
         self.run_id, self.index, self.workers = run_id, front_index, workers
-        self.counters, self.segments = counters, segments
+        self.counters, self.segments, self.timeout = counters, segments, timeout
         self.hello = ipc.Hello("front", front_index, os.getpid())
         self.links: dict[int, ipc.Link] = {}      # worker index -> link, once it said Hello
         self.connecting: dict[int, ipc.Link] = {}    # connected, its Hello not yet here
+        # requests waiting for an answer, oldest (earliest deadline) first; and those
+        # past their deadline whose answer has not come (their regions stay with them)
         self.waiting: dict[int, Waiting] = {}
+        self.abandoned: dict[int, Waiting] = {}
+        self.deadline_timer: asyncio.TimerHandle | None = None
         self.ids = itertools.count(1)
         self.turn = front_index
         self.linked = asyncio.Event()                # set while any worker is linked
@@ -85,13 +93,12 @@ class Dispatcher:
             del self.links[index]
         if not self.links:
             self.linked.clear()
-        failed = 0
-        for req_id, w in list(self.waiting.items()):
-            if w.worker != index:
-                continue
-            if w.abandoned:
+        for req_id, w in list(self.abandoned.items()):
+            if w.worker == index:
                 self._forget(req_id)
-            elif not w.future.done():
+        failed = 0
+        for w in self.waiting.values():
+            if w.worker == index and not w.future.done():
                 failed += 1
                 w.future.set_exception(Unavailable(
                     f"worker {index} (pid {pid}) exited while holding this request; it is "
@@ -102,12 +109,15 @@ class Dispatcher:
 
     def on_message(self, link: ipc.Link, message) -> None:
         w = self.waiting.get(message.req_id)
-        if w is None or w.abandoned:
-            self._forget(message.req_id)
-            if message.token is not None:
-                link.release(message.token)
-        elif not w.future.done():
+        if w is not None and not w.future.done():
             w.future.set_result((link, message))
+            return
+        if w is not None:            # failed by its deadline, its task not resumed yet
+            w.answered = True
+        else:                        # abandoned: its regions can go now
+            self._forget(message.req_id)
+        if message.token is not None:
+            link.release(message.token)
 
     @property
     def ready(self) -> bool:
@@ -132,12 +142,12 @@ class Dispatcher:
                 for i, link in sorted(self.links.items())]
 
     # -- requests ----------------------------------------------------------------------
-    async def run(self, refs, names, outputs, config, rows, key, timeout: float,
+    async def run(self, refs, names, outputs, config, rows, key,
                   hand_over) -> tuple[ipc.Link, ipc.Done]:
         """Send a request to a worker and wait for its answer (the caller releases the
         answer's token). On a timeout the worker may still read the request's regions:
-        ``hand_over()`` gives them to the waiting record, freed when the answer comes or
-        the worker dies."""
+        ``hand_over()`` gives them to the abandoned record, freed when the answer comes
+        or the worker dies."""
         if not self.links and self.counters.ready_workers():
             # a worker is up and this front is connecting to it (just started, or the
             # worker just restarted): a moment, not the deadline
@@ -154,26 +164,40 @@ class Dispatcher:
             raise Unavailable("no worker is running (the server is starting, or restarting "
                               "a worker); try again")
         req_id = next(self.ids)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self.timeout
         loop = self.loop
         if loop is None:
             loop = self.loop = asyncio.get_running_loop()
         w = self.waiting[req_id] = Waiting(loop.create_future(), chosen, deadline)
+        if self.deadline_timer is None:
+            self.deadline_timer = loop.call_later(self.timeout, self._expire_due)
         self.links[chosen].send(ipc.Submit(req_id, refs, names, outputs, config, rows, key,
                                            deadline))
-        timer = loop.call_later(timeout, _expire, w.future)     # cheaper than wait_for
         try:
             return await w.future
         except asyncio.TimeoutError:
-            w.abandoned, w.release = True, hand_over()
-            raise DeadlineExceeded(f"no result within --timeout-ms {timeout * 1e3:g}") from None
+            if not w.answered:                  # the worker may still read its regions
+                w.release = hand_over()
+                self.abandoned[req_id] = w
+            raise DeadlineExceeded(
+                f"no result within --timeout-ms {self.timeout * 1e3:g}") from None
         finally:
-            timer.cancel()
-            if not w.abandoned:
-                del self.waiting[req_id]
+            del self.waiting[req_id]
+
+    def _expire_due(self) -> None:
+        """Fail the requests past their deadline, then wait for the next deadline: the
+        oldest request's, as every request has the same timeout."""
+        self.deadline_timer = None
+        now = time.monotonic()
+        for w in self.waiting.values():
+            if w.deadline > now:
+                self.deadline_timer = self.loop.call_later(w.deadline - now, self._expire_due)
+                return
+            if not w.future.done():
+                w.future.set_exception(asyncio.TimeoutError())
 
     def _forget(self, req_id: int) -> None:
-        w = self.waiting.pop(req_id, None)
+        w = self.abandoned.pop(req_id, None)
         if w is not None and w.release is not None:
             w.release()
 
@@ -182,8 +206,8 @@ class Dispatcher:
         while True:
             await asyncio.sleep(5)
             now = time.monotonic()
-            for req_id, w in list(self.waiting.items()):
-                if w.abandoned and now > w.deadline + ABANDONED_GRACE_S:
+            for req_id, w in list(self.abandoned.items()):
+                if now > w.deadline + ABANDONED_GRACE_S:
                     self._forget(req_id)
 
 
@@ -202,8 +226,3 @@ class LocalEnd:
 
     def release(self, token: int) -> None:
         self.send(ipc.Release((token,)))
-
-
-def _expire(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_exception(asyncio.TimeoutError())

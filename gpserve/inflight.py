@@ -45,15 +45,14 @@ class FrontState:
         self.segments.adopt(self.arena)
         self.counters = Counters(segment_path(cfg.run_id, "counters"))
         self.body = BodyReader(cfg, self.arena)
-        self.workers = Dispatcher(cfg.run_id, index, cfg.workers, self.counters, self.segments)
+        self.workers = Dispatcher(cfg.run_id, index, cfg.workers, self.counters, self.segments,
+                                  cfg.timeout_ms / 1000.0)
         self.hosted = None
         if cfg.placement == "fronts":           # this front runs its own model instance
             from gpserve.workers.worker import Worker
             self.hosted = Worker(cfg, index, local=True)
             self.counters.set_pid("worker", index, os.getpid())
         self.ids = itertools.count(1)
-        self.rows_from_model = metrics.ROWS.labels("model")
-        self.timeout = cfg.timeout_ms / 1000.0
         self.server = None          # the uvicorn Server, for draining state
         self.metadata_body = bytes(P.encode_metadata_response(
             spec.metadata(server=f"gpserve {__version__}", version=__version__)))
@@ -192,13 +191,12 @@ class FrontState:
         memory) and the function that releases them and the request's regions, to call
         once the arrays are read. ``alone`` (or ``--batching off``, or a model that
         cannot batch) runs the request by itself."""
-        served_rows = rows if rows is not None else 1
         if alone or self.cfg.batching == "off" or not self.spec.batchable:
             rows = None
         key = (tuple(names), tuple(_layout(r) for r in refs), tuple(outputs),
                config) if rows is not None else ("alone", next(self.ids))
         link, done = await self.workers.run(refs, tuple(names), tuple(outputs), config, rows,
-                                            key, self.timeout, regions.hand_over)
+                                            key, regions.hand_over)
 
         def finish() -> None:
             if done.token is not None:
@@ -207,7 +205,6 @@ class FrontState:
         if done.error is not None:
             finish()
             raise from_code(*done.error)
-        self.rows_from_model.inc(served_rows)
         arrays = []
         local = self.hosted is not None
         for sl in done.outputs:

@@ -224,11 +224,17 @@ class StandInWorkerLink:
 
 
 @pytest.fixture
-def dispatcher():
+def make_dispatcher():
+    """A front's dispatcher with the given request timeout (seconds)."""
     path = f"/dev/shm/gpserve-test-{os.getpid()}-policy-counters"
     counters = Counters(path, create=True)
-    yield Dispatcher("test", 0, 2, counters, Segments())
+    yield lambda timeout: Dispatcher("test", 0, 2, counters, Segments(), timeout)
     os.unlink(path)
+
+
+@pytest.fixture
+def dispatcher(make_dispatcher):
+    return make_dispatcher(60.0)
 
 
 def test_a_worker_s_death_answers_what_it_held_at_once(dispatcher):
@@ -237,7 +243,7 @@ def test_a_worker_s_death_answers_what_it_held_at_once(dispatcher):
         for link in (dead, alive):
             dispatcher.on_peer(link)
         dispatcher.counters.worker_load(1, 50)      # worker 1 busier: 0 gets both
-        calls = [asyncio.create_task(dispatcher.run((), ("x",), ("y",), "", 1, KEY, 60.0,
+        calls = [asyncio.create_task(dispatcher.run((), ("x",), ("y",), "", 1, KEY,
                                                     lambda: None)) for _ in range(2)]
         await asyncio.sleep(0)
         assert [type(m) for m in dead.sent] == [ipc.Submit, ipc.Submit] and not alive.sent
@@ -247,7 +253,7 @@ def test_a_worker_s_death_answers_what_it_held_at_once(dispatcher):
                 await call
         assert list(dispatcher.links) == [1] and dispatcher.waiting == {}
         # an answer on the live link still resolves its request
-        call = asyncio.create_task(dispatcher.run((), ("x",), ("y",), "", 1, KEY, 60.0,
+        call = asyncio.create_task(dispatcher.run((), ("x",), ("y",), "", 1, KEY,
                                                   lambda: None))
         await asyncio.sleep(0)
         req = alive.sent[-1]
@@ -257,18 +263,47 @@ def test_a_worker_s_death_answers_what_it_held_at_once(dispatcher):
     asyncio.run(scenario())
 
 
-def test_an_abandoned_request_s_memory_is_freed_when_its_worker_dies(dispatcher):
-    freed = []
+def test_an_abandoned_request_s_memory_is_freed_when_its_worker_dies(make_dispatcher):
+    dispatcher, freed = make_dispatcher(0.01), []
 
     async def scenario():
         link = StandInWorkerLink(0, 111)
         dispatcher.on_peer(link)
-        with pytest.raises(Exception, match="no result within"):
-            await dispatcher.run((), ("x",), ("y",), "", 1, KEY, 0.01,
+        with pytest.raises(Exception, match="no result within --timeout-ms 10"):
+            await dispatcher.run((), ("x",), ("y",), "", 1, KEY,
                                  lambda: lambda: freed.append(True))
         assert not freed                   # the worker may still read it
         dispatcher.on_lost(link)
-        assert freed == [True]
+        assert freed == [True] and dispatcher.abandoned == {}
+    asyncio.run(scenario())
+
+
+def test_deadlines_fail_each_request_in_turn_and_late_answers_free_what_they_hold(
+        make_dispatcher):
+    """One timer serves every deadline: requests sent one after another each fail at
+    their own deadline; one answered in time is not failed; an answer that comes after
+    its request gave up releases the worker's memory, and the request's own."""
+    dispatcher, freed = make_dispatcher(0.05), []
+
+    async def scenario():
+        link = StandInWorkerLink(0, 111)
+        dispatcher.on_peer(link)
+        calls = []
+        for i in range(3):
+            calls.append(asyncio.create_task(dispatcher.run(
+                (), ("x",), ("y",), "", 1, KEY, lambda i=i: lambda: freed.append(i))))
+            await asyncio.sleep(0)
+        answered = link.sent[1]
+        dispatcher.on_message(link, ipc.Done(answered.req_id, (), None, 7))
+        for i in (0, 2):
+            with pytest.raises(Exception, match="no result within --timeout-ms 50"):
+                await calls[i]
+        assert (await calls[1])[1].token == 7
+        assert set(dispatcher.abandoned) == {link.sent[0].req_id, link.sent[2].req_id}
+        assert dispatcher.waiting == {} and not freed
+        dispatcher.on_message(link, ipc.Done(link.sent[2].req_id, (), None, 9))
+        assert freed == [2] and link.sent[-1] == ipc.Release((9,))
+        assert set(dispatcher.abandoned) == {link.sent[0].req_id}
     asyncio.run(scenario())
 
 
