@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from http import HTTPStatus
 
 from . import metrics
 
@@ -97,17 +98,95 @@ def sweep_interval(header_timeout_s: float, keepalive_timeout_s: float) -> float
     return min(max(min(header_timeout_s, keepalive_timeout_s) / 8, 0.01), 1.0)
 
 
-def guarded_protocol(header_timeout_s: float, on_count=None):
-    """uvicorn's httptools protocol with a header timeout, and its keep-alive timeout
-    kept by the same sweep, for ``uvicorn.Config(http=...)`` (uvicorn is imported here,
-    in the front that runs it, not by whoever imports us). ``on_count(n)`` hears this
-    front's number of open connections when it changes."""
+class _NoEvent:
+    """What uvicorn sets on a lost connection's request cycle; nobody waits on it here."""
+
+    @staticmethod
+    def set() -> None:
+        pass
+
+
+class Answering:
+    """A request answered on the fast path, in the place of uvicorn's request cycle
+    (``protocol.cycle``), with what uvicorn reads and writes there: a request pipelined
+    behind it waits while ``response_complete`` is false; a lost connection sets
+    ``disconnected``, a drain clears ``keep_alive``."""
+
+    __slots__ = ("response_complete", "disconnected", "keep_alive")
+    message_event = _NoEvent
+
+    def __init__(self):
+        self.response_complete = self.disconnected = False
+        self.keep_alive = True
+
+
+class ResponseHead:
+    """The head of a fast-path response: the status line, uvicorn's default headers of
+    the moment (``date``, rebuilt by uvicorn once a second; cached by identity), the
+    body's type and length."""
+
+    def __init__(self, content_type: bytes):
+        self.content_type = b"content-type: %s\r\n" % content_type
+        self.defaults, self.defaults_bytes = None, b""
+        self.status_lines: dict[int, bytes] = {}
+
+    def __call__(self, status: int, length: int, defaults: list, keep_alive: bool) -> bytes:
+        line = self.status_lines.get(status)
+        if line is None:
+            line = self.status_lines[status] = b"HTTP/1.1 %d %s\r\n" % (
+                status, HTTPStatus(status).phrase.encode())
+        if defaults is not self.defaults:
+            self.defaults = defaults
+            self.defaults_bytes = b"".join(b"%s: %s\r\n" % kv for kv in defaults)
+        return b"%s%s%scontent-length: %d\r\n%s\r\n" % (
+            line, self.defaults_bytes, self.content_type, length,
+            b"" if keep_alive else b"connection: close\r\n")
+
+
+def fast_path_takes(method: bytes, url: bytes, version: str, keep_alive: bool,
+                    headers: list, expect_continue: bool, limit: int) -> bool:
+    """Whether a request's headers qualify it for the fast path: ``POST /`` over
+    HTTP/1.1 keep-alive with a Content-Length of at most ``limit`` bytes, no
+    ``Transfer-Encoding``, no ``Expect``. (Whether its body then came whole in the same
+    read is known only after the read: see ``guarded_protocol``.)"""
+    if (method != b"POST" or url != b"/" or version != "1.1" or not keep_alive
+            or expect_continue):
+        return False
+    length = None
+    for name, value in headers:
+        if name == b"content-length":
+            if length is not None or not value.isdigit():
+                return False
+            length = int(value)
+        elif name == b"transfer-encoding" or name == b"expect":
+            return False
+    return length is not None and length <= limit
+
+
+def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
+                     fast_limit: int = 0):
+    """uvicorn's httptools protocol with a header timeout, its keep-alive timeout kept
+    by the same sweep, and a fast path for small GraphPipe requests, for
+    ``uvicorn.Config(http=...)`` (uvicorn is imported here, in the front that runs it,
+    not by whoever imports us). ``on_count(n)`` hears this front's number of open
+    connections when it changes.
+
+    The fast path: a ``POST /`` whose whole body (at most ``fast_limit`` bytes) came in
+    the same read as its headers, on a connection answering nothing else, is answered
+    by ``await fast_post(body, client) -> (status, response body)`` and written here:
+    no ASGI scope, messages, receive or send (uvicorn's side of a small request was a
+    quarter of a front's time). Anything else, or a request whose body has not all come
+    by the end of the read, goes through uvicorn and the ASGI app as before (the latter
+    is handed its headers and body so far)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    head = ResponseHead(b"application/octet-stream")
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         header_due: float | None = None   # loop time: the request's headers must be in
         idle_due: float | None = None     # loop time: an idle connection is closed
         sweeping = False                  # this front's sweep is scheduled (class-wide)
+        fast_body: list | None = None     # a fast-path request's body pieces, this read
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -124,16 +203,92 @@ def guarded_protocol(header_timeout_s: float, on_count=None):
             if self.header_due is None:
                 self.header_due = self.loop.time() + header_timeout_s
 
+        # -- the fast path -------------------------------------------------------------
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.fast_body is not None:
+                if self.parser is None or self.transport.is_closing():
+                    self.fast_body = None                   # a bad request, answered 400
+                else:
+                    self._to_uvicorn()      # its body is still on the way: the usual path
+
         def on_headers_complete(self) -> None:
             self.header_due = None
+            parser, cycle = self.parser, self.cycle
+            if (fast_post is not None and (cycle is None or cycle.response_complete)
+                    and not self.pipeline and not parser.should_upgrade()
+                    and fast_path_takes(parser.get_method(), self.url,
+                                        parser.get_http_version(),
+                                        parser.should_keep_alive(), self.headers,
+                                        self.expect_100_continue, fast_limit)
+                    and not self._over_limit()):
+                self.fast_body = []
+                return
+            self._to_asgi()
+
+        def on_body(self, body: bytes) -> None:
+            if self.fast_body is not None:
+                self.fast_body.append(body)
+            else:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            pieces = self.fast_body
+            if pieces is None:
+                super().on_message_complete()
+                return
+            self.fast_body = None
+            answering = self.cycle = Answering()
+            task = self.loop.create_task(self._answer(
+                answering, pieces[0] if len(pieces) == 1 else b"".join(pieces)))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+
+        def _to_uvicorn(self) -> None:
+            """A fast-path request whose body did not all come in one read: handed to
+            uvicorn with what came (its headers are still the parser's)."""
+            pieces, self.fast_body = self.fast_body, None
+            self._to_asgi()
+            for piece in pieces:
+                super().on_body(piece)
+
+        async def _answer(self, answering: Answering, body: bytes) -> None:
+            try:
+                status, response = await fast_post(body, self.client)
+            except Exception:
+                log.exception("internal error answering a request")
+                status, response = 500, b""
+                answering.keep_alive = False
+            if self.flow.write_paused and not answering.disconnected:
+                await self.flow.drain()            # the client reads slower than it asks
+            if answering.disconnected:
+                return
+            data = head(status, len(response), self.server_state.default_headers,
+                        answering.keep_alive)
+            if len(response) < OneWrite.JOIN_BELOW:
+                self.transport.write(data + response)          # 1 copy of a small body
+            else:
+                self.transport.writelines((data, response))
+            answering.response_complete = True
+            if not answering.keep_alive:
+                self.transport.close()
+            self.on_response_complete()
+
+        # -- uvicorn's path -------------------------------------------------------------
+        def _over_limit(self) -> bool:
             limit = self.limit_concurrency
-            if limit is not None and (len(self.connections) >= limit
-                                      or len(self.tasks) >= limit):
+            return limit is not None and (len(self.connections) >= limit
+                                          or len(self.tasks) >= limit)
+
+        def _to_asgi(self) -> None:
+            limit = self.limit_concurrency
+            if self._over_limit():
                 NOTES.acted("connection_limit",
                             f"--max-connections {limit} reached: requests get 503")
             super().on_headers_complete()
             cycle = self.cycle
-            if (cycle is not None and type(cycle.transport) is not OneWrite
+            if (cycle is not None and type(cycle) is not Answering
+                    and type(cycle.transport) is not OneWrite
                     and cycle.scope["method"] != "HEAD"):     # HEAD: no body write follows
                 cycle.transport = OneWrite(cycle.transport)
 

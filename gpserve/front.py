@@ -2,7 +2,9 @@
 
 ``POST /`` (GraphPipe) and ``/v2/...`` (the Open Inference Protocol,
 :mod:`gpserve.oip.rest`) go straight to :class:`gpserve.inflight.FrontState`; the
-metadata JSON and control routes are ordinary Starlette routes.
+metadata JSON and control routes are ordinary Starlette routes. A small ``POST /``
+whose body came whole with its headers skips ASGI altogether: the connection calls
+:meth:`FrontApp.post_whole` (see :func:`gpserve.connections.guarded_protocol`).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .protocol.messages import type_name
 log = logging.getLogger("gpserve.front")
 access_log = logging.getLogger("gpserve.access")
 OCTETS = "application/octet-stream"
+FAST_BODY_MAX = 64 * 1024        # bodies up to this come whole in one read, or nearly
 _OCTET_HEADERS = [(b"content-type", OCTETS.encode())]
 
 
@@ -57,47 +60,67 @@ class FrontApp:
             started = time.perf_counter()
             status, kind, size, body = await self.post(scope, receive)
             await _respond(send, status, body)
-            self.record(scope, status, kind, size, len(body), time.perf_counter() - started)
+            self.record(scope.get("client"), "POST", "/", status, kind, size, len(body),
+                        time.perf_counter() - started)
         elif scope["type"] == "http" and is_v2(scope["path"]):
             started = time.perf_counter()
             status, headers, body, kind = await self.v2.handle(scope, receive)
             await _respond(send, status, body, headers, send_body=scope["method"] != "HEAD")
             size = next((int(v) for k, v in scope["headers"]
                          if k == b"content-length" and v.isdigit()), 0)
-            self.record(scope, status, kind, size, len(body), time.perf_counter() - started)
+            self.record(scope.get("client"), scope["method"], scope["path"], status, kind,
+                        size, len(body), time.perf_counter() - started)
         else:
             await self.other(scope, receive, send)
 
-    def record(self, scope, status: int, kind: str, size: int, sent: int, seconds: float):
+    def record(self, client, method: str, path: str, status: int, kind: str, size: int,
+               sent: int, seconds: float):
         """Metrics, and the access-log line, for one request of either protocol."""
         metrics.REQUESTS.labels(str(status), kind).inc()
         metrics.REQUEST_SECONDS.observe(seconds)
         if self.access_level is not None and access_log.isEnabledFor(self.access_level):
-            client = scope.get("client") or ("-", 0)
+            host = client[0] if client else "-"
             access_log.log(self.access_level, '%s "%s %s" %d %s in=%d out=%d %.2fms',
-                           client[0], scope["method"], scope["path"], status, kind, size,
-                           sent, seconds * 1e3,
-                           extra={"fields": {"client": client[0], "method": scope["method"],
-                                             "path": scope["path"], "status": status,
+                           host, method, path, status, kind, size, sent, seconds * 1e3,
+                           extra={"fields": {"client": host, "method": method,
+                                             "path": path, "status": status,
                                              "kind": kind, "bytes_in": size, "bytes_out": sent,
                                              "ms": round(seconds * 1e3, 3)}})
 
+    async def post_whole(self, body: bytes, client) -> tuple[int, bytes | memoryview]:
+        """A GraphPipe request whose whole body is in hand (the connection's fast path):
+        (HTTP status, response body)."""
+        started = time.perf_counter()
+        status, kind, response = await self.answer(body, self.state.new_request())
+        self.record(client, "POST", "/", status, kind, len(body), len(response),
+                    time.perf_counter() - started)
+        return status, response
+
     async def post(self, scope, receive) -> tuple[int, str, int, bytes | memoryview]:
         """(HTTP status, kind of request, body size, response body)."""
-        state, size = self.state, 0
+        state = self.state
         regions = state.new_request()
         try:
             body = await state.body.read(scope, receive, regions)
-            size = len(body)
+        except Exception as e:
+            failure = state.failed(e, regions)
+            return (failure.http_status, "error", 0,
+                    P.encode_error(failure.code, failure.message))
+        status, kind, response = await self.answer(body, regions)
+        return status, kind, len(body), response
+
+    async def answer(self, body, regions) -> tuple[int, str, bytes | memoryview]:
+        """A GraphPipe body's answer: (HTTP status, kind of request, response body)."""
+        state = self.state
+        try:
             req = P.decode_request(body, *state.string_limit)
             if isinstance(req, P.MetadataRequest):
                 regions.release()
-                return 200, "metadata", size, state.metadata_body
-            return 200, "infer", size, await state.infer(req, regions)
+                return 200, "metadata", state.metadata_body
+            return 200, "infer", await state.infer(req, regions)
         except Exception as e:
             failure = state.failed(e, regions)
-        return (failure.http_status, "error", size,
-                P.encode_error(failure.code, failure.message))
+        return failure.http_status, "error", P.encode_error(failure.code, failure.message)
 
 
 def build_app(state: FrontState) -> FrontApp:
@@ -192,10 +215,13 @@ def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
         held = len(state.server.server_state.connections)
         fewest = counters.fewest_connections(cfg.fronts, index)
         return held, 0 if fewest is None else held - fewest
+    app = build_app(state)
     config = uvicorn.Config(
-        build_app(state), loop="uvloop",
+        app, loop="uvloop",
         http=guarded_protocol(cfg.header_timeout_s,
-                              lambda n: counters.set_connections(index, n)),
+                              lambda n: counters.set_connections(index, n),
+                              fast_post=app.post_whole,
+                              fast_limit=min(FAST_BODY_MAX, cfg.max_body_bytes)),
         lifespan="on", access_log=False, log_config=None,   # our own access log and logging
         log_level="warning" if cfg.verbose < 2 else "info",
         timeout_graceful_shutdown=int(cfg.timeout_ms / 1000) + 5, backlog=2048,
