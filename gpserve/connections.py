@@ -193,8 +193,9 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
             self.header_due = self.loop.time() + header_timeout_s
             if not GuardedHttpToolsProtocol.sweeping:
                 GuardedHttpToolsProtocol.sweeping = True
-                self.loop.call_later(self._interval(), self._sweep, self.loop,
-                                     self.connections)
+                interval = sweep_interval(header_timeout_s, self.timeout_keep_alive)
+                self.loop.call_later(interval, self._sweep, self.loop, self.connections,
+                                     interval)
             if on_count is not None:
                 on_count(len(self.connections))
 
@@ -324,26 +325,21 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
                 return
             super().shutdown()
 
-        def _interval(self) -> float:
-            return sweep_interval(header_timeout_s, self.timeout_keep_alive)
-
         @classmethod
-        def _sweep(cls, loop, connections) -> None:
-            """Close the connections past a deadline; again in an interval while any
+        def _sweep(cls, loop, connections, interval: float) -> None:
+            """Close the connections past a deadline; again in ``interval`` while any
             connection is open."""
             now = loop.time()
-            interval = None
             for conn in list(connections):
-                interval = conn._interval()
                 if conn.header_due is not None and now >= conn.header_due:
                     conn._too_slow()
                 elif conn.idle_due is not None and now >= conn.idle_due:
                     conn.idle_due = None
                     conn.timeout_keep_alive_handler()
-            if interval is None:
-                cls.sweeping = False
+            if connections:
+                loop.call_later(interval, cls._sweep, loop, connections, interval)
             else:
-                loop.call_later(interval, cls._sweep, loop, connections)
+                cls.sweeping = False
 
         def _too_slow(self) -> None:
             self.header_due = None

@@ -103,9 +103,8 @@ class FrontApp:
         try:
             body = await state.body.read(scope, receive, regions)
         except Exception as e:
-            failure = state.failed(e, regions)
-            return (failure.http_status, "error", 0,
-                    P.encode_error(failure.code, failure.message))
+            status, kind, response = self._failed(e, regions)
+            return status, kind, 0, response
         status, kind, response = await self.answer(body, regions)
         return status, kind, len(body), response
 
@@ -119,7 +118,12 @@ class FrontApp:
                 return 200, "metadata", state.metadata_body
             return 200, "infer", await state.infer(req, regions)
         except Exception as e:
-            failure = state.failed(e, regions)
+            return self._failed(e, regions)
+
+    def _failed(self, e: Exception, regions) -> tuple[int, str, bytes]:
+        """A GraphPipe request that failed at any step: (HTTP status, "error", the
+        GraphPipe ``Error`` body)."""
+        failure = self.state.failed(e, regions)
         return failure.http_status, "error", P.encode_error(failure.code, failure.message)
 
 

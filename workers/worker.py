@@ -386,10 +386,11 @@ class Worker:
             return
         started = time.perf_counter()     # String tensors, a full arena, or a local worker
         for k, name in enumerate(first.input_names):
-            out = np.concatenate([v[k] for v in batch.views])            # the gather: 1 copy
-            if size > rows:
-                out = np.concatenate([out] + [out[-1:]] * (size - rows))
-            batch.feed[name] = out
+            parts = [v[k] for v in batch.views]
+            if size > rows:                       # padding: the last real row again
+                last = next(p for p in reversed(parts) if len(p))[-1:]
+                parts += [last] * (size - rows)
+            batch.feed[name] = np.concatenate(parts)     # the gather and padding: 1 copy
         metrics.BATCH_ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
 
     def _array(self, ref):
