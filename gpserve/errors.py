@@ -99,10 +99,18 @@ class RequestTimeout(GraphPipeError):
     code, http_status = 16, 408
 
 
+class InvalidString(GraphPipeError):
+    """A String element the model's runtime cannot take as it is (ONNX Runtime's strings
+    are UTF-8 text: bytes that are not UTF-8 would reach it garbled)."""
+
+    code, http_status = 17, 400
+
+
 ALL_ERRORS: tuple[type[GraphPipeError], ...] = (
     ProtocolError, UnsupportedRequest, UnknownInput, UnknownOutput, WrongInputCount,
     DtypeMismatch, ShapeMismatch, BodyTooLarge, QueueFull, DeadlineExceeded,
     ModelError, Unavailable, InternalError, BadConfig, TooManyRows, RequestTimeout,
+    InvalidString,
 )
 BY_CODE: dict[int, type[GraphPipeError]] = {e.code: e for e in ALL_ERRORS}
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpserve.errors import InvalidString
 from gpserve.modelspec import IOSpec, ModelSpec
 
 from .devices import usable
@@ -30,6 +31,32 @@ def _io(arg) -> IOSpec:
     if kind is None:
         raise ValueError(f"{arg.name}: ONNX type {arg.type} has no GraphPipe equivalent")
     return IOSpec(arg.name, np.dtype(kind), _dims(arg.shape))
+
+
+def as_text(name: str, strings: np.ndarray) -> np.ndarray:
+    """A String input as ONNX Runtime takes it: an object array of ``str``. Its strings
+    are UTF-8 text; handed a Python ``bytes`` element it stores the element's ``repr``
+    (``b"hi"`` becomes ``"b'hi'"``), so every element is decoded here (1 copy of the
+    strings, into new Python objects), and bytes that are not UTF-8 are the client's
+    error, naming the input, rather than a garbled answer. NUL and any other UTF-8
+    round-trip byte-exact (ONNX Runtime's outputs come back as ``str``, which the
+    encoders write as UTF-8)."""
+    flat = strings.reshape(-1)
+    try:
+        text = [x.decode() if type(x) is bytes else x for x in flat.tolist()]
+    except UnicodeDecodeError:
+        for i, x in enumerate(flat.tolist()):
+            try:
+                x.decode() if type(x) is bytes else x
+            except UnicodeDecodeError as e:
+                raise InvalidString(
+                    f"input {name!r}: String element {i} is not valid UTF-8 ({e.reason} at "
+                    f"byte {e.start}); this ONNX model takes its strings as UTF-8 text"
+                ) from None
+        raise
+    out = np.empty(len(text), dtype=object)
+    out[:] = text
+    return out.reshape(strings.shape)
 
 
 def providers_for(device: str, available: list[str], chosen_by_user: bool) -> list:
@@ -73,6 +100,7 @@ class OnnxBackend:
         self.per_size_failed = False
         ins = [_io(a) for a in self.session.get_inputs()]
         outs = [_io(a) for a in self.session.get_outputs()]
+        self.text_inputs = {s.name for s in ins if s.dtype == object}
         self.spec = ModelSpec(
             name=Path(path).name.removesuffix(".gz").removesuffix(".onnx"), backend="onnx",
             inputs=ins, outputs=outs,
@@ -114,4 +142,7 @@ class OnnxBackend:
         if self.per_size:
             rows = len(next(iter(inputs.values())))
             session = self.per_size.get(rows, session)   # other sizes: the first session
+        if self.text_inputs:
+            inputs = {name: as_text(name, arr) if name in self.text_inputs else arr
+                      for name, arr in inputs.items()}
         return session.run(output_names, inputs)
