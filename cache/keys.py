@@ -2,7 +2,7 @@
 
 A row's key is BLAKE3 (32 bytes) over, in order, each part length-prefixed:
 
-    "gpserve-row-key-v1", the model fingerprint, the request's config,
+    "gpserve-row-key-v2", the model fingerprint, the request's config,
     then for every input: its name, dtype (numpy ``dtype.str``) and row shape,
     then for every input: the row's bytes (String elements: length-prefixed bytes).
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-VERSION = b"gpserve-row-key-v1"
+VERSION = b"gpserve-row-key-v2"    # v2: values sealed with a checksum (store.py)
 
 
 def _part(h, data: bytes) -> None:

@@ -22,7 +22,7 @@ WORKER_FIELDS = ("pid", "ready", "queued_rows", "batches", "rows", "padded_rows"
                  "checks", "checks_changed", "check_abs", "check_rel",   # the last two: float64
                  *(f"warmed{i}" for i in range(WARMED_SIZES)))
 CACHE_FIELDS = ("cache_hits", "cache_misses", "cache_writes", "cache_evictions",
-                "cache_errors", "cache_rotations")
+                "cache_errors", "cache_rotations", "cache_corrupt")
 FRONT_FIELDS = ("pid", *CACHE_FIELDS, "connections")
 ERROR_CODES = 32
 

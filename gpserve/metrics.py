@@ -167,6 +167,9 @@ CACHE_EVICTIONS = Counter("gpserve_cache_evictions",
                           "Rows evicted from the row cache (its old generation cleared)")
 CACHE_ERRORS = Counter("gpserve_cache_errors",
                        "Row-cache failures (writes dropped, or the cache disabled)")
+CACHE_CORRUPT = Counter("gpserve_cache_corrupt_rows",
+                        "Cached rows that failed their checksum: answered as misses and "
+                        "computed again")
 CACHE_BYTES = Gauge("gpserve_cache_bytes", "Bytes the row cache holds",
                     multiprocess_mode="livemax")
 BATCH_CHECKS = Counter("gpserve_batch_checks",

@@ -4,9 +4,12 @@ import os
 
 import numpy as np
 import pytest
+from gpserve.cache import integrity
 from gpserve.cache.store import RowCache
+from gpserve.cache.store import stats as store_stats
 
 from gpserve.counters import Counters
+from gpserve.testing import eventually
 
 ROW_BYTES = 4096 * 4                       # one float32 [4096] output row: 16 KiB
 
@@ -91,3 +94,92 @@ def test_writes_near_the_map_size_never_fail(tmp_path, counters):
         assert cache.flush()
     assert totals(counters)["errors"] == 0, cache.last_error
     assert totals(counters)["rotations"] >= 10
+
+
+MARK = np.float32(1234.5678)                         # a value easy to find in the file
+
+
+def damage_value(env_dir, row_bytes: bytes) -> int:
+    """Change one byte inside every stored copy of ``row_bytes`` in data.mdb (what a
+    damaged page does); how many copies were changed."""
+    data = env_dir / "data.mdb"
+    raw = bytearray(data.read_bytes())
+    count, at = 0, raw.find(row_bytes)
+    while at >= 0:
+        raw[at + 5] ^= 0x40
+        count += 1
+        at = raw.find(row_bytes, at + 1)
+    data.write_bytes(bytes(raw))                     # same size: only those bytes change
+    return count
+
+
+def test_a_row_whose_bytes_changed_on_disk_is_a_miss_never_a_wrong_answer(tmp_path, counters):
+    cache = RowCache(tmp_path / "env", 4, counters, 0)
+    keys = [b"k" * 32, b"j" * 32]
+    rows = np.full((2, 64), MARK, np.float32)
+    rows[1] = 7
+    cache.store(keys, ["y"], [rows])
+    assert cache.flush()
+    assert damage_value(tmp_path / "env", rows[0].tobytes()) == 1
+    found = cache.lookup(keys, ["y"])
+    assert found[0] is None                                        # not the damaged row
+    np.testing.assert_array_equal(found[1][0], rows[1])           # its neighbour is intact
+    t = totals(counters)
+    assert (t["corrupt"], t["hits"], t["misses"]) == (1, 1, 1)
+    cache.store(keys[:1], ["y"], [rows[:1]])                       # computed again: rewritten
+    assert cache.flush()
+    np.testing.assert_array_equal(cache.lookup(keys[:1], ["y"])[0][0], rows[0])
+
+
+def test_integrity_reads_lmdb_meta_pages(tmp_path, counters):
+    env_dir = tmp_path / "env"
+    assert integrity.damage(env_dir) is None                       # nothing there yet
+    cache = RowCache(env_dir, 4, counters, 0)
+    fill(cache, 0, 64)                                             # 1 MiB of rows
+    assert cache.flush()
+    assert integrity.damage(env_dir) is None
+    data = env_dir / "data.mdb"
+    size = data.stat().st_size
+    os.truncate(data, size // 2)
+    assert "cut short" in integrity.damage(env_dir)
+    os.truncate(data, 8192)                                        # the meta pages alone
+    assert "cut short" in integrity.damage(env_dir)
+    data.write_bytes(os.urandom(8192))
+    assert "not an LMDB data file" in integrity.damage(env_dir)
+
+
+@pytest.mark.parametrize("how", ["half", "meta pages only", "not lmdb"])
+def test_a_damaged_file_is_moved_aside_and_a_fresh_cache_opened(tmp_path, counters, how):
+    env_dir = tmp_path / "env"
+    first = RowCache(env_dir, 4, counters, 0)
+    keys = fill(first, 0, 64)
+    assert first.flush()
+    first.env.close()
+    data = env_dir / "data.mdb"
+    if how == "not lmdb":
+        data.write_bytes(os.urandom(3 * 4096))
+    else:
+        os.truncate(data, data.stat().st_size // 2 if how == "half" else 8192)
+    cache = RowCache(env_dir, 4, counters, 0)                      # no SIGBUS: checked first
+    assert cache.enabled
+    aside = sorted(tmp_path.glob("env.damaged-*"))
+    assert len(aside) == 1 and (aside[0] / "data.mdb").exists()    # kept, not deleted
+    assert cache.lookup(keys, ["y"]) == [None] * len(keys)         # a fresh, empty cache
+    fill(cache, 0, 4)
+    assert cache.flush() and all(f is not None for f in cache.lookup(keys[:4], ["y"]))
+    assert "damaged" in store_stats(aside[0])                      # `gpserve cache stats`
+
+
+def test_a_file_cut_short_while_serving_is_moved_aside_before_it_is_read(tmp_path, counters):
+    env_dir = tmp_path / "env"
+    cache = RowCache(env_dir, 4, counters, 0)
+    keys = fill(cache, 0, 64)
+    assert cache.flush()
+    data = env_dir / "data.mdb"
+    os.truncate(data, data.stat().st_size // 2)                    # by someone else
+    eventually(lambda: list(tmp_path.glob("env.damaged-*")), timeout=30,
+               what="the writer to notice the file shrank")
+    eventually(lambda: cache.enabled, what="a fresh cache")
+    assert cache.lookup(keys, ["y"]) == [None] * len(keys)         # the fresh file, no fault
+    fill(cache, 0, 4)
+    assert cache.flush() and all(f is not None for f in cache.lookup(keys[:4], ["y"]))
