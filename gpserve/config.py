@@ -41,6 +41,7 @@ class Config:
     max_connections: int = 1024          # per front
     shm_mb: int = 0                      # arena size per process; 0: from max_body_mb
     models_dir: str = str(CACHE_HOME / "models")   # downloaded and built models
+    model_sha256: str = ""               # the SHA-256 a downloaded --model must have
     backend: str = ""                    # "" = tell by the model file; onnx|tensorflow|torch|echo
     signature: str = "serving_default"   # TensorFlow SavedModel signature
     shapes: str = ""                     # TorchScript input shapes: name=d0,d1[:dtype];...
@@ -210,6 +211,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
       help="open connections per front; past it new requests get 503")
     a("--models-dir", default=d.models_dir,
       help="where downloaded and built models are kept")
+    a("--model-sha256", default=d.model_sha256, metavar="HEX",
+      help="the SHA-256 a --model URL's download must have (or end the URL with "
+           "#sha256=HEX); a download that differs is not kept")
     a("--cache", type=_bool, default=d.cache,
       help="answer rows seen before from the LMDB row cache (GP_CACHE=1)")
     a("--cache-dir", default=d.cache_dir,

@@ -163,7 +163,7 @@ class Supervisor:
         removed = remove_stale_segments()
         if removed:
             log.info("removed %d shared-memory segments left by a killed server", removed)
-        cfg.model_path = resolve(cfg.model, cfg.models_dir)
+        cfg.model_path = resolve(cfg.model, cfg.models_dir, cfg.model_sha256)
         spec = inspect_model(cfg)
         if cfg.cache:
             if not spec.batchable:

@@ -116,13 +116,68 @@ def test_model_from_url_downloaded_once(tmp_path, http_models):
     x = np.load(MODELS / "fixtures" / "ocr_cls_input.npy")
     with Server("--model", url, env=env) as s, Client(s.url) as c:
         assert c.execute(x).argmax(1).tolist() == [0, 0, 0, 1, 1, 1]
-        assert "downloading" in s.output()
+        assert "downloaded ch_ppocr_mobile_v2.0_cls_infer.onnx (585532 bytes" in s.output()
     files = list((tmp_path / "downloads").rglob("*.onnx"))
     assert len(files) == 1 and files[0].stat().st_size == 585532
     with Server("--model", url, env=env) as s:
-        assert "downloading" not in s.output()
+        assert "download" not in s.output()
     r = serve("--model", f"{http_models}/missing.onnx", env=env)
     assert r.returncode != 0 and "download failed" in r.stderr and "404" in r.stderr
+
+
+class _Truncating(http.server.BaseHTTPRequestHandler):
+    """Serves ``body`` at any path; at /cut it announces all of it and sends half."""
+
+    body = b""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(self.body[:len(self.body) // 2] if self.path == "/cut" else self.body)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_download_cut_short_or_with_the_wrong_digest_is_never_kept(tmp_path):
+    import hashlib
+
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["y"])], "neg",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    _Truncating.body = model.SerializeToString()
+    digest = hashlib.sha256(_Truncating.body).hexdigest()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Truncating)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    env = {"GP_MODELS_DIR": str(tmp_path)}
+    kept = lambda: [p for p in (tmp_path / "downloads").rglob("*") if p.is_file()]
+    try:
+        for _ in range(2):                      # and again: nothing was kept the first time
+            r = serve("--model", f"{base}/cut", env=env)
+            assert r.returncode != 0 and "download cut short" in r.stderr, r.stderr
+            assert f"{len(_Truncating.body) // 2} of the {len(_Truncating.body)} bytes" \
+                in r.stderr
+            assert kept() == []
+        r = serve("--model", f"{base}/neg.onnx#sha256={'0' * 64}", env=env)
+        assert r.returncode != 0 and f"SHA-256 is {digest}, not {'0' * 64}" in r.stderr
+        r = serve("--model", f"{base}/neg.onnx", "--model-sha256", "0" * 64, env=env)
+        assert r.returncode != 0 and "nothing kept" in r.stderr
+        assert kept() == []
+        with Server("--model", f"{base}/neg.onnx#sha256={digest}", env=env) as s, \
+                Client(s.url) as c:
+            assert c.execute(np.ones((1, 2), np.float32)).tolist() == [[-1, -1]]
+            assert f"sha256 {digest}" in s.output()
+        assert [p.name for p in kept()] == ["neg.onnx"]
+    finally:
+        httpd.shutdown()
 
 
 def test_auto_device_falls_back_to_the_cpu_without_a_cuda_provider(caplog):
