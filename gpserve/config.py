@@ -36,6 +36,7 @@ class Config:
     batch_check_every: int = 64          # merged batches between re-runs of one alone
     max_strings: int = 65536             # String elements per request
     header_timeout_s: float = 10.0
+    max_header_kb: int = 32              # a request's head: its request line and headers
     body_timeout_s: float = 30.0
     keepalive_timeout_s: float = 5.0
     max_connections: int = 1024          # per front
@@ -203,6 +204,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
       help="shared memory per process for tensors (default: max(256, 2 x max body))")
     a("--header-timeout-s", type=float, default=d.header_timeout_s,
       help="a connection that has not sent a request's headers in this long is closed")
+    a("--max-header-kb", type=int, default=d.max_header_kb,
+      help="largest request head (its header lines together); past it, 431 (each line "
+           "is bounded to 8 KiB and 100 lines besides)")
     a("--body-timeout-s", type=float, default=d.body_timeout_s,
       help="a request whose body stops arriving for this long is answered 408")
     a("--keepalive-timeout-s", type=float,
@@ -242,7 +246,7 @@ def from_args(args: argparse.Namespace) -> Config:
         host, _, port = cfg.grpc_listen.rpartition(":")
         if not host or not port.isdigit():
             problems.append(f"--grpc-listen {cfg.grpc_listen!r} is not host:port")
-    for name in ("max_batch", "max_queue"):
+    for name in ("max_batch", "max_queue", "max_header_kb"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.max_delay_ms < 0:

@@ -1,5 +1,5 @@
-"""Guards on a front's HTTP connections that uvicorn lacks: a header timeout, and a log
-line and a count when a guard acts.
+"""Guards on a front's HTTP connections that uvicorn lacks: a header timeout, bounds on
+a request's head, and a log line and a count when a guard acts.
 
 uvicorn bounds idle keep-alive connections (``timeout_keep_alive``) and open
 connections (``limit_concurrency``: past it, requests get 503), but a client that opens
@@ -8,6 +8,13 @@ long as it likes. Here a connection must send a request's headers within
 ``--header-timeout-s`` of opening or of its first byte; otherwise it gets ``408`` and is
 closed. Each guard that acts is counted in ``gpserve_connections_refused_total`` and
 logged at most once every ``LOG_EVERY_S`` per front with how many times it acted.
+
+A request's head is bounded as nginx bounds it (uvicorn and httptools bound nothing: one
+connection's 100 MiB of header lines took a front to 1.5 GiB): its request line to
+``MAX_REQUEST_LINE`` bytes (else ``414``), each header line to ``MAX_HEADER_LINE``, its
+header lines to ``MAX_HEADERS``, and the whole head to ``--max-header-kb`` (else
+``431``). The parser hands over a header only once it is whole, so the bytes read while
+a head is incomplete are counted too: a front holds at most the bound plus one read.
 
 Both clocks (the header timeout, and uvicorn's keep-alive timeout, taken over here) are
 read by one sweep per front every eighth of the shorter timeout, not by a timer per
@@ -52,6 +59,26 @@ class _Notes:
 
 NOTES = _Notes()
 FIRST_REQUEST_GRACE_S = 1.0
+MAX_REQUEST_LINE = 8 * 1024     # bytes of the method, target and version (nginx: 8 KiB)
+MAX_HEADER_LINE = 8 * 1024      # bytes of one header's name and value (nginx: 8 KiB)
+MAX_HEADERS = 100               # header lines in one request (Apache's LimitRequestFields)
+
+
+class HeadTooLarge:
+    """A request's head passed a bound: answered with ``status`` and the connection
+    closed once the parser returns (the parser's callbacks drop everything meanwhile:
+    an exception raised in one reaches uvicorn as a bad request, answered 400)."""
+
+    __slots__ = ("status", "reason", "message")
+
+    def __init__(self, status: int, reason: str, message: str):
+        self.status, self.reason, self.message = status, reason, message
+
+    def response(self) -> bytes:
+        body = self.message.encode()
+        return b"HTTP/1.1 %d %s\r\nconnection: close\r\ncontent-type: text/plain; " \
+               b"charset=utf-8\r\ncontent-length: %d\r\n\r\n%s" % (
+                   self.status, HTTPStatus(self.status).phrase.encode(), len(body), body)
 
 
 class OneWrite:
@@ -164,7 +191,7 @@ def fast_path_takes(method: bytes, url: bytes, version: str, keep_alive: bool,
 
 
 def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
-                     fast_limit: int = 0):
+                     fast_limit: int = 0, max_head_bytes: int = 32 * 1024):
     """uvicorn's httptools protocol with a header timeout, its keep-alive timeout kept
     by the same sweep, and a fast path for small GraphPipe requests, for
     ``uvicorn.Config(http=...)`` (uvicorn is imported here, in the front that runs it,
@@ -187,6 +214,10 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
         idle_due: float | None = None     # loop time: an idle connection is closed
         sweeping = False                  # this front's sweep is scheduled (class-wide)
         fast_body: list | None = None     # a fast-path request's body pieces, this read
+        reading_head = True               # the next bytes belong to a request's head
+        head_fed = 0                      # bytes read since the head began (an upper bound)
+        head_bytes = 0                    # bytes of the head the parser has handed over
+        refusal: HeadTooLarge | None = None   # a bound passed: nothing more is taken
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -201,12 +232,59 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self.head_bytes = 0
             if self.header_due is None:
                 self.header_due = self.loop.time() + header_timeout_s
 
+        # -- bounds on the head ----------------------------------------------------------
+        def on_url(self, url: bytes) -> None:
+            self.head_bytes += len(url)
+            if self.refusal is None and len(self.url) + len(url) > MAX_REQUEST_LINE:
+                self.refusal = HeadTooLarge(
+                    414, "request_line_too_long",
+                    f"the request target is over {MAX_REQUEST_LINE} bytes")
+            if self.refusal is None:
+                super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            size = len(name) + len(value)
+            self.head_bytes += size + 4                      # ": " and CRLF
+            if self.refusal is not None:
+                return
+            if size > MAX_HEADER_LINE:
+                why = f"a header line is over {MAX_HEADER_LINE} bytes"
+            elif len(self.headers) >= MAX_HEADERS:
+                why = f"more than {MAX_HEADERS} header lines"
+            elif self.head_bytes > max_head_bytes:
+                why = (f"the request's headers are over {max_head_bytes} bytes "
+                       "(--max-header-kb)")
+            else:
+                super().on_header(name, value)
+                return
+            self.refusal = HeadTooLarge(431, "header_too_large", why)
+
+        def _refuse_head(self) -> None:
+            e = self.refusal
+            NOTES.acted(e.reason, f"refused requests whose head is too large: {e.message}")
+            if not self.transport.is_closing():
+                self.transport.write(e.response())
+                self.transport.close()
+
         # -- the fast path -------------------------------------------------------------
         def data_received(self, data: bytes) -> None:
+            if self.refusal is not None:
+                return                               # answered: the rest is not read
+            if self.reading_head:
+                self.head_fed += len(data)
             super().data_received(data)
+            if self.refusal is None and self.reading_head \
+                    and self.head_fed > max_head_bytes + MAX_REQUEST_LINE:
+                self.refusal = HeadTooLarge(         # a line the parser still holds
+                    431, "header_too_large", f"the request's head is over {max_head_bytes} "
+                    f"bytes (--max-header-kb), or one of its lines over {MAX_HEADER_LINE}")
+            if self.refusal is not None:
+                self._refuse_head()
+                return
             if self.fast_body is not None:
                 if self.parser is None or self.transport.is_closing():
                     self.fast_body = None                   # a bad request, answered 400
@@ -215,6 +293,9 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
 
         def on_headers_complete(self) -> None:
             self.header_due = None
+            self.reading_head, self.head_fed = False, 0
+            if self.refusal is not None:
+                return                               # refused: never reaches the app
             parser, cycle = self.parser, self.cycle
             if (fast_post is not None and (cycle is None or cycle.response_complete)
                     and not self.pipeline and not parser.should_upgrade()
@@ -230,10 +311,13 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
         def on_body(self, body: bytes) -> None:
             if self.fast_body is not None:
                 self.fast_body.append(body)
-            else:
+            elif self.refusal is None:
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
+            self.reading_head, self.head_fed = True, 0
+            if self.refusal is not None:
+                return
             pieces = self.fast_body
             if pieces is None:
                 super().on_message_complete()

@@ -225,7 +225,8 @@ def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
         http=guarded_protocol(cfg.header_timeout_s,
                               lambda n: counters.set_connections(index, n),
                               fast_post=app.post_whole,
-                              fast_limit=min(FAST_BODY_MAX, cfg.max_body_bytes)),
+                              fast_limit=min(FAST_BODY_MAX, cfg.max_body_bytes),
+                              max_head_bytes=cfg.max_header_kb * 1024),
         lifespan="on", access_log=False, log_config=None,   # our own access log and logging
         log_level="warning" if cfg.verbose < 2 else "info",
         timeout_graceful_shutdown=int(cfg.timeout_ms / 1000) + 5, backlog=2048,

@@ -267,6 +267,63 @@ def test_slow_headers_and_idle_keepalive_connections_are_closed():
     assert "within --header-timeout-s 1" in s.output()
 
 
+def rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def flood(port: int, first: bytes, line: bytes, limit: int = 100 << 20) -> tuple[int, bytes]:
+    """Send ``first`` then ``line`` over and over, up to ``limit`` bytes, until the server
+    closes the connection: (bytes sent, what the server answered)."""
+    sock = raw(port, first)
+    sent, chunk = len(first), line * max(1, (256 << 10) // len(line))
+    try:
+        while sent < limit:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return sent, read_all(sock)
+
+
+def test_request_heads_are_bounded_and_answered_431():
+    """uvicorn and httptools bound nothing: 100 MiB of header lines on one connection took
+    a front from 51 MiB to 1.5 GiB, and three such made another client wait 8 s."""
+    body = bytes(P.encode_request(P.InferRequest([np.ones((1, 4), np.float32)])))
+
+    def post(extra: bytes, target: bytes = b"/") -> bytes:
+        head = post_head(len(body)).replace(b"POST / ", b"POST " + target + b" ", 1)
+        return read_all(raw(s.port, head[:-2] + extra + b"\r\n" + body))
+
+    with Server("--model", "echo", "--fronts", "1") as s:
+        front = s.info()["processes"]["this_front"]
+        before = rss_mib(front)
+        many = b"".join(b"X-%d: v\r\n" % i for i in range(97))         # 100 lines in all
+        assert post(many).startswith(b"HTTP/1.1 200")
+        assert post(many + b"X-more: v\r\n").startswith(b"HTTP/1.1 431")
+        assert post(b"X-long: " + b"v" * (8 << 10) + b"\r\n").startswith(b"HTTP/1.1 431")
+        wide = b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1000) for i in range(40))   # 40 KB
+        reply = post(wide)
+        assert reply.startswith(b"HTTP/1.1 431") and b"--max-header-kb" in reply
+        assert post(b"", b"/" + b"a" * (9 << 10)).startswith(b"HTTP/1.1 414")
+        # streams: endless header lines, and one header line that never ends
+        head = b"POST / HTTP/1.1\r\nHost: x\r\n"
+        for line in (b"X-h: v\r\n", b"v" * 4096):
+            sent, reply = flood(s.port, head + (b"X-h: " if line[:1] == b"v" else b""), line)
+            assert reply.startswith(b"HTTP/1.1 431"), reply[:100]
+            assert sent < 100 << 20                  # cut off long before the end
+        assert rss_mib(front) - before < 64, (before, rss_mib(front))
+        with Client(s.url) as c:                    # and it goes on serving
+            assert c.execute(np.ones((1, 4), np.float32)).shape == (1, 4)
+        assert s.metric("gpserve_connections_refused_total", reason="header_too_large") == 5
+        assert s.metric("gpserve_connections_refused_total",
+                        reason="request_line_too_long") == 1
+        assert s.info()["stats"]["front_restarts"] == 0
+    assert "refused requests whose head is too large" in s.output()
+
+
 def test_connection_limit_answers_503_and_says_so():
     with Server("--model", "echo", "--max-connections", "4", "--fronts", "1") as s:
         held = [raw(s.port, b"") for _ in range(4)]
