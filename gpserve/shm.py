@@ -97,11 +97,13 @@ def run_is_alive(run_id: str) -> bool:
     return False
 
 
-def remove_stale_segments() -> int:
+def remove_stale_segments() -> tuple[int, int]:
     """Unlink segments left by servers that were killed, once every process of theirs is
-    gone (see the module docstring)."""
-    removed = 0
-    runs: dict[str, bool] = {}
+    gone (see the module docstring): (segments removed, runs skipped). A run whose lock
+    another user owns, or that this user cannot open, belongs to someone else (any
+    local user can create a ``gpserve-*-lock`` file): it is left alone."""
+    removed, foreign = 0, set()
+    runs: dict[str, bool] = {}                 # run id -> its segments may be removed
     for name in os.listdir(SHM_DIR):
         if not name.startswith(PREFIX):
             continue
@@ -109,10 +111,28 @@ def remove_stale_segments() -> int:
         if not run.isdigit():
             continue
         if run not in runs:
-            runs[run] = run_is_alive(run)
-        if not runs[run]:
+            ours = _ours(run)
+            if not ours:
+                foreign.add(run)
+            runs[run] = ours and not _alive_or_unknown(run)
+        if runs[run]:
             removed += _remove(os.path.join(SHM_DIR, name))
-    return removed
+    return removed, len(foreign)
+
+
+def _ours(run_id: str) -> bool:
+    """The run's lock is this user's (or the run has none)."""
+    try:
+        return os.lstat(segment_path(run_id, "lock")).st_uid == os.geteuid()
+    except FileNotFoundError:
+        return True
+
+
+def _alive_or_unknown(run_id: str) -> bool:
+    try:
+        return run_is_alive(run_id)
+    except OSError:                            # unreadable: not ours to judge
+        return True
 
 
 def pid_alive(pid: int) -> bool:

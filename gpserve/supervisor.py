@@ -27,6 +27,7 @@ from .config import Config
 from .counters import MAX_PROCESSES, Counters
 from .model_source import resolve
 from .shm import (
+    SHM_DIR,
     hold_run_lock,
     remove_run_segments,
     remove_stale_segments,
@@ -160,9 +161,12 @@ class Supervisor:
 
     def run(self) -> int:
         cfg = self.cfg
-        removed = remove_stale_segments()
+        removed, foreign = remove_stale_segments()
         if removed:
             log.info("removed %d shared-memory segments left by a killed server", removed)
+        if foreign:
+            log.info("left %d other users' gpserve runs in %s alone (their lock files are "
+                     "not ours)", foreign, SHM_DIR)
         cfg.model_path = resolve(cfg.model, cfg.models_dir, cfg.model_sha256)
         spec = inspect_model(cfg)
         if cfg.cache:

@@ -184,6 +184,29 @@ def test_a_start_never_removes_the_segments_of_a_live_run():
     assert not os.path.exists(seg) and not os.path.exists(lock)
 
 
+def test_another_user_s_lock_file_is_left_alone_and_the_start_goes_on():
+    """Any local user can create a gpserve-*-lock file in /dev/shm: for a server of another
+    user it is unreadable, and a start died of PermissionError; now it is skipped."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to act as two users")
+    run = "4000002"
+    lock, seg = segment_path(run, "lock"), segment_path(run, "front0-1")
+    for path in (lock, seg):
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))     # root's, mode 0600
+    try:
+        os.seteuid(65534)                          # as nobody, in this process
+        try:
+            removed, foreign = remove_stale_segments()
+            with pytest.raises(PermissionError):   # what the start used to die of
+                run_is_alive(run)
+        finally:
+            os.seteuid(0)
+        assert foreign >= 1 and os.path.exists(lock) and os.path.exists(seg)
+    finally:
+        for path in (lock, seg):
+            os.unlink(path)
+
+
 # 6. A dead child's shared memory ----------------------------------------------------
 
 def test_a_dead_front_s_shared_memory_goes_when_it_is_restarted():
