@@ -56,6 +56,19 @@ def test_binary_inputs_are_views_of_the_body_and_json_ones_are_typed():
      "'shape'"),
     ([{"name": "a", "shape": [1], "datatype": "COMPLEX", "data": [1]}], (), DtypeMismatch,
      "'COMPLEX'"),
+    # numbers past a float type's range would become inf; true is no integer
+    ([{"name": "a", "shape": [2], "datatype": "FP32", "data": [1, 3.5e38]}], (),
+     ProtocolError, "out of FP32's range"),
+    ([{"name": "a", "shape": [1], "datatype": "FP16", "data": [70000]}], (), ProtocolError,
+     "out of FP16's range"),
+    ([{"name": "a", "shape": [2], "datatype": "INT32", "data": [True, 2]}], (),
+     DtypeMismatch, "true/false beside numbers"),
+    ([{"name": "a", "shape": [1, 2], "datatype": "FP32", "data": [[1.5, False]]}], (),
+     DtypeMismatch, "true/false beside numbers"),
+    ([{"name": "a", "shape": [1], "datatype": "INT32", "data": [True]}], (), DtypeMismatch,
+     "true/false"),
+    ([{"name": "a", "shape": [1], "datatype": "FP32", "data": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[
+        [[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}], (), ProtocolError, "deeper than 32"),
 ])
 def test_malformed_inputs_are_named(inputs, blobs, error, words):
     raw, n = body(inputs, blobs)
@@ -110,3 +123,13 @@ def test_grpc_messages_match_tritons_on_the_wire():
     reply.outputs.add(name="y", datatype="BOOL", shape=[1])
     back = message("ModelInferResponse").FromString(reply.SerializeToString())
     assert back.outputs[0].name == "y" and back.raw_output_contents == [b"\x01"]
+
+
+def test_json_numbers_at_a_float_type_s_limits_are_kept():
+    raw, _ = body([{"name": "a", "shape": [3], "datatype": "FP32",
+                    "data": [-3.4028234663852886e38, 0.1, 3.4028234663852886e38]},
+                   {"name": "b", "shape": [1], "datatype": "FP16", "data": [65504]},
+                   {"name": "c", "shape": [1], "datatype": "BOOL", "data": [True]}])
+    a, b, c = decode_infer(raw, None, 2, "").tensors
+    assert np.isfinite(a).all() and a[2] == np.finfo(np.float32).max
+    assert b.tolist() == [65504] and c.tolist() == [True]

@@ -171,3 +171,21 @@ def test_a_second_server_cannot_join_a_grpc_port(echo):
         capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert f"cannot listen on --grpc-listen {echo.grpc}" in proc.stderr
+
+
+def test_malformed_protobuf_is_invalid_argument(echo):
+    """grpcio answers UNKNOWN ("Unexpected DecodeError") when a deserializer raises; the
+    docs promise INVALID_ARGUMENT for a malformed request."""
+    channel = grpc.insecure_channel(echo.grpc)
+    for method in ("ModelInfer", "ModelMetadata"):
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}",
+                                   request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\x0a\xff\xff\xff\xff\x0f", timeout=30)       # a length past the end
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a well-formed" in info.value.details()
+    x = np.ones((1, 2), np.float32)                             # and it goes on serving
+    inp = gc.InferInput("INPUT0", [1, 2], "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_array_equal(
+        gc.InferenceServerClient(echo.grpc).infer("echo", [inp]).as_numpy("output"), x)

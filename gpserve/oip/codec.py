@@ -66,6 +66,7 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str,
         raise ProtocolError("the request needs 'inputs': a non-empty list of tensors")
     tensors, names = [], []
     pos, strings_left = header_length, max_strings
+    literals = None        # whether the JSON has true/false anywhere (looked for once)
     for k, spec in enumerate(inputs):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise ProtocolError(f"input {k} must be an object with a 'name'")
@@ -96,7 +97,10 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str,
             pos += nbytes
             arr = from_raw(raw, dtype, shape, count, where)
         elif "data" in spec:
-            arr = _from_json(spec["data"], dtype, shape, count, where)
+            if literals is None and dtype.kind in "iuf":
+                text = bytes(view[:header_length])
+                literals = b"true" in text or b"false" in text
+            arr = _from_json(spec["data"], dtype, shape, count, where, bool(literals))
         else:
             raise ProtocolError(f"{where} has neither 'data' nor 'binary_data_size'")
         tensors.append(arr)
@@ -198,7 +202,10 @@ _KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}     # JSON values each dat
 
 
 def _from_json(data, dtype: np.dtype, shape: list[int], count: int,
-               where: str) -> np.ndarray:
+               where: str, literals: bool = True) -> np.ndarray:
+    """A tensor from JSON ``data``. ``literals``: the JSON holds ``true`` or ``false``
+    somewhere, so a numeric tensor's values are checked for them one by one (numpy
+    would take ``true`` as 1 beside other numbers)."""
     if not isinstance(data, list):
         data = [data]
     if dtype.kind == "O":
@@ -228,6 +235,12 @@ def _from_json(data, dtype: np.dtype, shape: list[int], count: int,
     if arr.size != count:
         raise ProtocolError(f"{where}: 'data' has {arr.size} elements; shape {shape} takes "
                             f"{count}")
+    if arr.ndim > MAX_DIMS:
+        raise ProtocolError(f"{where}: 'data' is nested deeper than {MAX_DIMS} levels")
+    if literals and dtype.kind in "iuf" and arr.dtype.kind in "iuf" and any(
+            type(v) is bool for v in (_flatten(data, where) if arr.ndim > 1 else data)):
+        raise DtypeMismatch(f"{where}: 'data' holds true/false beside numbers; a "
+                            f"{datatype_of(dtype)} tensor takes numbers")
     if count and arr.dtype.kind not in _KINDS[dtype.kind]:
         raise DtypeMismatch(f"{where}: 'data' holds {_kind_name(arr.dtype)} values; a "
                             f"{datatype_of(dtype)} tensor takes "
@@ -238,12 +251,20 @@ def _from_json(data, dtype: np.dtype, shape: list[int], count: int,
 
 
 def check_range(values: np.ndarray, dtype: np.dtype, where: str) -> None:
-    """Integers given wider (JSON numbers, gRPC's int32 contents) fit ``dtype``."""
-    if dtype.kind in "iu" and values.size:
+    """Numbers given wider (JSON numbers, gRPC's int32 contents) fit ``dtype``: an integer
+    in its range, a finite number below its largest (FP32 3.5e38 would become inf)."""
+    if not values.size:
+        return
+    if dtype.kind in "iu":
         info = np.iinfo(dtype)
         if values.min() < info.min or values.max() > info.max:
             raise ProtocolError(f"{where}: a value is out of {datatype_of(dtype)}'s range "
                                 f"[{info.min}, {info.max}]")
+    elif dtype.kind == "f" and values.dtype.itemsize > dtype.itemsize:
+        largest = float(np.finfo(dtype).max)
+        if np.abs(values).max() > largest:
+            raise ProtocolError(f"{where}: a value is out of {datatype_of(dtype)}'s range "
+                                f"(at most {largest:g} in magnitude)")
 
 
 def _kind_name(dtype: np.dtype) -> str:

@@ -20,6 +20,7 @@ import time
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from gpserve import __version__, metrics
 from gpserve.errors import DtypeMismatch, ProtocolError
@@ -50,7 +51,7 @@ class InferenceService:
 
     def handlers(self) -> grpc.GenericRpcHandler:
         calls = {name: grpc.unary_unary_rpc_method_handler(
-            getattr(self, name), request_deserializer=_M[req].FromString,
+            _refusing_malformed(getattr(self, name)), request_deserializer=_parser(_M[req]),
             response_serializer=_M[resp].SerializeToString)
             for name, (req, resp) in METHODS.items()}
         return grpc.method_handlers_generic_handler(SERVICE, calls)
@@ -152,6 +153,35 @@ class InferenceService:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"model {name!r} has no version {version!r}; it has "
                                 f"{VERSION!r}")
+
+
+class Malformed:
+    """A request whose bytes are not its message: the call answers INVALID_ARGUMENT (a
+    deserializer that raises makes grpcio answer UNKNOWN, "Unexpected DecodeError")."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _parser(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return Malformed(f"the request is not a well-formed {cls.DESCRIPTOR.name} "
+                             f"({len(data)} bytes): {e}")
+    return parse
+
+
+def _refusing_malformed(call):
+    async def handle(request, context):
+        if type(request) is Malformed:
+            _record(400, "grpc_error", time.perf_counter())
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await call(request, context)
+    return handle
 
 
 def _from_contents(t, dtype: np.dtype, shape: list[int], count: int,
