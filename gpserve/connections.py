@@ -9,6 +9,13 @@ long as it likes. Here a connection must send a request's headers within
 closed. Each guard that acts is counted in ``gpserve_connections_refused_total`` and
 logged at most once every ``LOG_EVERY_S`` per front with how many times it acted.
 
+Transfer codings: ``chunked`` alone is served; any other (``gzip, chunked``, which the
+parser would read as plain chunked) is ``501``. An ``Upgrade`` (``h2c``, ``websocket``)
+is ignored, as RFC 9110 lets a server do, and the request answered: the parser stops at
+an upgrade's end of headers, so such a request's body is read here by its length and
+the connection closes after the answer. A client that half-closes after its request
+(``shutdown(SHUT_WR)``) is still answered, then the connection closes.
+
 A request's head is bounded as nginx bounds it (uvicorn and httptools bound nothing: one
 connection's 100 MiB of header lines took a front to 1.5 GiB): its request line to
 ``MAX_REQUEST_LINE`` bytes (else ``414``), each header line to ``MAX_HEADER_LINE``, its
@@ -27,6 +34,8 @@ from __future__ import annotations
 import logging
 import time
 from http import HTTPStatus
+
+import httptools
 
 from . import metrics
 
@@ -64,10 +73,11 @@ MAX_HEADER_LINE = 8 * 1024      # bytes of one header's name and value (nginx: 8
 MAX_HEADERS = 100               # header lines in one request (Apache's LimitRequestFields)
 
 
-class HeadTooLarge:
-    """A request's head passed a bound: answered with ``status`` and the connection
-    closed once the parser returns (the parser's callbacks drop everything meanwhile:
-    an exception raised in one reaches uvicorn as a bad request, answered 400)."""
+class Refusal:
+    """A request refused from its head (a bound passed, a transfer coding not served):
+    answered with ``status`` and the connection closed once the parser returns (the
+    parser's callbacks drop everything meanwhile: an exception raised in one reaches
+    uvicorn as a bad request, answered 400)."""
 
     __slots__ = ("status", "reason", "message")
 
@@ -190,6 +200,24 @@ def fast_path_takes(method: bytes, url: bytes, version: str, keep_alive: bool,
     return length is not None and length <= limit
 
 
+def _unserved_coding(headers: list, upgrade: bool) -> Refusal | None:
+    """A transfer coding this server does not implement: anything but ``chunked`` alone
+    (the parser reads ``gzip, chunked`` as plain chunked, garbling the body), or a
+    chunked body behind an ignored upgrade (read only by its length)."""
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                return Refusal(501, "transfer_coding",
+                               f"Transfer-Encoding {value.decode('latin-1')!r} is not "
+                               "implemented: send the body with a Content-Length, or "
+                               "'chunked' alone (Content-Encoding gzip or deflate compresses "
+                               "it)")
+            if upgrade:
+                return Refusal(501, "transfer_coding", "a chunked body with an Upgrade "
+                               "header is not implemented: drop the Upgrade")
+    return None
+
+
 def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
                      fast_limit: int = 0, max_head_bytes: int = 32 * 1024):
     """uvicorn's httptools protocol with a header timeout, its keep-alive timeout kept
@@ -217,7 +245,9 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
         reading_head = True               # the next bytes belong to a request's head
         head_fed = 0                      # bytes read since the head began (an upper bound)
         head_bytes = 0                    # bytes of the head the parser has handed over
-        refusal: HeadTooLarge | None = None   # a bound passed: nothing more is taken
+        refusal: Refusal | None = None   # refused from its head: nothing more is taken
+        raw_body_left = 0                 # an ignored upgrade's body, read without the parser
+        ended = False                     # the client half-closed: close after the answer
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -240,7 +270,7 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
         def on_url(self, url: bytes) -> None:
             self.head_bytes += len(url)
             if self.refusal is None and len(self.url) + len(url) > MAX_REQUEST_LINE:
-                self.refusal = HeadTooLarge(
+                self.refusal = Refusal(
                     414, "request_line_too_long",
                     f"the request target is over {MAX_REQUEST_LINE} bytes")
             if self.refusal is None:
@@ -261,11 +291,11 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
             else:
                 super().on_header(name, value)
                 return
-            self.refusal = HeadTooLarge(431, "header_too_large", why)
+            self.refusal = Refusal(431, "header_too_large", why)
 
         def _refuse_head(self) -> None:
             e = self.refusal
-            NOTES.acted(e.reason, f"refused requests whose head is too large: {e.message}")
+            NOTES.acted(e.reason, f"refused requests (HTTP {e.status}): {e.message}")
             if not self.transport.is_closing():
                 self.transport.write(e.response())
                 self.transport.close()
@@ -274,12 +304,23 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
         def data_received(self, data: bytes) -> None:
             if self.refusal is not None:
                 return                               # answered: the rest is not read
+            if self.raw_body_left:
+                self._raw_body(data)
+                return
             if self.reading_head:
                 self.head_fed += len(data)
-            super().data_received(data)
+            self.idle_due = None
+            try:                                     # uvicorn's, but for an upgrade
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as e:
+                self._upgrade_ignored(data[e.args[0]:])
+            except httptools.HttpParserError:
+                NOTES.acted("malformed_http", "answered 400 to requests that are not HTTP/1.1")
+                self.send_400_response("Invalid HTTP request received.")
+                return
             if self.refusal is None and self.reading_head \
                     and self.head_fed > max_head_bytes + MAX_REQUEST_LINE:
-                self.refusal = HeadTooLarge(         # a line the parser still holds
+                self.refusal = Refusal(         # a line the parser still holds
                     431, "header_too_large", f"the request's head is over {max_head_bytes} "
                     f"bytes (--max-header-kb), or one of its lines over {MAX_HEADER_LINE}")
             if self.refusal is not None:
@@ -294,6 +335,8 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
         def on_headers_complete(self) -> None:
             self.header_due = None
             self.reading_head, self.head_fed = False, 0
+            if self.refusal is None:
+                self.refusal = _unserved_coding(self.headers, self.parser.should_upgrade())
             if self.refusal is not None:
                 return                               # refused: never reaches the app
             parser, cycle = self.parser, self.cycle
@@ -329,6 +372,40 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
 
+        # -- upgrades ignored, half-closed clients ---------------------------------------
+        def _upgrade_ignored(self, rest: bytes) -> None:
+            """The parser stopped at an upgrade's end of headers, after telling uvicorn's
+            cycle the message was complete with no body: the body (by its length) is
+            read here instead, and the connection closes after the answer (the parser is
+            spent: it would take whatever follows as the other protocol's bytes)."""
+            length = next((int(v) for k, v in self.headers if k == b"content-length"), 0)
+            cycle = self.cycle
+            if cycle is None or type(cycle) is Answering:
+                return
+            cycle.keep_alive = False
+            if length:
+                cycle.more_body = True
+                self.raw_body_left = length
+                self._raw_body(rest)
+
+        def _raw_body(self, data: bytes) -> None:
+            piece = data[:self.raw_body_left]
+            self.raw_body_left -= len(piece)
+            if piece:
+                super().on_body(piece)
+            if not self.raw_body_left:
+                super().on_message_complete()
+
+        def eof_received(self) -> bool | None:
+            """The client half-closed: a request it sent whole is still answered (True
+            keeps the transport open for writing), then the connection closes."""
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete or self.fast_body is not None \
+                    or getattr(cycle, "more_body", False):     # nothing whole to answer
+                return None
+            self.ended = True
+            return True
+
         def _to_uvicorn(self) -> None:
             """A fast-path request whose body did not all come in one read: handed to
             uvicorn with what came (its headers are still the parser's)."""
@@ -355,7 +432,7 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
             else:
                 self.transport.writelines((data, response))
             answering.response_complete = True
-            if not answering.keep_alive:
+            if not answering.keep_alive or self.ended:
                 self.transport.close()
             self.on_response_complete()
 
@@ -383,6 +460,8 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
         def on_response_complete(self) -> None:
             """uvicorn's, with the keep-alive clock read by the sweep, not a timer."""
             self.server_state.total_requests += 1
+            if self.ended:
+                self.transport.close()               # half-closed: nothing more will come
             if self.transport.is_closing():
                 return
             self.idle_due = None
@@ -415,6 +494,8 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
             connection is open."""
             now = loop.time()
             for conn in list(connections):
+                if type(conn) is not cls:     # not ours (uvicorn's WebSocket protocol, if
+                    continue                  # ever served): no clocks to read
                 if conn.header_due is not None and now >= conn.header_due:
                     conn._too_slow()
                 elif conn.idle_due is not None and now >= conn.idle_due:

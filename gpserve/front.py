@@ -228,6 +228,7 @@ def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
                               fast_limit=min(FAST_BODY_MAX, cfg.max_body_bytes),
                               max_head_bytes=cfg.max_header_kb * 1024),
         lifespan="on", access_log=False, log_config=None,   # our own access log and logging
+        ws="none",         # no WebSocket: an Upgrade is ignored and the request answered
         log_level="warning" if cfg.verbose < 2 else "info",
         timeout_graceful_shutdown=int(cfg.timeout_ms / 1000) + 5, backlog=2048,
         timeout_keep_alive=cfg.keepalive_timeout_s, limit_concurrency=cfg.max_connections,

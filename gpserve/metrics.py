@@ -181,7 +181,8 @@ BATCH_DIFFERENCE = Gauge("gpserve_batch_difference",
 CONNECTIONS_REFUSED = Counter("gpserve_connections_refused",
                               "Connections or requests a front's guards cut short, by reason "
                               "(header_timeout, header_too_large, request_line_too_long, "
-                              "body_timeout, connection_limit, memory_held_by_slow_bodies)",
+                              "transfer_coding, malformed_http, body_timeout, "
+                              "connection_limit, memory_held_by_slow_bodies)",
                               ["reason"])
 RESTARTS = Counter("gpserve_process_restarts", "Child processes restarted, by role", ["role"])
 MODEL_LOAD_SECONDS = Gauge("gpserve_model_load_seconds", "Time a worker took to load the model",

@@ -344,7 +344,60 @@ def test_request_heads_are_bounded_and_answered_431():
         assert s.metric("gpserve_connections_refused_total",
                         reason="request_line_too_long") == 1
         assert s.info()["stats"]["front_restarts"] == 0
-    assert "refused requests whose head is too large" in s.output()
+    assert "refused requests (HTTP 431): " in s.output()
+
+
+def test_a_websocket_upgrade_is_not_served_and_the_timeouts_go_on():
+    """With the websockets package installed (uvicorn[standard]), an Upgrade: websocket
+    request made uvicorn's WebSocket protocol join the connections the sweep reads, which
+    lack the sweep's clocks: the sweep then failed and that front's header and keep-alive
+    timeouts stopped for good. gpserve serves no WebSocket."""
+    with Server("--model", "echo", "--header-timeout-s", "1", "--fronts", "1") as s:
+        upgrade = raw(s.port, b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                              b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        upgrade.settimeout(5)
+        reply = upgrade.recv(1 << 16)
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]   # the upgrade ignored (RFC 9110)
+        assert b"application/json" in reply
+        slow = raw(s.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Le")
+        assert read_all(slow).startswith(b"HTTP/1.1 408")        # the sweep still runs
+        upgrade.close()
+    assert "Traceback" not in s.output()
+
+
+def test_upgrades_transfer_codings_and_half_closed_clients():
+    """A POST with Upgrade: h2c lost its body (400 "the body has 0 bytes");
+    Transfer-Encoding: gzip, chunked was read as plain chunked; a client that sent its
+    request and half-closed got no answer."""
+    small = np.ones((2, 4), np.float32)
+    large = np.arange(64 * 1024, dtype=np.float32).reshape(2, -1)    # 256 KB: uvicorn's path
+    with Server("--model", "echo", "--fronts", "1") as s:
+        for x in (small, large):
+            body = bytes(P.encode_request(P.InferRequest([x])))
+            head = post_head(len(body))[:-2]
+            h2c = raw(s.port, head + b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                                     b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n" + body)
+            reply = read_all(h2c)
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+            assert b"connection: close" in reply.lower()
+            np.testing.assert_array_equal(
+                P.decode_response(reply.split(b"\r\n\r\n", 1)[1]).outputs[0], x)
+            half = raw(s.port, post_head(len(body)) + body)
+            half.shutdown(socket.SHUT_WR)
+            reply = read_all(half)
+            assert reply.startswith(b"HTTP/1.1 200"), (len(body), reply[:300])
+            np.testing.assert_array_equal(
+                P.decode_response(reply.split(b"\r\n\r\n", 1)[1]).outputs[0], x)
+        chunked = raw(s.port, b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked"
+                              b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        reply = read_all(chunked)
+        assert reply.startswith(b"HTTP/1.1 501") and b"'gzip, chunked'" in reply
+        get = raw(s.port, b"GET /control/is_ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        get.shutdown(socket.SHUT_WR)
+        assert read_all(get).startswith(b"HTTP/1.1 200")
+        assert s.metric("gpserve_connections_refused_total", reason="transfer_coding") == 1
+    assert "Traceback" not in s.output()
 
 
 def test_connection_limit_answers_503_and_says_so():
