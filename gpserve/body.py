@@ -3,10 +3,11 @@ within the body limits (size, a timeout, memory reserved for bodies still arrivi
 from __future__ import annotations
 
 import asyncio
+import zlib
 
 from .config import Config
 from .connections import NOTES
-from .errors import BodyTooLarge, ProtocolError, QueueFull, RequestTimeout
+from .errors import BodyTooLarge, ProtocolError, QueueFull, RequestTimeout, UnsupportedEncoding
 from .regions import Regions, arena_full
 from .shm import ALIGN, Arena
 
@@ -36,6 +37,11 @@ class BodyReader:
         most half the arena: idle clients that announce large bodies cannot shut others
         out."""
         limit = self.cfg.max_body_bytes
+        coding = content_coding(scope["headers"])
+        if coding is not None:                      # compressed: whole, then inflated
+            plain = {"headers": [(k, v) for k, v in scope["headers"]
+                                 if k != b"content-encoding"]}
+            return self.inflate(await self.read(plain, receive, regions), coding)
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         size = None
         if length is not None:
@@ -113,6 +119,26 @@ class BodyReader:
         regions.hold(offset, size + lead)
         return self.arena_view[end - size:end]
 
+    def inflate(self, body, coding: str) -> bytes:
+        """A compressed body, decompressed (1 copy, into memory; its tensors then go to
+        shared memory as a chunked body's do) to at most ``--max-body-mb``: a small
+        body that inflates past it (a compression bomb) stops there."""
+        limit = self.cfg.max_body_bytes
+        # gzip: a gzip header; deflate: a zlib stream, or a raw one (both are sent)
+        wbits = 16 + zlib.MAX_WBITS if coding == "gzip" else (
+            zlib.MAX_WBITS if body[:1] and (body[0] & 0x0F) == 8 else -zlib.MAX_WBITS)
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, limit + 1)
+        except zlib.error as e:
+            raise ProtocolError(f"the body is not valid {coding} data: {e}") from None
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise BodyTooLarge(f"the body inflates past --max-body-mb "
+                               f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
+        if not inflater.eof:
+            raise ProtocolError(f"the body's {coding} data ends before its stream does")
+        return out
+
     def _whole(self, chunk: bytes, size: int | None) -> bytes:
         """A body that came in one message, checked against its Content-Length."""
         if size is not None and len(chunk) != size:
@@ -140,6 +166,23 @@ class BodyReader:
         if offset is None:
             raise arena_full(self.arena)
         return offset
+
+
+def content_coding(headers) -> str | None:
+    """The body's ``Content-Encoding``: None (none, or ``identity``), ``gzip`` or
+    ``deflate``; anything else (several codings, brotli) is 415, as Triton answers."""
+    values = [v for k, v in headers if k == b"content-encoding"]
+    if not values:
+        return None
+    coding = b",".join(values).strip().lower()
+    if coding in (b"", b"identity"):
+        return None
+    if coding in (b"gzip", b"x-gzip"):
+        return "gzip"
+    if coding == b"deflate":
+        return "deflate"
+    raise UnsupportedEncoding(f"Content-Encoding {coding.decode('latin-1')!r} is not "
+                              "supported: send gzip, deflate, or an uncompressed body")
 
 
 def _already_here(receive) -> bool:

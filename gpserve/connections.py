@@ -184,8 +184,9 @@ def fast_path_takes(method: bytes, url: bytes, version: str, keep_alive: bool,
                     headers: list, expect_continue: bool, limit: int) -> bool:
     """Whether a request's headers qualify it for the fast path: ``POST /`` over
     HTTP/1.1 keep-alive with a Content-Length of at most ``limit`` bytes, no
-    ``Transfer-Encoding``, no ``Expect``. (Whether its body then came whole in the same
-    read is known only after the read: see ``guarded_protocol``.)"""
+    ``Transfer-Encoding``, ``Content-Encoding`` or ``Expect``. (Whether its body then
+    came whole in the same read is known only after the read: see
+    ``guarded_protocol``.)"""
     if (method != b"POST" or url != b"/" or version != "1.1" or not keep_alive
             or expect_continue):
         return False
@@ -195,7 +196,7 @@ def fast_path_takes(method: bytes, url: bytes, version: str, keep_alive: bool,
             if length is not None or not value.isdigit():
                 return False
             length = int(value)
-        elif name == b"transfer-encoding" or name == b"expect":
+        elif name in (b"transfer-encoding", b"expect", b"content-encoding"):
             return False
     return length is not None and length <= limit
 

@@ -106,11 +106,17 @@ class InvalidString(GraphPipeError):
     code, http_status = 17, 400
 
 
+class UnsupportedEncoding(GraphPipeError):
+    """A ``Content-Encoding`` gpserve does not decode (it takes gzip and deflate)."""
+
+    code, http_status = 18, 415
+
+
 ALL_ERRORS: tuple[type[GraphPipeError], ...] = (
     ProtocolError, UnsupportedRequest, UnknownInput, UnknownOutput, WrongInputCount,
     DtypeMismatch, ShapeMismatch, BodyTooLarge, QueueFull, DeadlineExceeded,
     ModelError, Unavailable, InternalError, BadConfig, TooManyRows, RequestTimeout,
-    InvalidString,
+    InvalidString, UnsupportedEncoding,
 )
 BY_CODE: dict[int, type[GraphPipeError]] = {e.code: e for e in ALL_ERRORS}
 

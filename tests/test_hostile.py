@@ -400,6 +400,40 @@ def test_upgrades_transfer_codings_and_half_closed_clients():
     assert "Traceback" not in s.output()
 
 
+def test_compressed_bodies_are_inflated_within_the_body_limit():
+    """Content-Encoding was ignored: a gzip body was parsed as raw (a misleading 400)."""
+    import gzip
+    import zlib
+
+    import tritonclient.http as hc
+    import urllib3
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    body = bytes(P.encode_request(P.InferRequest([x])))
+    with Server("--model", "echo", "--fronts", "1", "--max-body-mb", "1") as s:
+        post = lambda data, coding: urllib3.request(
+            "POST", s.url + "/", body=data, headers={"Content-Encoding": coding}, retries=False)
+        raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        for coding, data in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body)),
+                             ("deflate", raw_deflate.compress(body) + raw_deflate.flush()),
+                             ("identity", body)):
+            r = post(data, coding)
+            assert r.status == 200, (coding, r.data)
+            np.testing.assert_array_equal(P.decode_response(r.data).outputs[0], x)
+        r = post(body, "br")
+        assert r.status == 415 and P.decode_response(r.data).errors[0].code == 18
+        bomb = gzip.compress(bytes(64 << 20))                   # 64 MiB of zeros in 64 KB
+        r = post(bomb, "gzip")
+        assert r.status == 413 and b"inflates past --max-body-mb" in r.data
+        r = post(gzip.compress(body)[:-12], "gzip")
+        assert r.status == 400 and b"ends before its stream does" in r.data
+        client = hc.InferenceServerClient(s.url.removeprefix("http://"))
+        for algorithm in ("gzip", "deflate"):                    # tritonclient's compression
+            inp = hc.InferInput("INPUT0", [2, 4], "FP32")
+            inp.set_data_from_numpy(x)
+            got = client.infer("echo", [inp], request_compression_algorithm=algorithm)
+            np.testing.assert_array_equal(got.as_numpy("output"), x)
+
+
 def test_connection_limit_answers_503_and_says_so():
     with Server("--model", "echo", "--max-connections", "4", "--fronts", "1") as s:
         held = [raw(s.port, b"") for _ in range(4)]
