@@ -18,6 +18,8 @@ class Config:
     listen: str = "127.0.0.1:9000"
     grpc_listen: str = ""                # host:port of the Open Inference Protocol's gRPC
     shm_clients: bool = False            # let local clients register shared-memory regions
+    restricted_api: str = ""             # GROUP[,GROUP]:KEY=VALUE[;...]: a header per group
+    restricted_api_clients: str = "loopback"   # who may call restricted groups: loopback|any
     inputs: list[str] = field(default_factory=list)    # default input names, in order
     outputs: list[str] = field(default_factory=list)   # default output names
     fronts: int = 0                      # 0: from the machine
@@ -158,6 +160,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     a("--shm-clients", type=_bool, default=d.shm_clients,
       help="let clients of this host's user hand tensors over in system shared memory "
            "(/v2/systemsharedmemory; off by default: see docs/open-inference-protocol.md)")
+    a("--restricted-api", default=d.restricted_api, metavar="GROUP:KEY=VALUE",
+      help="require a header (REST) or metadata key (gRPC) with this value for an API "
+           "group, as Triton's --http-restricted-api: 'shared-memory:admin-key=s3cret' "
+           "(groups: shared-memory; several: separate with ';')")
+    a("--restricted-api-clients", choices=["loopback", "any"],
+      default=d.restricted_api_clients,
+      help="who may call restricted API groups (shared memory): clients on this host "
+           "only (default), or any that passes --restricted-api")
     a("--inputs", type=_names, default=[],
       help="comma-separated default input names")
     a("--outputs", type=_names, default=[],
@@ -257,6 +267,11 @@ def from_args(args: argparse.Namespace) -> Config:
     for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive")
+    try:
+        from .oip.restricted import Restrictions
+        Restrictions.parse(cfg.restricted_api, cfg.restricted_api_clients)
+    except ValueError as e:
+        problems.append(str(e))
     if cfg.max_connections < 1:
         problems.append("--max-connections must be at least 1")
     if cfg.max_strings < 0 or cfg.batch_check_every < 0:

@@ -112,11 +112,17 @@ class UnsupportedEncoding(GraphPipeError):
     code, http_status = 18, 415
 
 
+class Forbidden(GraphPipeError):
+    """A restricted API called without what the operator requires (``--restricted-api``)."""
+
+    code, http_status = 19, 403
+
+
 ALL_ERRORS: tuple[type[GraphPipeError], ...] = (
     ProtocolError, UnsupportedRequest, UnknownInput, UnknownOutput, WrongInputCount,
     DtypeMismatch, ShapeMismatch, BodyTooLarge, QueueFull, DeadlineExceeded,
     ModelError, Unavailable, InternalError, BadConfig, TooManyRows, RequestTimeout,
-    InvalidString, UnsupportedEncoding,
+    InvalidString, UnsupportedEncoding, Forbidden,
 )
 BY_CODE: dict[int, type[GraphPipeError]] = {e.code: e for e in ALL_ERRORS}
 

@@ -27,6 +27,7 @@ from .counters import Counters
 from .dispatch import Dispatcher
 from .errors import BadConfig, GraphPipeError, InternalError, TooManyRows, from_code
 from .modelspec import ModelSpec
+from .oip.restricted import Restrictions
 from .oip.sharedmem import ClientRegions
 from .regions import Regions
 from .shm import Arena, Segments, segment_path
@@ -66,6 +67,7 @@ class FrontState:
         if spec.batch_probe:
             metrics.BATCH_DIFFERENCE.set(spec.batch_probe["max_difference"])
         self.client_regions = ClientRegions(cfg.run_id, cfg.shm_clients)
+        self.restrictions = Restrictions.parse(cfg.restricted_api, cfg.restricted_api_clients)
         self.cache = None
         if cfg.cache:
             from gpserve.cache.store import RowCache, environment_path

@@ -27,6 +27,8 @@ def test_bad_flags_fail_fast():
     assert r.returncode != 0 and "--device 'tpu'" in r.stderr
     r = serve("--model", "echo", "--listen", "nonsense")
     assert r.returncode != 0 and "is not host:port" in r.stderr
+    r = serve("--model", "echo", "--restricted-api", "everything:k=v")
+    assert r.returncode != 0 and "unknown API group 'everything'" in r.stderr
     r = serve("--no-such-flag")
     assert r.returncode == 2 and "unrecognized arguments: --no-such-flag" in r.stderr
 

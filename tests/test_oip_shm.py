@@ -103,21 +103,24 @@ def refused(call, *words):
         assert w in str(e.value), str(e.value)
 
 
+UNUSABLE = "cannot be used as a shared-memory region"
+
+
 def test_hostile_register_calls(server, region):
+    """Every key that cannot be used gets the same answer, whatever the reason: nothing
+    is learnt about files that were never registered."""
     c = client(server)
     h, key = region("small", 64)
-    refused(lambda: c.register_system_shared_memory("a", f"/{TAG}-absent", 64),
-            "no shared-memory object")
+    refused(lambda: c.register_system_shared_memory("a", f"/{TAG}-absent", 64), UNUSABLE)
     refused(lambda: c.register_system_shared_memory("a", key, 64, offset=8), "past the end")
     refused(lambda: c.register_system_shared_memory("a", key, 65), "past the end")
     refused(lambda: c.register_system_shared_memory("a", "/../../etc/passwd", 8),
             "directly under /dev/shm")
-    refused(lambda: c.register_system_shared_memory("a", KEY, 8), "the server's own")
+    refused(lambda: c.register_system_shared_memory("a", KEY, 8), UNUSABLE)
     link = f"/dev/shm/{TAG}-link"
     os.symlink(f"/dev/shm{key}", link)
     try:
-        refused(lambda: c.register_system_shared_memory("a", f"/{TAG}-link", 8),
-                "cannot open")
+        refused(lambda: c.register_system_shared_memory("a", f"/{TAG}-link", 8), UNUSABLE)
     finally:
         os.unlink(link)
     if os.getuid() == 0:               # a region of another user (root can make one)
@@ -127,7 +130,7 @@ def test_hostile_register_calls(server, region):
         os.chown(other, 65534, 65534)
         try:
             refused(lambda: c.register_system_shared_memory("a", f"/{TAG}-other", 8),
-                    "owned by the user this server runs as")
+                    UNUSABLE)
         finally:
             os.unlink(other)
     c.register_system_shared_memory("a", key, 64)
@@ -137,7 +140,10 @@ def test_hostile_register_calls(server, region):
     # references past the region, or of the wrong size
     for nbytes, offset, words in ((64, 8, "past the end of region 'a'"),
                                   (32, 0, "binary_data_size is 32"),
-                                  (64, -1, "non-negative")):
+                                  (64, -1, "non-negative"),
+                                  (64, 2**62, "below 2**62"),              # CVE-2024-0088
+                                  (2**64 - 8, 16, "below 2**62"),          # offset + size wraps
+                                  (64, 2**64 - 1, "below 2**62")):
         inp = hc.InferInput("x", [1, 16], "FP32")
         inp.set_shared_memory("a", nbytes, offset=offset)
         refused(lambda inp=inp: c.infer("standin", [inp]), words)
@@ -150,6 +156,10 @@ def test_hostile_register_calls(server, region):
     with open(f"/dev/shm{key}", "wb") as f:
         f.write(bytes(64))
     refused(lambda: c.infer("standin", [inp]), "was replaced")
+    os.unlink(f"/dev/shm{key}")
+    refused(lambda: c.infer("standin", [inp]), "is gone or no longer usable")
+    with open(f"/dev/shm{key}", "wb") as f:          # put back for the fixture to destroy
+        f.write(bytes(64))
     c.unregister_system_shared_memory("a")
     x = np.ones((1, 16), np.float32)
     inp = hc.InferInput("x", [1, 16], "FP32")
@@ -244,3 +254,104 @@ def test_long_and_unusual_region_names(server, region):
         refused(lambda: c.register_system_shared_memory("r" * 256, key, 64), "1 to 255")
     finally:
         c.unregister_system_shared_memory()
+
+
+def test_the_server_s_own_segments_under_another_name_and_huge_registrations(server):
+    """A hard link with another name to the server's arena was accepted (its regions hold
+    other clients' requests); registration offsets and sizes past 2**62 are refused."""
+    c = client(server)
+    arena = next(p for p in server.segments() if "front0" in p)
+    link = f"/dev/shm/{TAG}-alias"
+    os.link(f"/dev/shm/{arena}", link)
+    try:
+        refused(lambda: c.register_system_shared_memory("alias", f"/{TAG}-alias", 64),
+                UNUSABLE)
+    finally:
+        os.unlink(link)
+    h = shm.create_shared_memory_region("big", f"/{TAG}-big", 128)
+    try:
+        for offset, size in ((2**63, 8), (8, 2**64), (2**62, 0)):
+            refused(lambda offset=offset, size=size: c.register_system_shared_memory(
+                "big", f"/{TAG}-big", size, offset=offset), "below 2**62")
+        refused(lambda: c.register_system_shared_memory(                 # no wrap-around
+            "big", f"/{TAG}-big", 2**62 - 1, offset=2**62 - 1), "past the end")
+        c.register_system_shared_memory("big", f"/{TAG}-big", 64, offset=64)
+        x = np.arange(16, dtype=np.float32)
+        shm.set_shared_memory_region(h, [np.zeros(16, np.float32), x])   # bytes 64..128: x
+        inp = hc.InferInput("x", [1, 16], "FP32")
+        inp.set_shared_memory("big", 64)               # the registration's offset, once
+        np.testing.assert_array_equal(c.infer("standin", [inp]).as_numpy("y"), [2 * x])
+        inp.set_shared_memory("big", 64, offset=64)    # 64 + 64 past the 64 registered
+        refused(lambda: c.infer("standin", [inp]), "past the end of region 'big'")
+    finally:
+        c.unregister_system_shared_memory("big")
+        shm.destroy_shared_memory_region(h)
+
+
+def test_a_region_registered_again_while_a_request_runs_is_not_written():
+    """Unregistered and registered again under the same name (pointing at another file)
+    while a request that writes into it runs: the output used to land in the new file."""
+    x = np.ones((1, 16), np.float32)
+    with Server("--model", "standin:400,0", "--placement", "workers", "--workers", "1",
+                "--shm-clients") as s:
+        c = hc.InferenceServerClient(s.url.removeprefix("http://"), concurrency=2)
+        first = shm.create_shared_memory_region("o1", f"/{TAG}-first", x.nbytes)
+        second = shm.create_shared_memory_region("o2", f"/{TAG}-second", x.nbytes)
+        try:
+            c.register_system_shared_memory("o", f"/{TAG}-first", x.nbytes)
+            inp = hc.InferInput("x", [1, 16], "FP32")
+            inp.set_data_from_numpy(x)
+            out = hc.InferRequestedOutput("y")
+            out.set_shared_memory("o", x.nbytes)
+            pending = c.async_infer("standin", [inp], outputs=[out])
+            eventually(lambda: s.stats()["queued_rows"] >= 1, 10, "the request running")
+            c.unregister_system_shared_memory("o")
+            c.register_system_shared_memory("o", f"/{TAG}-second", x.nbytes)
+            refused(pending.get_result, "registered again while the request ran")
+            for h in (first, second):
+                assert shm.get_contents_as_numpy(h, np.float32, [16]).tolist() == [0.0] * 16
+        finally:
+            c.unregister_system_shared_memory()
+            shm.destroy_shared_memory_region(first)
+            shm.destroy_shared_memory_region(second)
+
+
+def test_restricted_shared_memory_api_needs_the_header_over_rest_and_grpc():
+    port = free_port()
+    with Server("--model", "standin:0,0", "--placement", "workers", "--workers", "1",
+                "--shm-clients", "--restricted-api", "shared-memory:admin-key=s3cret",
+                "--grpc-listen", f"127.0.0.1:{port}") as s:
+        c, ok = client(s), {"admin-key": "s3cret"}
+        h = shm.create_shared_memory_region("r", f"/{TAG}-restricted", 64)
+        try:
+            for headers in (None, {"admin-key": "wrong"}, {"other": "s3cret"}):
+                refused(lambda headers=headers: c.register_system_shared_memory(
+                    "r", f"/{TAG}-restricted", 64, headers=headers), "[403]", "'admin-key'")
+                refused(lambda headers=headers: c.get_system_shared_memory_status(
+                    headers=headers), "[403]")
+                refused(lambda headers=headers: c.unregister_system_shared_memory(
+                    headers=headers), "[403]")
+            assert "s3cret" not in s.output()
+            c.register_system_shared_memory("r", f"/{TAG}-restricted", 64, headers=ok)
+            assert [r["name"] for r in c.get_system_shared_memory_status(headers=ok)] == ["r"]
+            x = np.ones((1, 16), np.float32)
+            shm.set_shared_memory_region(h, [x])
+            inp = hc.InferInput("x", [1, 16], "FP32")
+            inp.set_shared_memory("r", 64)
+            refused(lambda: c.infer("standin", [inp]), "[403]")     # reading it is the API
+            np.testing.assert_array_equal(
+                c.infer("standin", [inp], headers=ok).as_numpy("y"), 2 * x)
+            g = gc.InferenceServerClient(f"127.0.0.1:{port}")
+            ginp = gc.InferInput("x", [1, 16], "FP32")
+            ginp.set_shared_memory("r", 64)
+            with pytest.raises(InferenceServerException) as e:
+                g.infer("standin", [ginp])
+            assert e.value.status() == str(grpc.StatusCode.PERMISSION_DENIED)
+            np.testing.assert_array_equal(
+                g.infer("standin", [ginp], headers=ok).as_numpy("y"), 2 * x)
+            plain = hc.InferInput("x", [1, 16], "FP32")       # other calls: no header
+            plain.set_data_from_numpy(x)
+            np.testing.assert_array_equal(c.infer("standin", [plain]).as_numpy("y"), 2 * x)
+        finally:
+            c.unregister_system_shared_memory(headers=ok)
+            shm.destroy_shared_memory_region(h)

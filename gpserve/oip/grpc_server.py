@@ -29,8 +29,10 @@ from .codec import check_range, count_strings, from_raw, raw_bytes, request_conf
 from .datatypes import datatype_of, dtype_of
 from .grpc_messages import METHODS, SERVICE, message
 from .rest import VERSION, extensions, model_metadata
+from .restricted import grpc_peer_host
 
-STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 403: grpc.StatusCode.PERMISSION_DENIED,
+          404: grpc.StatusCode.NOT_FOUND,
           408: grpc.StatusCode.DEADLINE_EXCEEDED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
           503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 # the contents field that carries each datatype when it is not sent raw
@@ -79,11 +81,16 @@ class InferenceService:
         state, started = self.state, time.perf_counter()
         regions = state.new_request()
         try:
+            to_regions = {o.name: _region(o.parameters) for o in request.outputs
+                          if "shared_memory_region" in o.parameters}
+            if to_regions or any("shared_memory_region" in t.parameters
+                                 for t in request.inputs):
+                _restricted(state, context)
             tensors, names = self._inputs(request, regions)
             params = {k: _value(v) for k, v in request.parameters.items()}
             outputs = [o.name for o in request.outputs]
-            to_regions = {o.name: _region(o.parameters) for o in request.outputs
-                          if "shared_memory_region" in o.parameters}
+            pinned = {region: state.client_regions.registration(region)
+                      for region, _, _ in to_regions.values()}
             out_names, arrays, finish = await state.run(tensors, names, outputs,
                                                         request_config(params), regions)
             try:
@@ -96,7 +103,7 @@ class InferenceService:
                         region, offset, nbytes = to_regions[name]
                         data = raw_bytes(arr)
                         state.client_regions.write(region, offset, nbytes, data,
-                                                   f"output {name!r}")       # 1 copy
+                                                   f"output {name!r}", pinned[region])
                         out.parameters["shared_memory_region"].string_param = region
                         out.parameters["shared_memory_byte_size"].int64_param = len(data)
                         response.raw_output_contents.append(b"")   # keeps positions
@@ -201,6 +208,14 @@ def _from_contents(t, dtype: np.dtype, shape: list[int], count: int,
     wide = np.array(values)
     check_range(wide, dtype, where)
     return wide.astype(dtype).reshape(shape)
+
+
+def _restricted(state, context) -> None:
+    """The shared-memory API group's restriction (see restricted.py), for this call."""
+    metadata = context.invocation_metadata() or ()
+    state.restrictions.check(
+        "shared-memory", grpc_peer_host(context.peer()),
+        lambda key: next((v for k, v in metadata if k == key), None))
 
 
 def _record(status: int, kind: str, started: float) -> None:

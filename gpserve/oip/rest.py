@@ -103,6 +103,8 @@ class RestApi:
         """Triton's system shared-memory extension: ``status``, ``unregister`` (all), and
         ``region/{name}/status|register|unregister``."""
         regions = self.state.client_regions
+        if regions.enabled:
+            _restricted(self.state, scope)
         if len(parts) == 3 and parts[0] == "region":
             name, action = parts[1], parts[2]
         elif len(parts) == 1:
@@ -142,16 +144,24 @@ class RestApi:
         shm = state.client_regions
 
         def read_region(name, offset, nbytes, where):     # into the arena, for the worker
+            _restricted(state, scope)
             return shm.read(name, offset, nbytes, regions.alloc, where)     # 1 copy
+
+        def write_region(name, offset, nbytes, data, where):   # the registration decoded
+            shm.write(name, offset, nbytes, data, where, pinned[name])
         try:
             header_length = _header_length(scope)
             body = await state.body.read(scope, receive, regions, align_at=header_length)
             call = decode_infer(body, header_length, *state.string_limit, read_region)
+            if call.to_regions:
+                _restricted(state, scope)
+            pinned = {region: shm.registration(region)
+                      for region, _, _ in call.to_regions.values()}
             names, arrays, finish = await state.run(call.tensors, call.input_names,
                                                     call.output_names, call.config, regions)
             try:
                 out, json_length = encode_infer(self.model, VERSION, call, names, arrays,
-                                                shm.write)
+                                                write_region)
             finally:
                 finish()
         except Exception as e:
@@ -225,3 +235,12 @@ def _triton_config(cfg, spec) -> dict:
 def _triton_type(dtype) -> str:
     name = datatype_of(dtype)
     return "STRING" if name == "BYTES" else name
+
+
+def _restricted(state, scope) -> None:
+    """The shared-memory API group's restriction (see restricted.py), for this call."""
+    client = scope.get("client")
+    headers = scope["headers"]
+    state.restrictions.check(
+        "shared-memory", client[0] if client else None,
+        lambda key: next((v for k, v in headers if k == key.encode()), None))

@@ -3,11 +3,19 @@ POSIX shared-memory region, registers the region once, then sends only a referen
 (region, offset, byte size); outputs can be written into a region the same way.
 
 Trust nothing (docs/open-inference-protocol.md):
-- off unless the server runs with ``--shm-clients``;
-- a key names a file directly under ``/dev/shm`` (no other folder, no symbolic link,
-  no gpserve segment: those hold other requests), a regular file owned by the user the
-  server runs as: the same rule as gpserve's own links between processes;
+- off unless the server runs with ``--shm-clients``; then, by default, only for clients
+  on this host, and behind a header when the operator sets one (``restricted.py``);
+- a key names a file directly under ``/dev/shm`` (no other folder, no symbolic link),
+  a regular file owned by the user the server runs as with exactly one link, that is
+  none of the server's own segments under any name (they hold other requests);
+- a key that cannot be used gets one answer, whatever the reason, so that nothing is
+  learnt about files that were never registered;
+- offsets and sizes are integers below 2**62, checked without overflow, and the
+  registration's offset is applied once, at the use;
 - every use is checked against the registered size and against the file's size then;
+- an output is written only into the registration the request was decoded against: a
+  region unregistered or registered again while the request ran is an error, not a
+  write into the new file;
 - regions are never mapped: inputs are read with ``preadv`` straight into the front's
   arena (1 copy, where the worker reads them), outputs written with ``pwrite`` (1 copy,
   instead of the copy into a response body). A client that truncates, replaces or
@@ -32,6 +40,7 @@ from gpserve.errors import ProtocolError
 from gpserve.shm import PREFIX, SHM_DIR, segment_path
 
 MAX_REGIONS = 1024
+MAX_OFFSET = 1 << 62          # offsets and sizes: far past any file, far from overflow
 
 
 class SharedMemoryError(ProtocolError):
@@ -67,6 +76,8 @@ class ClientRegions:
         fd = _open(key)
         try:
             st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in _server_segments():      # ours, by another name
+                raise _unusable(key)
             if offset + byte_size > st.st_size:
                 raise SharedMemoryError(
                     f"region {name!r}: offset {offset} + byte_size {byte_size} is past the "
@@ -121,9 +132,17 @@ class ClientRegions:
                                         f"{nbytes} bytes (was its file truncated?)")
             return dst
 
-    def write(self, name: str, offset, nbytes, data: memoryview, where: str) -> None:
-        """Write ``data`` (at most ``nbytes``) into a registered region (1 copy)."""
-        with self._use(name, offset, nbytes, where, os.O_RDWR) as (fd, at):
+    def registration(self, name: str) -> str:
+        """The id of a region's registration now: a request that will write into the
+        region takes it when decoded, and ``write`` refuses any other."""
+        self._check_on()
+        return self._lookup(name)["id"]
+
+    def write(self, name: str, offset, nbytes, data: memoryview, where: str,
+              registration: str | None = None) -> None:
+        """Write ``data`` (at most ``nbytes``) into a registered region (1 copy), if it
+        is still the ``registration`` the request was decoded against."""
+        with self._use(name, offset, nbytes, where, os.O_RDWR, registration) as (fd, at):
             if len(data) > nbytes:
                 raise SharedMemoryError(f"{where}: the output has {len(data)} bytes; its "
                                         f"shared_memory_byte_size is {nbytes}")
@@ -132,16 +151,24 @@ class ClientRegions:
                 done += os.pwrite(fd, data[done:], at + done)
 
     @contextlib.contextmanager
-    def _use(self, name, offset, nbytes, where, mode):
+    def _use(self, name, offset, nbytes, where, mode, registration=None):
         """(the region's open file, where the bytes are in it), for one read or write."""
         self._check_on()
         _non_negative(where, shared_memory_offset=offset, shared_memory_byte_size=nbytes)
         entry = self._lookup(name)
+        if registration is not None and entry["id"] != registration:
+            raise SharedMemoryError(f"{where}: region {name!r} was unregistered and "
+                                    "registered again while the request ran; nothing "
+                                    "written")
         if offset + nbytes > entry["byte_size"]:
             raise SharedMemoryError(
                 f"{where}: offset {offset} + {nbytes} bytes is past the end of region "
                 f"{name!r} ({entry['byte_size']} bytes)")
-        fd = _open(entry["key"], mode)
+        try:
+            fd = _open(entry["key"], mode)
+        except SharedMemoryError:
+            raise SharedMemoryError(f"{where}: region {name!r}'s file {entry['key']!r} is "
+                                    "gone or no longer usable; register it again") from None
         st = os.fstat(fd)
         if [st.st_dev, st.st_ino] != entry["inode"]:
             os.close(fd)
@@ -182,9 +209,18 @@ class ClientRegions:
 
 def _non_negative(where: str, **values) -> None:
     for what, v in values.items():
-        if type(v) is not int or v < 0:
-            raise SharedMemoryError(f"{where}: {what} must be a non-negative integer, "
-                                    f"not {v!r}")
+        if type(v) is not int or not 0 <= v < MAX_OFFSET:
+            raise SharedMemoryError(f"{where}: {what} must be a non-negative integer "
+                                    f"below 2**62, not {v!r}")
+
+
+def _unusable(key: str) -> SharedMemoryError:
+    """One answer for every key that cannot be used, so that it tells nothing about files
+    that were never registered (whether they exist, whose they are)."""
+    return SharedMemoryError(
+        f"key {key!r} cannot be used as a shared-memory region: it must name an existing "
+        f"regular file directly under {SHM_DIR}, owned by the user this server runs as, "
+        "with one link, and not one of the server's own")
 
 
 def _open(key: str, mode: int = os.O_RDONLY) -> int:
@@ -194,23 +230,30 @@ def _open(key: str, mode: int = os.O_RDONLY) -> int:
         raise SharedMemoryError(f"key {key!r} must name a file directly under {SHM_DIR} "
                                 "(e.g. '/input0')")
     if base.startswith(PREFIX):
-        raise SharedMemoryError(f"key {key!r}: {PREFIX}* objects are the server's own")
+        raise _unusable(key)
     try:
         fd = os.open(os.path.join(SHM_DIR, base),     # never a link; never waits (a FIFO)
                      mode | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise SharedMemoryError(f"no shared-memory object {key!r} (no {SHM_DIR}/{base})")\
-            from None
-    except OSError as e:
-        raise SharedMemoryError(f"cannot open shared-memory object {key!r}: "
-                                f"{e.strerror}") from None
+    except OSError:
+        raise _unusable(key) from None
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_nlink != 1:
         os.close(fd)
-        raise SharedMemoryError(
-            f"shared-memory object {key!r} is not a regular file owned by the user this "
-            "server runs as; only that user's clients may hand over regions")
+        raise _unusable(key)
     return fd
+
+
+def _server_segments() -> set[tuple[int, int]]:
+    """(device, inode) of every gpserve segment in /dev/shm (any run of this user)."""
+    out = set()
+    for name in os.listdir(SHM_DIR):
+        if name.startswith(PREFIX):
+            try:
+                st = os.lstat(os.path.join(SHM_DIR, name))
+            except OSError:
+                continue
+            out.add((st.st_dev, st.st_ino))
+    return out
 
 
 def _public(entry: dict) -> dict:
