@@ -36,6 +36,7 @@ class Config:
     threads: int = 0                     # runtime threads per worker; 0: from the machine
     batching: str = "auto"               # auto | off
     batch_check_every: int = 64          # merged batches between re-runs of one alone
+    hang_timeout_s: float = 0.0          # a worker stuck this long is restarted; 0: auto
     max_strings: int = 65536             # String elements per request
     header_timeout_s: float = 10.0
     max_header_kb: int = 32              # a request's head: its request line and headers
@@ -210,6 +211,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
       default=d.batch_check_every,
       help="re-run one request of every Nth merged batch alone and compare, to see "
            "whether batching changes answers (0: never)")
+    a("--hang-timeout-s", type=float, default=d.hang_timeout_s,
+      help="a worker whose batch or event loop makes no progress for this long is "
+           "reported, killed and restarted, its requests answered 503 at once (0: "
+           "10x its slowest batch, at least 5 s)")
     a("--shm-mb", type=int, default=0,
       help="shared memory per process for tensors (default: max(256, 2 x max body))")
     a("--header-timeout-s", type=float, default=d.header_timeout_s,
@@ -261,6 +266,8 @@ def from_args(args: argparse.Namespace) -> Config:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.max_delay_ms < 0:
         problems.append("--max-delay-ms must not be negative")
+    if cfg.hang_timeout_s < 0:
+        problems.append("--hang-timeout-s must not be negative (0: automatic)")
     for name in ("timeout_ms", "max_body_mb"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive")

@@ -15,11 +15,12 @@ import numpy as np
 MAX_PROCESSES = 64          # workers, and fronts: each has a block of its own
 HISTOGRAM_BINS = 64         # batch sizes 1..63, and 64 or more
 
-SERVER_FIELDS = ("worker_restarts", "front_restarts")
+SERVER_FIELDS = ("worker_restarts", "front_restarts", "worker_hangs")
 WARMED_SIZES = 16          # batch sizes a worker ran before traffic, as many as are shown
 WORKER_FIELDS = ("pid", "ready", "queued_rows", "batches", "rows", "padded_rows",
                  "max_batch_rows", "rejected_queue_full",
                  "checks", "checks_changed", "check_abs", "check_rel",   # the last two: float64
+                 "heartbeat_ms", "busy_since_ms", "slowest_batch_us",   # see worker_beat
                  *(f"warmed{i}" for i in range(WARMED_SIZES)))
 CACHE_FIELDS = ("cache_hits", "cache_misses", "cache_writes", "cache_evictions",
                 "cache_errors", "cache_rotations", "cache_corrupt")
@@ -56,8 +57,9 @@ class Counters:
     def set_pid(self, role: str, index: int, pid: int) -> None:
         block = self._workers if role == "worker" else self._fronts
         block[index, 0] = pid
-        if role == "worker":
-            self._workers[index, self._w["ready"]] = 0
+        if role == "worker":                 # a new process: no readiness, no progress yet
+            for field in ("ready", "heartbeat_ms", "busy_since_ms"):
+                self._workers[index, self._w[field]] = 0
 
     def pids(self, workers: int, fronts: int) -> dict:
         return {"supervisor": int(self.path.rsplit("gpserve-", 1)[1].split("-")[0]),
@@ -84,6 +86,35 @@ class Counters:
         if rows > row[w["max_batch_rows"]]:
             row[w["max_batch_rows"]] = rows
         row[len(WORKER_FIELDS) + min(max(size_run, 1), HISTOGRAM_BINS) - 1] += 1
+
+    def worker_beat(self, index: int, now_s: float) -> None:
+        """The worker's event loop turns (written every HEARTBEAT_S): a stopped or stuck
+        worker stops writing it. Times are CLOCK_MONOTONIC, the same in every process."""
+        self._workers[index, self._w["heartbeat_ms"]] = int(now_s * 1e3)
+
+    def worker_busy(self, index: int, since_s: float | None, took_s: float = 0.0) -> None:
+        """A batch started running at ``since_s`` (None: it ended, having taken
+        ``took_s``: the slowest so far is kept, for the hang limit)."""
+        row, w = self._workers[index], self._w
+        row[w["busy_since_ms"]] = 0 if since_s is None else int(since_s * 1e3)
+        took_us = int(took_s * 1e6)
+        if took_us > row[w["slowest_batch_us"]]:
+            row[w["slowest_batch_us"]] = took_us
+
+    def worker_progress(self, index: int) -> tuple[float, float, float]:
+        """(last heartbeat, batch running since or 0, slowest batch), in seconds."""
+        row, w = self._workers[index], self._w
+        return (row[w["heartbeat_ms"]] / 1e3, row[w["busy_since_ms"]] / 1e3,
+                row[w["slowest_batch_us"]] / 1e6)
+
+    def worker_is_fresh(self, index: int, now_s: float, stale_s: float) -> bool:
+        """Its event loop turned within ``stale_s`` (fronts route around one that did
+        not: stopped, or stuck, it takes no new work while the supervisor decides)."""
+        beat = self._workers[index, self._w["heartbeat_ms"]]
+        return not beat or now_s * 1e3 - beat < stale_s * 1e3
+
+    def count_hang(self) -> None:
+        self._server[SERVER_FIELDS.index("worker_hangs")] += 1
 
     def count_queue_full(self, index: int) -> None:
         self._workers[index, self._w["rejected_queue_full"]] += 1

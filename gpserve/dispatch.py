@@ -29,6 +29,7 @@ log = logging.getLogger("gpserve.front")
 RECONNECT_S = 0.05
 LINK_WAIT_S = 2.0
 ABANDONED_GRACE_S = 60.0
+STALE_S = 1.0            # a worker whose heartbeat is this old gets no new requests
 
 
 class Waiting:
@@ -157,8 +158,10 @@ class Dispatcher:
         if len(self.links) == 1:                # one worker (or the one in this process)
             chosen = next(iter(self.links))
         else:
-            loads = {i: self.counters.queued_rows(i) for i in self.links}
-            chosen = choose_worker(loads, self.turn)
+            now, counters = time.monotonic(), self.counters
+            loads = {i: counters.queued_rows(i) for i in self.links
+                     if counters.worker_is_fresh(i, now, STALE_S)}
+            chosen = choose_worker(loads or {i: 0 for i in self.links}, self.turn)
             self.turn += 1
         if chosen is None:
             raise Unavailable("no worker is running (the server is starting, or restarting "

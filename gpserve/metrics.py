@@ -185,6 +185,8 @@ CONNECTIONS_REFUSED = Counter("gpserve_connections_refused",
                               "connection_limit, memory_held_by_slow_bodies)",
                               ["reason"])
 RESTARTS = Counter("gpserve_process_restarts", "Child processes restarted, by role", ["role"])
+WORKER_HANGS = Counter("gpserve_worker_hangs", "Workers killed and restarted because they "
+                       "made no progress for --hang-timeout-s")
 MODEL_LOAD_SECONDS = Gauge("gpserve_model_load_seconds", "Time a worker took to load the model",
                            multiprocess_mode="max")
 

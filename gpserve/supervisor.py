@@ -36,6 +36,26 @@ from .shm import (
 
 log = logging.getLogger("gpserve.supervisor")
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+HANG_FLOOR_S = 5.0           # --hang-timeout-s 0: at least this long without progress
+HANG_MULTIPLE = 10.0         # ... and this many times the worker's slowest batch
+
+
+def hang_limit(configured_s: float, slowest_batch_s: float) -> float:
+    """How long a worker may go without progress before it counts as hung: the flag,
+    or a multiple of its slowest batch so far (warm-up included), with a floor."""
+    if configured_s > 0:
+        return configured_s
+    return max(HANG_FLOOR_S, HANG_MULTIPLE * slowest_batch_s)
+
+
+def stalled(now_s: float, beat_s: float, busy_since_s: float, limit_s: float) -> str | None:
+    """Why a worker counts as hung (its event loop stopped turning, or one batch has run
+    too long), or None. A worker that never beat (still loading) is not judged."""
+    if beat_s and now_s - beat_s > limit_s:
+        return f"its event loop has not turned for {now_s - beat_s:.1f} s"
+    if busy_since_s and now_s - busy_since_s > limit_s:
+        return f"a batch has been running for {now_s - busy_since_s:.1f} s"
+    return None
 
 
 def _listen(cfg: Config) -> socket.socket:
@@ -259,6 +279,7 @@ class Supervisor:
         from . import metrics  # only now: PROMETHEUS_MULTIPROC_DIR is set
         while not self.stopping:
             sentinels = {c.process.sentinel: c for c in self.children}
+            self._kill_hung(metrics)
             for ready in wait(list(sentinels), timeout=0.5):
                 child = sentinels[ready]
                 if self.stopping:
@@ -280,6 +301,32 @@ class Supervisor:
                     with contextlib.suppress(FileNotFoundError):     # (a front's hosted worker)
                         os.unlink(segment_path(self.cfg.run_id, f"{arena}-{child.process.pid}"))
                 self._start(child)
+
+    def _kill_hung(self, metrics) -> None:
+        """A worker that makes no progress (stopped, deadlocked, a runtime stuck in a
+        kernel) holds its requests until their deadline and, to the fronts, looks idle.
+        Once it has gone ``hang_limit`` without progress it is marked not ready (fronts
+        stop routing to it), reported, and killed: its requests are answered
+        Unavailable at once, as on a crash, and it is restarted as a dead child is."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.role != "worker" or not self.counters.worker_is_ready(child.index) \
+                    or not child.process.is_alive():
+                continue
+            beat, busy_since, slowest = self.counters.worker_progress(child.index)
+            limit = hang_limit(self.cfg.hang_timeout_s, slowest)
+            why = stalled(now, beat, busy_since, limit)
+            if why is None:
+                continue
+            self.counters.worker_ready(child.index, False)
+            self.counters.count_hang()
+            metrics.WORKER_HANGS.inc()
+            log.error("%s (pid %d) is hung: %s, past its limit of %.1f s (--hang-timeout-s; "
+                      "its slowest batch took %.3f s); killing it: its requests are answered "
+                      "Unavailable and it is restarted", child.name, child.process.pid, why,
+                      limit, slowest)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.process.pid, signal.SIGKILL)
 
     def _stop(self, sock: socket.socket) -> None:
         self.stopping = True

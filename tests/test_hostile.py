@@ -2,6 +2,8 @@
 attacker and as an operator would, kept fixed. Bounded in time and size; synchronised
 on what the server says, never on sleeps. Runs on echo, the default model and models
 the tests build, so a fresh clone runs all of it."""
+import collections
+import contextlib
 import http.client
 import os
 import signal
@@ -452,6 +454,49 @@ def test_connection_limit_answers_503_and_says_so():
 
 
 # Also: every failure is visible --------------------------------------------------------
+
+def test_a_stopped_worker_is_found_killed_and_restarted_and_nothing_waits_its_deadline():
+    """SIGSTOP one of two workers: its requests waited for the 15 s deadline, new requests
+    were still routed to it, readiness stayed 200 and nothing was logged. Now fronts route
+    around a worker whose heartbeat stopped, and the supervisor kills it once it has made
+    no progress for --hang-timeout-s: its requests are answered Unavailable, it restarts."""
+    with Server("--model", "standin:200,0", "--placement", "workers", "--workers", "2",
+                "--fronts", "1", "--hang-timeout-s", "2", "--timeout-ms", "60000",
+                "--batch-check-every", "0") as s:
+        victim = s.info()["processes"]["pids"]["workers"][0]
+        outcomes, stop = [], threading.Event()
+
+        def client():
+            with Client(s.url, timeout=90) as c:
+                while not stop.is_set():
+                    try:
+                        c.execute(np.ones((1, 16), np.float32))
+                        outcomes.append("ok")
+                    except E.GraphPipeError as e:
+                        outcomes.append(type(e).__name__)
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            eventually(lambda: len(outcomes) >= 8, 30, "requests on both workers")
+            os.kill(victim, signal.SIGSTOP)
+            eventually(lambda: s.stats()["worker_hangs"] == 1, 30, "the hang found")
+            eventually(lambda: s.stats()["ready_workers"] == 2
+                       and victim not in s.info()["processes"]["pids"]["workers"], 60,
+                       "the worker restarted")
+            served = len(outcomes)
+            eventually(lambda: outcomes[served:].count("ok") >= 8, 30, "serving on")
+        finally:
+            stop.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+            for t in threads:
+                t.join(90)
+        assert set(outcomes) <= {"ok", "Unavailable"}, collections.Counter(outcomes)
+        assert s.stats()["worker_restarts"] == 1
+        assert s.metric("gpserve_worker_hangs_total") == 1
+    assert "worker0 (pid %d) is hung" % victim in s.output()
+
 
 def test_requests_held_by_a_killed_worker_are_answered_at_once(tmp_path):
     """Whatever a worker held when it died, running or queued, is answered Unavailable

@@ -48,6 +48,7 @@ from .batch_check import compare, made_up_rows
 from .devices import worker_device
 
 log = logging.getLogger("gpserve.worker")
+HEARTBEAT_S = 0.1             # the event loop writes its heartbeat this often
 
 
 @dataclass(slots=True)
@@ -146,7 +147,10 @@ class Worker:
                 self.backend.run(feed, outputs, "")
                 t0 = time.perf_counter()
                 self.backend.run(feed, outputs, "")
-                self.queue.costs.observe(size, time.perf_counter() - t0)
+                took = time.perf_counter() - t0
+                self.queue.costs.observe(size, took)
+                if not self.local:
+                    self.counters.worker_busy(self.index, None, took)
             except Exception as e:
                 log.warning("warm-up at batch size %d failed (%s: %s); the first batch of "
                             "each size will be slow", size, type(e).__name__, str(e)[:200])
@@ -158,8 +162,15 @@ class Worker:
     async def start(self) -> None:
         """Warm up (off the event loop), then say so in the shared counters."""
         self.loop = asyncio.get_running_loop()
+        if not self.local:
+            self._beat()
         await self.loop.run_in_executor(self.compute_thread, self.warm_up)
         self.counters.worker_ready(self.index, True, self.warmed)
+
+    def _beat(self) -> None:
+        """The heartbeat the supervisor watches (see gpserve/supervisor.py: hangs)."""
+        self.counters.worker_beat(self.index, time.monotonic())
+        self.loop.call_later(HEARTBEAT_S, self._beat)
 
     async def serve(self) -> None:
         """A worker process: take fronts' connections on this worker's address."""
@@ -286,6 +297,8 @@ class Worker:
         def run() -> None:
             self._compute_safely(batch)
             loop.call_soon_threadsafe(self._finished, batch)
+        if not self.local:
+            self.counters.worker_busy(self.index, time.monotonic())
         self.compute_thread.submit(run)
 
     def _compute_safely(self, batch: Batch) -> None:
@@ -300,6 +313,8 @@ class Worker:
 
     def _finished(self, batch: Batch, then_pump: bool = True) -> None:
         self.running = None
+        if not self.local and not self.inline:
+            self.counters.worker_busy(self.index, None, batch.took or 0.0)
         self.queue.device_free(time.monotonic(), batch.rows)
         if then_pump:
             self.pump()                      # the device first, then the answers
