@@ -248,6 +248,7 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
         head_bytes = 0                    # bytes of the head the parser has handed over
         refusal: Refusal | None = None   # refused from its head: nothing more is taken
         raw_body_left = 0                 # an ignored upgrade's body, read without the parser
+        draining = False                  # the front is stopping: answers close the connection
         ended = False                     # the client half-closed: close after the answer
 
         def connection_made(self, transport) -> None:
@@ -340,6 +341,11 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
                 self.refusal = _unserved_coding(self.headers, self.parser.should_upgrade())
             if self.refusal is not None:
                 return                               # refused: never reaches the app
+            if self.draining:
+                self._to_asgi()                      # answered, with connection: close
+                if self.cycle is not None and type(self.cycle) is not Answering:
+                    self.cycle.keep_alive = False
+                return
             parser, cycle = self.parser, self.cycle
             if (fast_post is not None and (cycle is None or cycle.response_complete)
                     and not self.pipeline and not parser.should_upgrade()
@@ -424,8 +430,10 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
                 answering.keep_alive = False
             if self.flow.write_paused and not answering.disconnected:
                 await self.flow.drain()            # the client reads slower than it asks
-            if answering.disconnected:
+            if answering.disconnected or self.transport.is_closing():
                 return
+            if self.draining:
+                answering.keep_alive = False
             data = head(status, len(response), self.server_state.default_headers,
                         answering.keep_alive)
             if len(response) < OneWrite.JOIN_BELOW:
@@ -480,11 +488,15 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
                 on_count(len(self.connections))
 
         def shutdown(self) -> None:
-            """The drain: uvicorn closes every connection not in a request, but one that
-            was just accepted has its first request on the way (closing it with those
-            bytes unread resets it). It gets FIRST_REQUEST_GRACE_S to arrive; answered,
-            the connection then closes."""
-            if self.cycle is None and not self.transport.is_closing():
+            """The drain: uvicorn closes every connection not in a request at once, but
+            one just accepted may have its first request on the way, and an idle
+            keep-alive one its next (closing it with those bytes unread resets them). It
+            gets FIRST_REQUEST_GRACE_S for them to arrive; such a request is answered
+            with ``connection: close``, then the connection closes. A request in flight
+            is answered the same way (uvicorn's)."""
+            self.draining = True
+            cycle = self.cycle
+            if (cycle is None or cycle.response_complete) and not self.transport.is_closing():
                 self.loop.call_later(FIRST_REQUEST_GRACE_S, super().shutdown)
                 return
             super().shutdown()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import signal
 import socket
 import sys
 
@@ -42,6 +43,11 @@ class BalancedListener:
 
     def __init__(self, sock: socket.socket, factory, load):
         self.sock, self.factory, self.load = sock, factory, load
+        # uvicorn closes the sockets it was handed right after ``close()``, before this
+        # task has seen its cancellation: the reader is removed by number, here and in
+        # close(), never through the closed socket (whose fileno() is then -1)
+        self.fd = sock.fileno()
+        self.reading = False
         sock.setblocking(False)
         self.task = asyncio.create_task(self._accept_forever())
 
@@ -59,6 +65,8 @@ class BalancedListener:
             except OSError as e:
                 if e.errno == errno.ECONNABORTED:
                     continue
+                if e.errno == errno.EINVAL:      # the supervisor stopped listening: the
+                    return                       # drain follows, nothing to accept
                 log.warning("accepting a connection failed: %s; retrying in %g s",
                             e.strerror, RETRY_S)
                 await asyncio.sleep(RETRY_S)
@@ -72,13 +80,21 @@ class BalancedListener:
 
     async def _readable(self, loop) -> None:
         ready = loop.create_future()
-        loop.add_reader(self.sock.fileno(), _settle, ready)
+        loop.add_reader(self.fd, _settle, ready)
+        self.reading = True
         try:
             await ready
         finally:
-            loop.remove_reader(self.sock.fileno())
+            self._stop_reading(loop)
+
+    def _stop_reading(self, loop) -> None:
+        if self.reading:
+            self.reading = False
+            loop.remove_reader(self.fd)
 
     def close(self) -> None:
+        """Stop accepting now (uvicorn closes the socket next)."""
+        self._stop_reading(asyncio.get_running_loop())
         self.task.cancel()
 
     async def wait_closed(self) -> None:
@@ -104,6 +120,12 @@ class FrontServer(uvicorn.Server):
         self.load, self.on_listening = load, on_listening
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn has just taken SIGINT and SIGTERM over: give them back to the
+        # supervisor (ignored here, see supervisor.STOP_SIGNAL) and drain on its signal
+        from .supervisor import STOP_SIGNAL
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(STOP_SIGNAL, self.handle_exit)
         await self.lifespan.startup()
         if self.lifespan.should_exit:
             sys.exit(3)                                  # uvicorn's STARTUP_FAILURE

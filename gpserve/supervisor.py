@@ -36,6 +36,13 @@ from .shm import (
 
 log = logging.getLogger("gpserve.supervisor")
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+# How the supervisor stops a child. Children ignore SIGINT and SIGTERM: Ctrl-C in a
+# terminal and systemd's default KillMode=control-group send those to every process of
+# the group at once, and a front that began its own shutdown then closed connections
+# before the socket stopped listening, and workers died under requests still running.
+# The supervisor alone acts on them, in order: stop listening, drain the fronts (this
+# signal), then stop the workers (this signal again: their default action, exit).
+STOP_SIGNAL = signal.SIGUSR2
 HANG_FLOOR_S = 5.0           # --hang-timeout-s 0: at least this long without progress
 HANG_MULTIPLE = 10.0         # ... and this many times the worker's slowest batch
 
@@ -148,6 +155,8 @@ def _child_main(target, args, run_id: str, supervisor_pid: int) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != supervisor_pid:
         os._exit(1)
+    for sig in (signal.SIGINT, signal.SIGTERM):       # the supervisor's to act on
+        signal.signal(sig, signal.SIG_IGN)
     hold_run_lock(run_id)
     target(*args)
 
@@ -334,14 +343,14 @@ class Supervisor:
         fronts = [c for c in started if c.role == "front"]
         _stop_listening(sock, fronts)
         for child in fronts:
-            _signal(child, signal.SIGTERM)
+            _signal(child, STOP_SIGNAL)
         grace = self.cfg.timeout_ms / 1000 + 10
         for child in fronts:
             child.process.join(grace)
         sock.close()
         for child in started:
             if child.role != "front":
-                _signal(child, signal.SIGTERM)
+                _signal(child, STOP_SIGNAL)
         for child in started:
             child.process.join(5)
             if child.process.is_alive():

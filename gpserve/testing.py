@@ -51,9 +51,12 @@ class Server:
     """``gpserve serve`` with the given flags; ``url``, ``info()``, ``stop()``."""
 
     def __init__(self, *args: str, env: dict | None = None, ready_timeout: float = 90,
-                 command: list[str] | None = None, port: int | None = None):
+                 command: list[str] | None = None, port: int | None = None,
+                 own_group: bool = False):
         """``gpserve serve --listen 127.0.0.1:PORT *args``, or ``gpserve *command`` when
-        given (its environment then says where to listen, on ``port``)."""
+        given (its environment then says where to listen, on ``port``). ``own_group``:
+        the server leads a process group of its own, which a test may signal whole (as
+        Ctrl-C in a terminal and systemd do)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpserve-test-{self.port}.log"
@@ -61,7 +64,7 @@ class Server:
         argv = command or ["serve", "--listen", f"127.0.0.1:{self.port}", *args]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpserve", *argv], stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})})
+            env={**os.environ, **(env or {})}, start_new_session=own_group)
         self.wait_ready(ready_timeout)
 
     def wait_ready(self, timeout: float = 90) -> None:
