@@ -18,6 +18,7 @@ class Config:
     listen: str = "127.0.0.1:9000"
     grpc_listen: str = ""                # host:port of the Open Inference Protocol's gRPC
     shm_clients: bool = False            # let local clients register shared-memory regions
+    grpc_inflight_mb: float = 0.0        # gRPC request bytes a front holds at once; 0: max body
     restricted_api: str = ""             # GROUP[,GROUP]:KEY=VALUE[;...]: a header per group
     restricted_api_clients: str = "loopback"   # who may call restricted groups: loopback|any
     inputs: list[str] = field(default_factory=list)    # default input names, in order
@@ -161,6 +162,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     a("--shm-clients", type=_bool, default=d.shm_clients,
       help="let clients of this host's user hand tensors over in system shared memory "
            "(/v2/systemsharedmemory; off by default: see docs/open-inference-protocol.md)")
+    a("--grpc-inflight-mb", type=float, default=d.grpc_inflight_mb,
+      help="bytes of gRPC requests one front holds at once (grpcio reads each whole, and "
+           "holds about 4x its size while it runs); past it, RESOURCE_EXHAUSTED (0: "
+           "--max-body-mb)")
     a("--restricted-api", default=d.restricted_api, metavar="GROUP:KEY=VALUE",
       help="require a header (REST) or metadata key (gRPC) with this value for an API "
            "group, as Triton's --http-restricted-api: 'shared-memory:admin-key=s3cret' "
@@ -266,6 +271,8 @@ def from_args(args: argparse.Namespace) -> Config:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.max_delay_ms < 0:
         problems.append("--max-delay-ms must not be negative")
+    if cfg.grpc_inflight_mb < 0:
+        problems.append("--grpc-inflight-mb must not be negative (0: --max-body-mb)")
     if cfg.hang_timeout_s < 0:
         problems.append("--hang-timeout-s must not be negative (0: automatic)")
     for name in ("timeout_ms", "max_body_mb"):

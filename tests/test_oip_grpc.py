@@ -5,6 +5,7 @@ import asyncio
 import socket
 import subprocess
 import sys
+import threading
 
 import grpc
 import numpy as np
@@ -189,3 +190,36 @@ def test_malformed_protobuf_is_invalid_argument(echo):
     inp.set_data_from_numpy(x)
     np.testing.assert_array_equal(
         gc.InferenceServerClient(echo.grpc).infer("echo", [inp]).as_numpy("output"), x)
+
+
+def test_grpc_requests_in_flight_are_bounded_per_front(tmp_path):
+    """Six concurrent 200 MiB ModelInfer calls took a front to 4.9 GiB: grpcio reads each
+    whole message before the call runs. A front now holds at most --grpc-inflight-mb of
+    requests at once; past it, RESOURCE_EXHAUSTED, while small calls go on."""
+    from test_errors import slow_model
+    model = slow_model(tmp_path / "slow.onnx")           # about a second a batch
+    port = free_port()
+    with Server("--model", str(model), "--placement", "workers", "--fronts", "1",
+                "--grpc-listen", f"127.0.0.1:{port}", "--grpc-inflight-mb", "2",
+                "--max-queue", "300000", "--timeout-ms", "60000",
+                "--batch-check-every", "0") as s:
+        big = np.ones((100_000, 4), np.float32)           # 1.6 MB
+
+        def call(x):
+            c = gc.InferenceServerClient(f"127.0.0.1:{port}")
+            inp = gc.InferInput("x", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            return c.infer("slow", [inp]).as_numpy("y")
+        results = {}
+        first = threading.Thread(target=lambda: results.setdefault("first", call(big)))
+        first.start()
+        eventually(lambda: s.stats()["queued_rows"] >= 100_000, 30, "the first call running")
+        with pytest.raises(InferenceServerException) as e:
+            call(big)                                     # 3.2 MB in flight: past 2 MiB
+        assert e.value.status() == str(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "--grpc-inflight-mb" in e.value.message()
+        small = np.ones((2, 4), np.float32)
+        np.testing.assert_array_equal(call(small), small)   # small calls still fit
+        first.join(60)
+        np.testing.assert_array_equal(results["first"], big)
+        np.testing.assert_array_equal(call(big), big)       # and the big one, alone

@@ -50,6 +50,12 @@ class InferenceService:
     def __init__(self, state):
         self.state, self.model = state, state.spec.name
         self.metadata = _M["ModelMetadataResponse"](**model_metadata(state.spec))
+        # grpcio reads a whole message before its call runs, and a call holds about 4x
+        # its size (protobuf's bytes, shared memory, the output, its serialisation):
+        # HTTP bodies are bounded by the arena, gRPC requests by this
+        cfg = state.cfg
+        self.budget = int((cfg.grpc_inflight_mb or cfg.max_body_mb) * (1 << 20))
+        self.held = 0                 # bytes of the requests whose calls are running
 
     def handlers(self) -> grpc.GenericRpcHandler:
         calls = {name: grpc.unary_unary_rpc_method_handler(
@@ -78,6 +84,20 @@ class InferenceService:
 
     async def ModelInfer(self, request, context):
         await self._model(request.model_name, request.model_version, context)
+        size = request.ByteSize()
+        if self.held and self.held + size > self.budget:
+            _record(413, "grpc_error", time.perf_counter())
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"this front holds {self.held} bytes of gRPC requests; with this one's "
+                f"{size} it would pass its bound of {self.budget} (--grpc-inflight-mb); "
+                "retry later"))
+        self.held += size
+        try:
+            return await self._infer(request, context)
+        finally:
+            self.held -= size
+
+    async def _infer(self, request, context):
         state, started = self.state, time.perf_counter()
         regions = state.new_request()
         try:
