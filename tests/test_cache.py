@@ -178,7 +178,7 @@ def test_bound_holds_and_eviction_keeps_serving(tmp_path):
         assert data.stat().st_size <= 1 << 20
 
 
-def test_corrupt_cache_file_still_serves(tmp_path):
+def test_a_file_that_is_not_lmdb_is_moved_aside_and_a_fresh_cache_serves(tmp_path):
     model = scale_model(tmp_path / "scale.onnx", 2.0)
     cache_dir = tmp_path / "rows"
     flags = ["--model", str(model), "--cache", "--cache-dir", str(cache_dir)]
@@ -188,11 +188,15 @@ def test_corrupt_cache_file_still_serves(tmp_path):
         wait_for_writes(s, 3)
     data = next(cache_dir.rglob("data.mdb"))
     data.write_bytes(b"\xde\xad\xbe\xef" * 4096)         # not LMDB any more
-    with Server(*flags) as s, Client(s.url) as c:
+    with Server(*flags) as s, Client(s.url) as c:      # moved aside; a fresh cache
         np.testing.assert_array_equal(c.execute(x, output_name="y"), x * 2)
         info = s.info()["cache"]
-        assert info["enabled"] is False and info["errors"] >= 1
-        assert "row cache disabled" in s.output()
+        assert info["enabled"] is True and info["errors"] == 0
+        assert "not an LMDB data file" in s.output() and "moved aside to" in s.output()
+        wait_for_writes(s, 3)
+        np.testing.assert_array_equal(c.execute(x, output_name="y"), x * 2)
+        assert s.info()["cache"]["hits"] == 3
+    assert len(list(cache_dir.glob("*.damaged-*"))) == 1
 
 
 def test_unwritable_cache_directory_still_serves(tmp_path):
