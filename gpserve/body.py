@@ -11,6 +11,9 @@ from .errors import BodyTooLarge, ProtocolError, QueueFull, RequestTimeout, Unsu
 from .regions import Regions, arena_full
 from .shm import ALIGN, Arena
 
+STREAM_FROM = 1 << 20      # a body longer than this streams into the arena once this
+                           # much of it has come; a shorter one is joined in memory
+
 
 class BodyReader:
     def __init__(self, cfg: Config, arena: Arena):
@@ -31,11 +34,16 @@ class BodyReader:
         already in shared memory when decoded. uvicorn's ``receive`` has copied each
         chunk twice on its side before we see it.
 
-        A body that stops arriving for ``--body-timeout-s`` is answered 408. A streamed
-        body reserves its whole length in the arena before its bytes come, so the bytes
-        reserved and not yet arrived, over all of this front's connections, may take at
-        most half the arena: idle clients that announce large bodies cannot shut others
-        out."""
+        A body that stops arriving for ``--body-timeout-s`` is answered 408. A body of at
+        most ``STREAM_FROM`` bytes that comes in pieces is joined in memory (1 copy; its
+        tensors go to shared memory when a worker needs them, as for a body in one
+        piece) and reserves nothing in the arena. A longer one is read into memory until
+        ``STREAM_FROM`` of its bytes have come, and only then reserves its whole length in
+        the arena (the bytes so far copied in, the rest streamed there): an idle client
+        that announces a huge body holds at most that much, and the bytes reserved and
+        not yet arrived, over all of this front's connections, may take at most half
+        the arena. So idle announced bodies can refuse other large bodies for a while,
+        never the ordinary ones."""
         limit = self.cfg.max_body_bytes
         coding = content_coding(scope["headers"])
         if coding is not None:                      # compressed: whole, then inflated
@@ -63,9 +71,10 @@ class BodyReader:
                 got[0] = len(chunk)
                 if not more:
                     return self._whole(chunk, size)
-                if size is None:
-                    return await self._gather(chunk, receive, timer, got)
-                return await self._stream(chunk, size, receive, timer, got, regions,
+                pieces, more = await self._gather(chunk, receive, timer, got, size)
+                if not more:                        # whole, in memory
+                    return self._whole(b"".join(pieces), size)
+                return await self._stream(pieces, size, receive, timer, got, regions,
                                           -(align_at or 0) % ALIGN)
         except TimeoutError:
             NOTES.acted("body_timeout", f"answered 408 to requests whose body stopped "
@@ -74,41 +83,51 @@ class BodyReader:
                 f"the body stopped arriving: no bytes for {patience:g} s (--body-timeout-s) "
                 f"after {got[0]} of {size if size is not None else '?'} bytes") from None
 
-    async def _gather(self, chunk, receive, timer, got: list) -> bytes:
-        """A chunked transfer (no Content-Length): joined in memory, then decoded."""
+    async def _gather(self, chunk, receive, timer, got: list,
+                      size: int | None) -> tuple[list, bool]:
+        """The pieces of a body read into memory (the first piece came with more to
+        follow): all of them for a chunked transfer (no Content-Length) or one of at
+        most STREAM_FROM bytes; for a longer one, until STREAM_FROM bytes have come.
+        (pieces, whether more follow)."""
         limit, patience = self.cfg.max_body_bytes, self.cfg.body_timeout_s
+        stop_at = None if size is None or size <= STREAM_FROM else STREAM_FROM
         loop, chunks, more = asyncio.get_running_loop(), [chunk], True
-        while more:
+        while more and (stop_at is None or got[0] < stop_at):
             timer.reschedule(loop.time() + patience)
             chunk, more = await _receive_chunk(receive)
             got[0] += len(chunk)
             if got[0] > limit:
                 raise self._too_large()
+            if size is not None and got[0] > size:
+                raise ProtocolError(f"the body is longer than its Content-Length {size}")
             chunks.append(chunk)
-        return b"".join(chunks)
+        return chunks, more
 
-    async def _stream(self, chunk, size: int, receive, timer, got: list, regions: Regions,
-                      lead: int):
-        """A body of known size in several pieces, written into the arena as they come
-        (1 copy), ``lead`` bytes into its region; its reservation counts as unfilled
-        until its bytes are there."""
+    async def _stream(self, pieces: list, size: int, receive, timer, got: list,
+                      regions: Regions, lead: int):
+        """A body of known size in several pieces, the first ``pieces`` already here
+        (STREAM_FROM bytes or more, which earned it its reservation), written into the
+        arena as they come (1 copy), ``lead`` bytes into its region; its reservation
+        counts as unfilled until its bytes are there."""
         patience, loop = self.cfg.body_timeout_s, asyncio.get_running_loop()
         offset = self._reserve(size + lead)
         mm, pos, end = self.arena.mm, offset + lead, offset + lead + size
         self.unfilled += size
-        more = True                  # the first piece came with more to follow
+        more = True                  # the pieces so far came with more to follow
         try:
-            while True:
+            for chunk in pieces:
+                mm[pos:pos + len(chunk)] = chunk                  # -> shared memory: 1 copy
+                pos += len(chunk)
+                self.unfilled -= len(chunk)
+            while more:
+                timer.reschedule(loop.time() + patience)
+                chunk, more = await _receive_chunk(receive)
                 if pos + len(chunk) > end:
                     raise ProtocolError(f"the body is longer than its Content-Length {size}")
                 mm[pos:pos + len(chunk)] = chunk                  # -> shared memory: 1 copy
                 pos += len(chunk)
                 self.unfilled -= len(chunk)
                 got[0] = pos - offset - lead
-                if not more:
-                    break
-                timer.reschedule(loop.time() + patience)
-                chunk, more = await _receive_chunk(receive)
             if pos != end:
                 raise ProtocolError(f"the body ended after {got[0]} of {size} bytes")
         except BaseException:

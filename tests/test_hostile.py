@@ -44,6 +44,20 @@ def read_all(s: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def read_all_once(s: socket.socket) -> bytes:
+    """One answer on a keep-alive connection: its head and its Content-Length of body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(1 << 16)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(rest) < length:
+        rest += s.recv(1 << 16)
+    s.close()
+    return head + b"\r\n\r\n" + rest
+
+
 def post_head(length: int) -> bytes:
     return (b"POST / HTTP/1.1\r\nHost: gpserve\r\nContent-Type: application/octet-stream\r\n"
             b"Content-Length: %d\r\n\r\n" % length)
@@ -94,29 +108,42 @@ def test_an_empty_tensor_with_a_huge_dimension_is_refused_at_once(tmp_path, cach
 # 3. Idle clients that announce large bodies ------------------------------------------
 
 def test_idle_clients_announcing_huge_bodies_cannot_shut_others_out():
-    with Server("--model", "echo", "--fronts", "1", "--body-timeout-s", "2") as s:
-        idle = [raw(s.port, post_head(256 << 20) + b"0123456789") for _ in range(4)]
+    """16 idle clients each announcing a 256 MiB body made 1-2 of every 8 ordinary 110 KB
+    requests (in more than one read) fail 503 "held by bodies still arriving". A body
+    now reserves arena memory only once 1 MiB of it has come: the idle ones hold none,
+    and even clients that send 1 MiB and stall can refuse other large bodies, never the
+    ordinary ones."""
+    row = np.random.default_rng(0).random((1, 3, 48, 192), np.float32)     # 110 KB
+    body = bytes(P.encode_request(P.InferRequest([row])))
+
+    def ordinary() -> bytes:                     # in two pieces: not the fast path
+        sock = raw(s.port, post_head(len(body)) + body[:16 << 10])
+        sock.sendall(body[16 << 10:])
+        return read_all_once(sock)
+    with Server("--model", "echo", "--fronts", "1", "--body-timeout-s", "3") as s:
+        idle = [raw(s.port, post_head(256 << 20) + b"0123456789") for _ in range(16)]
+        stalled = [raw(s.port, post_head(256 << 20) + bytes(1 << 20) + bytes(64 << 10))
+                   for _ in range(2)]            # past 1 MiB: these reserve, then stall
         try:
-            big = np.random.default_rng(0).random((64, 1024), np.float32)   # 256 KiB
-            with Client(s.url) as c:
-                for _ in range(20):
-                    np.testing.assert_array_equal(c.execute(np.ones((1, 4), np.float32)), 1)
-                # a large body may be refused while idle bodies hold the memory, never hang
-                try:
-                    np.testing.assert_array_equal(c.execute(big), big)
-                except E.QueueFull as e:
-                    assert "held by bodies still arriving" in str(e)
-            answers = [read_all(sock) for sock in idle]      # each within --body-timeout-s
+            eventually(lambda: s.metric("gpserve_connections_refused_total",
+                                        reason="memory_held_by_slow_bodies") >= 1, 30,
+                       "the second stalled body refused: the first holds half the arena")
+            for _ in range(16):
+                reply = ordinary()
+                assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+                np.testing.assert_array_equal(
+                    P.decode_response(reply.split(b"\r\n\r\n", 1)[1]).outputs[0], row)
+            answers = [read_all(sock) for sock in idle + stalled]   # within --body-timeout-s
         finally:
-            for sock in idle:
+            for sock in idle + stalled:
                 sock.close()
-        assert sum(a.startswith(b"HTTP/1.1 408") for a in answers) >= 1
-        assert all(a.startswith((b"HTTP/1.1 408", b"HTTP/1.1 503")) for a in answers), answers
-        assert any(b"held by bodies still arriving" in a for a in answers)
+        assert sum(a.startswith(b"HTTP/1.1 408") for a in answers) == 17, answers
+        assert sum(b"held by bodies still arriving" in a for a in answers) == 1
+        big = np.random.default_rng(1).random((1024, 1024), np.float32)   # 4 MiB: streams
         with Client(s.url) as c:                 # once they are gone, large bodies pass
             np.testing.assert_array_equal(c.execute(big), big)
-        assert s.metric("gpserve_connections_refused_total", reason="body_timeout") >= 1
-        assert s.stats()["errors"]["RequestTimeout"] >= 1
+        assert s.metric("gpserve_connections_refused_total", reason="body_timeout") == 17
+        assert s.stats()["errors"]["RequestTimeout"] == 17
     assert "body stopped arriving" in s.output()
 
 
