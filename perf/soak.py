@@ -13,12 +13,22 @@ Pass: after the first third (warm-up), resident memory, descriptors and shared m
 within a small margin of their warm-up peak; the cache file stays under its bound; the
 cache keeps writing and hitting to the end; no cache error; every request answered.
 
-    python perf/soak.py [--seconds 180] [--every 5] [--clients 8] [--json FILE]
+With ``--faults`` the run also meets what an operator's machine does to a server: the
+cache file is damaged before the server starts (a first server fills it, then 20 writes
+of 16 random bytes land in its data pages, the meta pages left intact), and the model
+runs in two workers, one of which is stopped (SIGSTOP) and resumed twice midway: once
+for less than ``--hang-timeout-s`` (fronts route around it), once for longer (it is
+killed and restarted). A client retries a request answered ``Unavailable`` once, as a
+client of a server that restarts a process should; every answer is still checked, so
+a wrong row from the damaged cache fails the run.
+
+    python perf/soak.py [--seconds 180] [--every 5] [--clients 8] [--faults] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -33,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import exit_cleanly_on_sigterm, print_table, write_json  # noqa: E402
 
 from gpserve.client import Client  # noqa: E402
-from gpserve.errors import GraphPipeError  # noqa: E402
+from gpserve.errors import GraphPipeError, Unavailable  # noqa: E402
 from gpserve.testing import Server  # noqa: E402
 
 WIDTH = 4096
@@ -90,9 +100,14 @@ def sample(server: Server, started: float, counts: dict) -> dict:
             "failed": counts["failed"]}
 
 
-def client_loop(url: str, stop: threading.Event, seed: int, counts: dict, lock) -> None:
+def first_rows(seed: int) -> tuple[np.random.Generator, list[np.ndarray]]:
+    """A client's random stream and the rows it starts with as "seen recently"."""
     rng = np.random.default_rng(seed)
-    recent = [rng.standard_normal(WIDTH).astype(np.float32) for _ in range(64)]
+    return rng, [rng.standard_normal(WIDTH).astype(np.float32) for _ in range(64)]
+
+
+def client_loop(url: str, stop: threading.Event, seed: int, counts: dict, lock) -> None:
+    rng, recent = first_rows(seed)
     junk = b"not a graphpipe message"
     with Client(url, timeout=60) as c:
         n = 0
@@ -111,11 +126,16 @@ def client_loop(url: str, stop: threading.Event, seed: int, counts: dict, lock) 
             fresh = [rng.standard_normal(WIDTH).astype(np.float32) for _ in range(2)]
             seen = [recent[i] for i in rng.integers(0, len(recent), 2)]
             x = np.stack(fresh + seen)
-            try:
-                y = c.execute(x)
-                ok = bool(np.array_equal(y, x * 2))
-            except GraphPipeError:
-                ok = False
+            ok = False
+            for _ in range(2):                   # Unavailable: a process restarted; again
+                try:
+                    ok = bool(np.array_equal(c.execute(x), x * 2))
+                    break
+                except Unavailable:
+                    with lock:
+                        counts["retried"] += 1
+                except GraphPipeError:
+                    break
             recent[int(rng.integers(0, len(recent)))] = fresh[0]
             with lock:
                 counts["ok" if ok else "failed"] += 1
@@ -151,20 +171,74 @@ def verdict(samples: list[dict]) -> list[dict]:
     return checks
 
 
+HANG_S = 4.0                 # --hang-timeout-s with --faults
+
+
+def damage_cache(cache_dir: Path, seed: int = 20) -> int:
+    """20 writes of 16 random bytes into the data pages of every cache file (its two
+    meta pages left alone): what a bad disk or a stray write does. Returns the writes."""
+    rng, done = np.random.default_rng(seed), 0
+    for data in cache_dir.rglob("data.mdb"):
+        size = data.stat().st_size
+        with open(data, "r+b") as f:
+            for _ in range(20):
+                f.seek(int(rng.integers(2 * 4096, max(size - 16, 2 * 4096 + 1))))
+                f.write(rng.integers(0, 256, 16, dtype=np.uint8).tobytes())
+                done += 1
+    return done
+
+
+def fill_cache(model: Path, cache_dir: str, clients: int) -> None:
+    """A first server that caches the rows the soak's clients start with (their first
+    "seen recently" rows), so that the damaged file is read from the start."""
+    with Server("--model", str(model), "--cache", "--cache-dir", cache_dir,
+                "--cache-size-mb", str(CACHE_MB)) as server, Client(server.url) as c:
+        rows = [row for seed in range(clients) for row in first_rows(seed)[1]]
+        for start in range(0, len(rows), 4):
+            c.execute(np.stack(rows[start:start + 4]))
+        deadline = time.monotonic() + 30               # every row written before the stop
+        while server.info()["cache"]["writes"] < len(rows) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def stop_a_worker(server: Server, seconds: float) -> None:
+    """SIGSTOP worker 0 for ``seconds``, then SIGCONT it (if it still lives)."""
+    pid = server.info()["processes"]["pids"]["workers"][0]
+    print(f"  stopping worker 0 (pid {pid}) for {seconds:g} s", flush=True)
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(seconds)
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        print("  (it was killed as hung and restarted)", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=180)
     ap.add_argument("--every", type=float, default=5)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--faults", action="store_true",
+                    help="damage the cache file first; stop and resume a worker midway")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     exit_cleanly_on_sigterm()
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp) / "double.onnx")
+        flags = []
+        if args.faults:
+            fill_cache(model, f"{tmp}/rows", args.clients)
+            print(f"  damaged the cache file: {damage_cache(Path(tmp) / 'rows')} writes of "
+                  "16 random bytes into its data pages", flush=True)
+            flags = ["--placement", "workers", "--workers", "2",
+                     "--hang-timeout-s", str(HANG_S)]
         server = Server("--model", str(model), "--cache", "--cache-dir", f"{tmp}/rows",
-                        "--cache-size-mb", str(CACHE_MB))
-        counts, lock, stop = {"ok": 0, "failed": 0}, threading.Lock(), threading.Event()
+                        "--cache-size-mb", str(CACHE_MB), *flags)
+        counts, lock, stop = {"ok": 0, "failed": 0, "retried": 0}, threading.Lock(), \
+            threading.Event()
+        faults = [(args.seconds * 0.45, HANG_S / 2), (args.seconds * 0.6, HANG_S + 3)] \
+            if args.faults else []
         threads = [threading.Thread(target=client_loop,
                                     args=(server.url, stop, i, counts, lock))
                    for i in range(args.clients)]
@@ -175,6 +249,9 @@ def main(argv=None) -> int:
                 t.start()
             while time.monotonic() - started < args.seconds:
                 time.sleep(args.every)
+                if faults and time.monotonic() - started >= faults[0][0]:
+                    threading.Thread(target=stop_a_worker,
+                                     args=(server, faults.pop(0)[1])).start()
                 samples.append(sample(server, started, counts))
                 s = samples[-1]
                 print(f"  {s['t_s']:6.1f}s rss {s['rss_mb']:7.1f} MB  fds {s['fds']:4d}  "
@@ -185,6 +262,7 @@ def main(argv=None) -> int:
             stop.set()
             for t in threads:
                 t.join(60)
+            faults_seen = (server.stats()["worker_hangs"], server.info()["cache"]["corrupt"])
             server.stop()
     print()
     print_table(samples, [("t_s", ".0f"), ("rss_mb", ".1f"), ("fds", "d"), ("shm_mb", ".1f"),
@@ -192,6 +270,11 @@ def main(argv=None) -> int:
                           ("writes", "d"), ("rotations", "d"), ("cache_errors", "d"),
                           ("requests", "d"), ("failed", "d")])
     checks = verdict(samples)
+    if args.faults:
+        checks.append({"check": "faults: damaged rows caught, the hung worker restarted",
+                       "value": f"{faults_seen[1]} corrupt rows, {faults_seen[0]} hangs, "
+                                f"{counts['retried']} requests retried",
+                       "met": faults_seen[0] == 1})
     print()
     print_table([{**c, "met": "yes" if c["met"] else "NO"} for c in checks],
                 [("check", ""), ("value", ""), ("met", "")])
