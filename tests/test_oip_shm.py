@@ -167,16 +167,20 @@ def test_hostile_register_calls(server, region):
     np.testing.assert_array_equal(c.infer("standin", [inp]).as_numpy("y"), 2 * x)
 
 
-def test_unregistered_while_a_request_uses_it():
-    """The output region goes away while the request runs: the request is answered with
-    an error naming the region, nothing is written, and the server serves on."""
+@pytest.mark.parametrize("again", [False, True])
+def test_an_output_region_unregistered_or_registered_again_while_a_request_runs(again):
+    """The output region goes away while the request runs (and, with ``again``, its name
+    is registered again to another file, where the output used to land): the request is
+    answered with an error naming the region, nothing is written, and the server serves
+    on."""
     x = np.ones((1, 16), np.float32)
     with Server("--model", "standin:400,0", "--placement", "workers", "--workers", "1",
                 "--shm-clients") as s:
         c = hc.InferenceServerClient(s.url.removeprefix("http://"), concurrency=2)
-        h = shm.create_shared_memory_region("o", f"/{TAG}-busy", x.nbytes)
+        first = shm.create_shared_memory_region("o1", f"/{TAG}-first", x.nbytes)
+        second = shm.create_shared_memory_region("o2", f"/{TAG}-second", x.nbytes)
         try:
-            c.register_system_shared_memory("o", f"/{TAG}-busy", x.nbytes)
+            c.register_system_shared_memory("o", f"/{TAG}-first", x.nbytes)
             inp = hc.InferInput("x", [1, 16], "FP32")
             inp.set_data_from_numpy(x)
             out = hc.InferRequestedOutput("y")
@@ -184,12 +188,17 @@ def test_unregistered_while_a_request_uses_it():
             pending = c.async_infer("standin", [inp], outputs=[out])
             eventually(lambda: s.stats()["queued_rows"] >= 1, 10, "the request running")
             c.unregister_system_shared_memory("o")
-            refused(pending.get_result, "no registered region 'o'")
-            assert shm.get_contents_as_numpy(h, np.float32, [1, 16]).tolist() == \
-                [[0.0] * 16]
+            if again:
+                c.register_system_shared_memory("o", f"/{TAG}-second", x.nbytes)
+            refused(pending.get_result, "registered again while the request ran" if again
+                    else "no registered region 'o'")
+            for h in (first, second):
+                assert shm.get_contents_as_numpy(h, np.float32, [16]).tolist() == [0.0] * 16
             np.testing.assert_array_equal(c.infer("standin", [inp]).as_numpy("y"), 2 * x)
         finally:
-            shm.destroy_shared_memory_region(h)
+            c.unregister_system_shared_memory()
+            shm.destroy_shared_memory_region(first)
+            shm.destroy_shared_memory_region(second)
 
 
 def test_off_unless_asked():
@@ -286,34 +295,6 @@ def test_the_server_s_own_segments_under_another_name_and_huge_registrations(ser
     finally:
         c.unregister_system_shared_memory("big")
         shm.destroy_shared_memory_region(h)
-
-
-def test_a_region_registered_again_while_a_request_runs_is_not_written():
-    """Unregistered and registered again under the same name (pointing at another file)
-    while a request that writes into it runs: the output used to land in the new file."""
-    x = np.ones((1, 16), np.float32)
-    with Server("--model", "standin:400,0", "--placement", "workers", "--workers", "1",
-                "--shm-clients") as s:
-        c = hc.InferenceServerClient(s.url.removeprefix("http://"), concurrency=2)
-        first = shm.create_shared_memory_region("o1", f"/{TAG}-first", x.nbytes)
-        second = shm.create_shared_memory_region("o2", f"/{TAG}-second", x.nbytes)
-        try:
-            c.register_system_shared_memory("o", f"/{TAG}-first", x.nbytes)
-            inp = hc.InferInput("x", [1, 16], "FP32")
-            inp.set_data_from_numpy(x)
-            out = hc.InferRequestedOutput("y")
-            out.set_shared_memory("o", x.nbytes)
-            pending = c.async_infer("standin", [inp], outputs=[out])
-            eventually(lambda: s.stats()["queued_rows"] >= 1, 10, "the request running")
-            c.unregister_system_shared_memory("o")
-            c.register_system_shared_memory("o", f"/{TAG}-second", x.nbytes)
-            refused(pending.get_result, "registered again while the request ran")
-            for h in (first, second):
-                assert shm.get_contents_as_numpy(h, np.float32, [16]).tolist() == [0.0] * 16
-        finally:
-            c.unregister_system_shared_memory()
-            shm.destroy_shared_memory_region(first)
-            shm.destroy_shared_memory_region(second)
 
 
 def test_restricted_shared_memory_api_needs_the_header_over_rest_and_grpc():
