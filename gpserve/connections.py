@@ -302,7 +302,7 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
                 self.transport.write(e.response())
                 self.transport.close()
 
-        # -- the fast path -------------------------------------------------------------
+        # -- reading: the guards, then the parser (uvicorn's, but for an upgrade) ---------
         def data_received(self, data: bytes) -> None:
             if self.refusal is not None:
                 return                               # answered: the rest is not read
@@ -312,7 +312,7 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
             if self.reading_head:
                 self.head_fed += len(data)
             self.idle_due = None
-            try:                                     # uvicorn's, but for an upgrade
+            try:
                 self.parser.feed_data(data)
             except httptools.HttpParserUpgrade as e:
                 self._upgrade_ignored(data[e.args[0]:])
@@ -343,8 +343,8 @@ def guarded_protocol(header_timeout_s: float, on_count=None, fast_post=None,
                 return                               # refused: never reaches the app
             if self.draining:
                 self._to_asgi()                      # answered, with connection: close
-                if self.cycle is not None and type(self.cycle) is not Answering:
-                    self.cycle.keep_alive = False
+                if not self.pipeline and type(self.cycle) not in (Answering, type(None)):
+                    self.cycle.keep_alive = False    # (a pipelined one: once it runs)
                 return
             parser, cycle = self.parser, self.cycle
             if (fast_post is not None and (cycle is None or cycle.response_complete)
