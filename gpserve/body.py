@@ -6,8 +6,8 @@ import asyncio
 import zlib
 
 from .config import Config
-from .connections import NOTES
 from .errors import BodyTooLarge, ProtocolError, QueueFull, RequestTimeout, UnsupportedEncoding
+from .logs import NOTES
 from .regions import Regions, arena_full
 from .shm import ALIGN, Arena
 

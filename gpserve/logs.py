@@ -36,3 +36,35 @@ def setup(verbose: int, role: str, fmt: str = "text") -> None:
     handler.setFormatter(JsonFormatter(role) if fmt == "json" else logging.Formatter(
         f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+LOG_EVERY_S = 10.0
+
+
+class Notes:
+    """Rate-limited warnings for guards that act on clients (a timeout, a bound): each
+    act is counted in ``gpserve_connections_refused_total{reason}``; the first is
+    logged at once, then one summary per LOG_EVERY_S, so a hostile client cannot turn
+    the log into its amplifier."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.last: dict[str, float] = {}
+
+    def acted(self, reason: str, message: str) -> None:
+        from . import metrics  # not at import: a process sets up metrics first
+        metrics.CONNECTIONS_REFUSED.labels(reason).inc()
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        now = time.monotonic()
+        last = self.last.get(reason)
+        if last is None or now - last >= LOG_EVERY_S:
+            log = logging.getLogger("gpserve.front")
+            if last is None:
+                log.warning("%s", message)
+            else:
+                log.warning("%s (%d times in the last %.0f s)", message, self.counts[reason],
+                            now - last)
+            self.counts[reason], self.last[reason] = 0, now
+
+
+NOTES = Notes()
