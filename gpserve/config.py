@@ -24,7 +24,7 @@ class Config:
     inputs: list[str] = field(default_factory=list)    # default input names, in order
     outputs: list[str] = field(default_factory=list)   # default output names
     fronts: int = 0                      # 0: from the machine
-    workers: int = 0                     # worker processes per device; 0: from the machine
+    workers: int = 0                     # worker processes in all; 0: one per visible GPU, or 1
     placement: str = "auto"              # auto | fronts | workers: where the model runs
     threads_from_machine: bool = False   # --threads left at 0: settled from the cores
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
@@ -85,8 +85,10 @@ class Config:
         cores = len(os.sched_getaffinity(0))
         if self.fronts <= 0:
             self.fronts = max(1, min(cores, 8))
-        if self.workers <= 0:
-            self.workers = 1
+        if self.workers <= 0:                # one per visible GPU: none idles by default
+            from gpserve.workers.devices import gpu_count
+            gpus = gpu_count() if self.device in ("auto", "cuda") else 0
+            self.workers = max(1, gpus)
         self.threads_from_machine = self.threads <= 0
         if self.threads_from_machine:
             self.threads = max(1, cores // self.workers) if not self.device.startswith(
@@ -181,7 +183,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     a("--fronts", type=int, default=0,
       help="HTTP front processes (default: one per core, at most 8)")
     a("--workers", type=int, default=0,
-      help="worker processes (model instances) per device (default 1)")
+      help="worker processes (model instances) in all; worker i takes GPU i mod the GPUs "
+           "visible (default: one per visible GPU, else 1)")
     a("--placement", choices=["auto", "fronts", "workers"], default=d.placement,
       help="where the model runs: 'workers' (worker processes shared by every front: "
            "batches merge all fronts' requests; GPUs), 'fronts' (each front runs its own "
