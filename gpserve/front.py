@@ -29,7 +29,6 @@ from .oip.rest import RestApi, is_v2
 from .protocol.messages import type_name
 
 log = logging.getLogger("gpserve.front")
-access_log = logging.getLogger("gpserve.access")
 OCTETS = "application/octet-stream"
 FAST_BODY_MAX = 64 * 1024        # bodies up to this come whole in one read, or nearly
 _OCTET_HEADERS = [(b"content-type", OCTETS.encode())]
@@ -52,8 +51,6 @@ class FrontApp:
     def __init__(self, state: FrontState, other: Starlette):
         self.state, self.other = state, other
         self.v2 = RestApi(state)
-        level = state.cfg.access_log
-        self.access_level = None if level == "off" else logging.getLevelName(level.upper())
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/":
@@ -75,17 +72,10 @@ class FrontApp:
 
     def record(self, client, method: str, path: str, status: int, kind: str, size: int,
                sent: int, seconds: float):
-        """Metrics, and the access-log line, for one request of either protocol."""
-        metrics.REQUESTS.labels(str(status), kind).inc()
-        metrics.REQUEST_SECONDS.observe(seconds)
-        if self.access_level is not None and access_log.isEnabledFor(self.access_level):
-            host = client[0] if client else "-"
-            access_log.log(self.access_level, '%s "%s %s" %d %s in=%d out=%d %.2fms',
-                           host, method, path, status, kind, size, sent, seconds * 1e3,
-                           extra={"fields": {"client": host, "method": method,
-                                             "path": path, "status": status,
-                                             "kind": kind, "bytes_in": size, "bytes_out": sent,
-                                             "ms": round(seconds * 1e3, 3)}})
+        """Metrics, and the access-log line, for one HTTP request (``client``: uvicorn's
+        (host, port))."""
+        self.state.access.record(client[0] if client else None, method, path, status, kind,
+                                 size, sent, seconds)
 
     async def post_whole(self, body: bytes, client) -> tuple[int, bytes | memoryview]:
         """A GraphPipe request whose whole body is in hand (the connection's fast path):

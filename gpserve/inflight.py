@@ -21,6 +21,7 @@ from gpserve.cache.keys import row_keys
 
 from . import __version__, metrics
 from . import protocol as P
+from .access import AccessLog
 from .body import BodyReader
 from .config import Config
 from .counters import Counters
@@ -68,6 +69,7 @@ class FrontState:
             metrics.BATCH_DIFFERENCE.set(spec.batch_probe["max_difference"])
         self.client_regions = ClientRegions(cfg.run_id, cfg.shm_clients)
         self.restrictions = Restrictions.parse(cfg.restricted_api, cfg.restricted_api_clients)
+        self.access = AccessLog(cfg.access_log)
         self.cache = None
         if cfg.cache:
             from gpserve.cache.store import RowCache, environment_path

@@ -229,13 +229,23 @@ def test_metrics_count_known_traffic(tmp_path):
 
 
 def test_json_logs_with_access_lines():
-    with Server("--model", "echo", "--log-format", "json", "--access-log", "info", "-v") as s, \
-            Client(s.url) as c:
+    """One access line per request, whichever door: GraphPipe, and gRPC (was not logged)."""
+    import tritonclient.grpc as gc
+    port = free_port()
+    with Server("--model", "echo", "--log-format", "json", "--access-log", "info", "-v",
+                "--grpc-listen", f"127.0.0.1:{port}") as s, Client(s.url) as c:
         c.execute(np.ones((2, 2), np.float32))
-        eventually(lambda: '"gpserve.access"' in s.output(), 30, "the access-log line")
+        inp = gc.InferInput("x", [2, 2], "FP32")
+        inp.set_data_from_numpy(np.ones((2, 2), np.float32))
+        gc.InferenceServerClient(f"127.0.0.1:{port}").infer("echo", [inp])
+        eventually(lambda: s.output().count('"gpserve.access"') >= 2, 30, "access lines")
         lines = [json.loads(t) for t in s.output().splitlines() if t.startswith("{")]
     access = [e for e in lines if e["logger"] == "gpserve.access"]
-    assert len(access) == 1 and access[0]["status"] == 200 and access[0]["kind"] == "infer"
+    assert len(access) == 2 and access[0]["status"] == 200 and access[0]["kind"] == "infer"
     assert access[0]["process"].startswith("front") and access[0]["bytes_out"] > 0
+    grpc_line = access[1]
+    assert grpc_line["method"] == "gRPC" and grpc_line["kind"] == "grpc_infer"
+    assert grpc_line["path"].endswith("GRPCInferenceService/ModelInfer")
+    assert grpc_line["client"] == "127.0.0.1" and grpc_line["bytes_in"] > 16
     summary = next(e for e in lines if e["message"].startswith("serving echo"))
-    assert summary["fronts"] >= 1 and summary["listen"] == s.url
+    assert summary["fronts"] >= 1 and summary["listen"] == f"{s.url}, grpc://127.0.0.1:{port}"

@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from gpserve import __version__, metrics
+from gpserve import __version__
 from gpserve.errors import DtypeMismatch, ProtocolError
 
 from .codec import check_range, count_strings, from_raw, raw_bytes, request_config, shape_of
@@ -59,7 +59,7 @@ class InferenceService:
 
     def handlers(self) -> grpc.GenericRpcHandler:
         calls = {name: grpc.unary_unary_rpc_method_handler(
-            _refusing_malformed(getattr(self, name)), request_deserializer=_parser(_M[req]),
+            self._refusing_malformed(name), request_deserializer=_parser(_M[req]),
             response_serializer=_M[resp].SerializeToString)
             for name, (req, resp) in METHODS.items()}
         return grpc.method_handlers_generic_handler(SERVICE, calls)
@@ -86,7 +86,7 @@ class InferenceService:
         await self._model(request.model_name, request.model_version, context)
         size = request.ByteSize()
         if self.held and self.held + size > self.budget:
-            _record(413, "grpc_error", time.perf_counter())
+            self._record(context, "ModelInfer", 413, "grpc_error", size, time.perf_counter())
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, (
                 f"this front holds {self.held} bytes of gRPC requests; with this one's "
                 f"{size} it would pass its bound of {self.budget} (--grpc-inflight-mb); "
@@ -131,11 +131,13 @@ class InferenceService:
                         response.raw_output_contents.append(bytes(raw_bytes(arr)))  # 1 copy
             finally:
                 finish()
-            _record(200, "grpc_infer", started)
+            self._record(context, "ModelInfer", 200, "grpc_infer", request.ByteSize(), started,
+                         response.ByteSize())
             return response
         except Exception as e:
             failure = state.failed(e, regions)
-        _record(failure.http_status, "grpc_error", started)
+        self._record(context, "ModelInfer", failure.http_status, "grpc_error",
+                     request.ByteSize(), started)
         await context.abort(STATUS.get(failure.http_status, grpc.StatusCode.INTERNAL),
                             failure.message)
 
@@ -172,6 +174,23 @@ class InferenceService:
             names.append(t.name)
         return tensors, names
 
+    def _refusing_malformed(self, name: str):
+        """The call ``name``, answering INVALID_ARGUMENT to a request that did not parse."""
+        call = getattr(self, name)
+
+        async def handle(request, context):
+            if type(request) is Malformed:
+                self._record(context, name, 400, "grpc_error", 0, time.perf_counter())
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return await call(request, context)
+        return handle
+
+    def _record(self, context, method: str, status: int, kind: str, size: int,
+                started: float, sent: int = 0) -> None:
+        """Metrics and the access-log line of a call, as for an HTTP request."""
+        self.state.access.record(grpc_peer_host(context.peer()), "gRPC", f"{SERVICE}/{method}",
+                                 status, kind, size, sent, time.perf_counter() - started)
+
     async def _model(self, name: str, version: str, context) -> None:
         if name != self.model:
             await context.abort(grpc.StatusCode.NOT_FOUND,
@@ -202,13 +221,6 @@ def _parser(cls):
     return parse
 
 
-def _refusing_malformed(call):
-    async def handle(request, context):
-        if type(request) is Malformed:
-            _record(400, "grpc_error", time.perf_counter())
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        return await call(request, context)
-    return handle
 
 
 def _from_contents(t, dtype: np.dtype, shape: list[int], count: int,
@@ -238,9 +250,6 @@ def _restricted(state, context) -> None:
         lambda key: next((v for k, v in metadata if k == key), None))
 
 
-def _record(status: int, kind: str, started: float) -> None:
-    metrics.REQUESTS.labels(str(status), kind).inc()
-    metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
 
 
 def _region(params) -> tuple:
