@@ -197,6 +197,21 @@ def test_auto_device_falls_back_to_the_cpu_without_a_cuda_provider(caplog):
     assert providers_for("cpu", both, chosen_by_user=True) == cpu_only
 
 
+def test_every_backend_names_the_device_alike_and_tensorflow_falls_back_too(caplog):
+    """cuda:N was parsed in three backends; TensorFlow lacked the CPU fallback the others
+    have (a GPU visible, a tensorflow-cpu install: --device auto now serves on the CPU)."""
+    from gpserve.workers.devices import device_index
+    from gpserve.workers.tf import tf_device
+    assert [device_index(d) for d in ("cuda", "cuda:0", "cuda:3")] == [0, 0, 3]
+    assert tf_device("cuda:1", has_gpu=True, chosen_by_user=False) == "/GPU:1"
+    assert tf_device("cuda", has_gpu=True, chosen_by_user=True) == "/GPU:0"
+    assert tf_device("cpu", has_gpu=True, chosen_by_user=True) == "/CPU:0"
+    assert tf_device("cuda:0", has_gpu=False, chosen_by_user=False) == "/CPU:0"
+    assert "TensorFlow sees no GPU" in caplog.text
+    with pytest.raises(ValueError, match="--device cuda:2: this TensorFlow sees no GPU"):
+        tf_device("cuda:2", has_gpu=False, chosen_by_user=True)
+
+
 def test_onnx_on_cuda_runs_each_batch_size_in_a_session_of_its_own(tmp_path):
     """ONNX Runtime's CUDA convolutions re-plan on every change of input shape, so a
     worker on CUDA gives each batch size it warms a session of its own and runs a batch

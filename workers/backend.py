@@ -75,7 +75,8 @@ def load(cfg: Config, device: str, threads: int) -> Backend:
         from . import tf
         if Path(cfg.model_path).is_dir():
             return tf.SavedModelBackend(cfg.model_path, device, threads, cfg.signature,
-                                        cfg.inputs, cfg.outputs)
+                                        cfg.inputs, cfg.outputs,
+                                        device_chosen_by_user=cfg.device != "auto")
         return tf.FrozenGraphBackend(cfg.model_path, device, threads, cfg.inputs, cfg.outputs)
     if cfg.backend == "torch":
         from .torchscript import TorchBackend

@@ -16,6 +16,11 @@ def gpu_count() -> int:
         return 0
 
 
+def device_index(device: str) -> int:
+    """The N of ``cuda:N`` (0 for ``cuda``): the one place a device name is parsed."""
+    return int(device.split(":")[1]) if ":" in device else 0
+
+
 def usable(device: str, runtime_has_cuda: bool, chosen_by_user: bool, why_not: str) -> str:
     """The device a backend really uses: a GPU that ``--device auto`` picked (one is
     visible) becomes the CPU, with a warning, when the runtime cannot use CUDA (a

@@ -10,7 +10,7 @@ import numpy as np
 from gpserve.errors import InvalidString
 from gpserve.modelspec import IOSpec, ModelSpec
 
-from .devices import usable
+from .devices import device_index, usable
 
 log = logging.getLogger("gpserve.worker")
 
@@ -65,7 +65,7 @@ def providers_for(device: str, available: list[str], chosen_by_user: bool) -> li
                     "onnxruntime has no CUDA provider")
     if not device.startswith("cuda"):       # worker_device() says cpu when no GPU is visible
         return ["CPUExecutionProvider"]
-    index = int(device.split(":")[1]) if ":" in device else 0
+    index = device_index(device)
     # HEURISTIC: cuDNN's heuristics pick each convolution's algorithm on a session's first
     # run (0.2 s for ResNet-50 on an H200). EXHAUSTIVE, ONNX Runtime's default, times every
     # algorithm instead, and again whenever the input shape changes (0.8 s a change);

@@ -14,6 +14,8 @@ import numpy as np
 
 from gpserve.modelspec import IOSpec, ModelSpec
 
+from .devices import device_index, usable
+
 log = logging.getLogger("gpserve.worker.tf")
 
 
@@ -30,6 +32,15 @@ def _import_tf(threads: int, device: str):
     except RuntimeError:   # already initialised in this process
         pass
     return tf
+
+
+def tf_device(device: str, has_gpu: bool, chosen_by_user: bool) -> str:
+    """TensorFlow's name for a worker's device (see devices.usable): a GPU that
+    ``--device auto`` picked becomes the CPU, with a warning, when TensorFlow sees none
+    (``tensorflow-cpu``, or no CUDA libraries); one the user asked for is an error."""
+    device = usable(device, has_gpu, chosen_by_user,
+                    "TensorFlow sees no GPU (tensorflow-cpu, or CUDA libraries missing)")
+    return f"/GPU:{device_index(device)}" if device.startswith("cuda") else "/CPU:0"
 
 
 def _np_dtype(tf_dtype) -> np.dtype:
@@ -52,11 +63,11 @@ def _public_name(tensor_name: str) -> str:
 
 class SavedModelBackend:
     def __init__(self, path: str, device: str, threads: int, signature: str,
-                 inputs: list[str], outputs: list[str]):
+                 inputs: list[str], outputs: list[str], device_chosen_by_user: bool = True):
         tf = _import_tf(threads, device)
         self.tf = tf
-        self.device = "/GPU:" + device.split(":")[1] if device.startswith("cuda:") else \
-            "/GPU:0" if device == "cuda" else "/CPU:0"
+        self.device = tf_device(device, bool(tf.config.list_physical_devices("GPU")),
+                                device_chosen_by_user)
         self.model = tf.saved_model.load(path)
         if signature not in self.model.signatures:
             raise ValueError(f"the SavedModel has no signature {signature!r}; it has "

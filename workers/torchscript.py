@@ -21,7 +21,7 @@ import numpy as np
 
 from gpserve.modelspec import IOSpec, ModelSpec
 
-from .devices import usable
+from .devices import device_index, usable
 
 
 def parse_shapes(text: str) -> list[tuple[str, list[int], str]]:
@@ -52,8 +52,8 @@ class TorchBackend:
         self.torch = torch
         device = usable(device, torch.cuda.is_available(), device_chosen_by_user,
                         "PyTorch cannot use CUDA")
-        self.device = torch.device("cuda" if device == "cuda" else device
-                                   if device.startswith("cuda:") else "cpu")
+        self.device = torch.device(f"cuda:{device_index(device)}"
+                                   if device.startswith("cuda") else "cpu")
         if self.device.type == "cuda":
             # cuDNN times its algorithms for each new input shape and keeps the fastest:
             # a cost on the first run of each shape, which the worker's warm-up pays for
