@@ -19,6 +19,7 @@ offsets for each element followed by the concatenated bytes.
 from __future__ import annotations
 
 import bisect
+import logging
 import mmap
 import os
 import shutil
@@ -182,10 +183,20 @@ class Arena:
         return None
 
     def release(self, offset: int, nbytes: int) -> None:
+        """Free a region ``alloc`` gave. A region that overlaps free space (freed twice,
+        or never allocated) is a bug of ours: it is logged and ignored, since taking it
+        would let two requests be given the same memory."""
         size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
-        self.used -= size
         starts, sizes = self._free_starts, self._free_sizes
         i = bisect.bisect_left(starts, offset)
+        if (offset < 0 or offset + size > self.size or offset % ALIGN
+                or (i < len(starts) and starts[i] < offset + size)
+                or (i > 0 and starts[i - 1] + sizes[i - 1] > offset)):
+            logging.getLogger("gpserve.shm").error(
+                "internal error: release of %d bytes at %d in %s, which is not an allocated "
+                "region (freed twice?); ignored", nbytes, offset, self.path)
+            return
+        self.used -= size
         if i < len(starts) and offset + size == starts[i]:       # merge with the next
             starts[i] = offset
             sizes[i] += size
