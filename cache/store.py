@@ -40,6 +40,7 @@ import queue
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import lmdb
 import numpy as np
@@ -91,6 +92,19 @@ def unseal(value: bytes) -> memoryview | None:
     return message
 
 
+class Handles(NamedTuple):
+    """An open environment and its databases, swapped whole when a damaged file is
+    replaced: a reader takes all three at once, never one old and one new."""
+
+    env: lmdb.Environment
+    meta: object                       # which generation is current
+    gens: list                         # the two generations of rows
+
+
+def _current(txn, meta) -> int:
+    return 1 if txn.get(b"current", db=meta) == b"1" else 0
+
+
 class RowCache:
     """A front's handle on the shared row cache, with its own writer thread."""
 
@@ -122,14 +136,18 @@ class RowCache:
             except lmdb.Error as e:               # not LMDB's, or a version of its own
                 integrity.move_aside(self.path, f"LMDB cannot open it: {e}")
                 env = open_environment(self.path, self.size_mb)
-            self.env = env
-            self.meta = env.open_db(b"meta")
-            self.gens = [env.open_db(name) for name in _GENS]
-            # readers (the event loop) take all three at once: the writer may swap them
-            self.handles = (env, self.meta, self.gens)
+            self.db = Handles(env, env.open_db(b"meta"), [env.open_db(n) for n in _GENS])
             # the mapped file itself, for _watch_file (the path may name a new one later)
             self._mapped = os.open(self.path / "data.mdb", os.O_RDONLY | os.O_CLOEXEC)
             self._watched = time.monotonic()
+
+    @property
+    def env(self) -> lmdb.Environment:
+        return self.db.env
+
+    @property
+    def gens(self) -> list:
+        return self.db.gens
 
     def _disable(self, why: str) -> None:
         if not self._told:
@@ -150,28 +168,31 @@ class RowCache:
         found: list[list[np.ndarray] | None] = [None] * len(keys)
         if not self.enabled:
             return found
-        promote = []
+        promote, corrupt = [], 0
         try:
-            env, meta, gens = self.handles
+            env, meta, gens = self.db
             with env.begin() as txn:
-                current = 1 if txn.get(b"current", db=meta) == b"1" else 0
+                current = _current(txn, meta)
                 first, second = gens[current], gens[1 - current]
                 for i, key in enumerate(keys):
                     value = txn.get(key, db=first)
-                    if value is None:
+                    old = value is None
+                    if old:
                         value = txn.get(key, db=second)
-                        if value is not None:
-                            promote.append((key, value))
-                    if value is not None:
-                        found[i] = _rows(value, outputs)
+                    if value is None:
+                        continue
+                    rows = _rows(value, outputs)
+                    if rows is CORRUPT:
+                        corrupt += 1
+                        continue
+                    found[i] = rows
+                    if old:                          # checked: copied forward as it is
+                        promote.append((key, value))
         except (lmdb.Error, OSError) as e:
             self._disable(f"read failed: {type(e).__name__}: {e}")
             return [None] * len(keys)
-        corrupt = sum(f is CORRUPT for f in found)
         if corrupt:
-            found = [None if f is CORRUPT else f for f in found]
             self._corrupt(corrupt)
-            promote = [(k, v) for k, v in promote if unseal(v) is not None]
         hits = sum(f is not None for f in found)
         self.counters.add_cache(self.front_index, hits=hits, misses=len(keys) - hits)
         if promote:
@@ -186,9 +207,6 @@ class RowCache:
             log.error("row cache %s: a stored row failed its checksum (a damaged file?); "
                       "answered as a miss and computed again (counted as 'corrupt' in "
                       "GET / and gpserve_cache_corrupt_rows_total; said once)", self.path)
-
-    def _current(self, txn) -> int:
-        return 1 if txn.get(b"current", db=self.meta) == b"1" else 0
 
     # -- writes (writer thread) ----------------------------------------------------------
     def store(self, keys: list[bytes], outputs: list[str], arrays: list[np.ndarray]) -> None:
@@ -227,21 +245,21 @@ class RowCache:
         self._watched = time.monotonic()
         if not self.enabled:
             return
+        env = self.db.env
         try:
-            size = os.fstat(self._mapped).st_size
-            need = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+            mapped = os.fstat(self._mapped)
+            need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
         except (lmdb.Error, OSError):
             return
-        if size >= need:
+        if mapped.st_size >= need:
             return
         self.enabled = False
-        why = f"{self.path / 'data.mdb'} shrank to {size} bytes under a running server " \
-              f"(its pages need {need})"
-        mapped = os.fstat(self._mapped).st_ino
+        why = f"{self.path / 'data.mdb'} shrank to {mapped.st_size} bytes under a running " \
+              f"server (its pages need {need})"
         try:
             with integrity.exclusive(self.path):
                 try:
-                    still_ours = os.stat(self.path / "data.mdb").st_ino == mapped
+                    still_ours = os.stat(self.path / "data.mdb").st_ino == mapped.st_ino
                 except FileNotFoundError:
                     still_ours = False
                 if still_ours:                    # no other front moved it yet
@@ -290,9 +308,9 @@ class RowCache:
         self._count_error(why)
 
     def _write(self, items) -> None:
-        with self.env.begin(write=True) as txn:
-            current = self._current(txn)
-            db = self.gens[current]
+        env, meta, gens = self.db
+        with env.begin(write=True) as txn:
+            db = gens[_current(txn, meta)]
             written = 0
             for kind, payload in items:
                 if kind == "raw":
@@ -326,20 +344,21 @@ class RowCache:
             self._rotate(clear_both=False)
 
     def _rotate(self, clear_both: bool) -> None:
-        with self.env.begin(write=True) as txn:
-            current = self._current(txn)
+        env, meta, gens = self.db
+        with env.begin(write=True) as txn:
+            current = _current(txn, meta)
             old = 1 - current
-            evicted = txn.stat(self.gens[old])["entries"]
-            txn.drop(self.gens[old], delete=False)
+            evicted = txn.stat(gens[old])["entries"]
+            txn.drop(gens[old], delete=False)
             if clear_both:
-                evicted += txn.stat(self.gens[current])["entries"]
-                txn.drop(self.gens[current], delete=False)
-            txn.put(b"current", str(old).encode(), db=self.meta)
+                evicted += txn.stat(gens[current])["entries"]
+                txn.drop(gens[current], delete=False)
+            txn.put(b"current", str(old).encode(), db=meta)
         # LMDB reuses the pages a transaction freed only from the transaction after next
         # (the last committed snapshot stays readable): commit one more, tiny, so that
         # the very next write can use them.
-        with self.env.begin(write=True) as txn:
-            txn.put(b"rotated", str(old).encode(), db=self.meta)
+        with env.begin(write=True) as txn:
+            txn.put(b"rotated", str(old).encode(), db=meta)
         self.counters.add_cache(self.front_index, evictions=evicted, rotations=1)
         metrics.CACHE_EVICTIONS.inc(evicted)
         log.info("row cache: cleared the old generation%s", " and the current" if clear_both
@@ -349,7 +368,7 @@ class RowCache:
         """This front's view: the environment's sizes, and its own last write error."""
         if not self.enabled:
             return {"enabled": False, "path": str(self.path)}
-        env, _, gens = self.handles
+        env, _, gens = self.db
         try:
             return {"enabled": True, "path": str(self.path), "last_error": self.last_error,
                     **environment_stats(env, gens)}

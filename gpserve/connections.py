@@ -330,11 +330,6 @@ class GuardedProtocol(HttpToolsProtocol):
             self.refusal = _unserved_coding(self.headers, self.parser.should_upgrade())
         if self.refusal is not None:
             return                               # refused: never reaches the app
-        if self.draining:
-            self._to_asgi()                      # answered, with connection: close
-            if not self.pipeline and type(self.cycle) not in (Answering, type(None)):
-                self.cycle.keep_alive = False    # (a pipelined one: once it runs)
-            return
         parser, cycle = self.parser, self.cycle
         if (self.settings.fast_post is not None and (cycle is None or cycle.response_complete)
                 and not self.pipeline and not parser.should_upgrade()
@@ -424,7 +419,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.draining:
             answering.keep_alive = False
         data = RESPONSE_HEAD(status, len(response), self.server_state.default_headers,
-                    answering.keep_alive)
+                             answering.keep_alive)
         if len(response) < OneWrite.JOIN_BELOW:
             self.transport.write(data + response)          # 1 copy of a small body
         else:
@@ -447,10 +442,12 @@ class GuardedProtocol(HttpToolsProtocol):
                         f"--max-connections {limit} reached: requests get 503")
         super().on_headers_complete()
         cycle = self.cycle
-        if (cycle is not None and type(cycle) is not Answering
-                and type(cycle.transport) is not OneWrite
-                and cycle.scope["method"] != "HEAD"):     # HEAD: no body write follows
-            cycle.transport = OneWrite(cycle.transport)
+        if cycle is None or type(cycle) is Answering:
+            return
+        if self.draining and not self.pipeline:  # came during the drain: then close
+            cycle.keep_alive = False             # (a pipelined one: once it runs)
+        if type(cycle.transport) is not OneWrite and cycle.scope["method"] != "HEAD":
+            cycle.transport = OneWrite(cycle.transport)    # HEAD: no body write follows
 
     def _unset_keepalive_if_required(self) -> None:
         self.idle_due = None               # uvicorn's: data came, or the end

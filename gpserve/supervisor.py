@@ -334,8 +334,7 @@ class Supervisor:
                       "its slowest batch took %.3f s); killing it: its requests are answered "
                       "Unavailable and it is restarted", child.name, child.process.pid, why,
                       limit, slowest)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.process.pid, signal.SIGKILL)
+            _signal(child, signal.SIGKILL)
 
     def _stop(self, sock: socket.socket) -> None:
         self.stopping = True

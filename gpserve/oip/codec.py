@@ -98,8 +98,7 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str,
             arr = from_raw(raw, dtype, shape, count, where)
         elif "data" in spec:
             if literals is None and dtype.kind in "iuf":
-                text = bytes(view[:header_length])
-                literals = b"true" in text or b"false" in text
+                literals = _has_booleans(body, view, header_length)
             arr = _from_json(spec["data"], dtype, shape, count, where, bool(literals))
         else:
             raise ProtocolError(f"{where} has neither 'data' nor 'binary_data_size'")
@@ -199,6 +198,15 @@ def from_raw(raw, dtype: np.dtype, shape: list[int], count: int, where: str) -> 
 
 
 _KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}     # JSON values each datatype takes
+
+
+def _has_booleans(body, view: memoryview, end: int) -> bool:
+    """Whether the JSON head holds ``true`` or ``false`` anywhere (numpy would take them as
+    1 and 0 beside numbers). A body that came whole is ``bytes``: searched in place (0
+    copies, memmem speed); one streamed into shared memory is copied once to search it
+    (a regular expression over the view, 0 copies, was 4x slower than copy and search)."""
+    text = body if isinstance(body, bytes) else bytes(view[:end])
+    return text.find(b"true", 0, end) >= 0 or text.find(b"false", 0, end) >= 0
 
 
 def _from_json(data, dtype: np.dtype, shape: list[int], count: int,

@@ -29,7 +29,7 @@ from .codec import check_range, count_strings, from_raw, raw_bytes, request_conf
 from .datatypes import datatype_of, dtype_of
 from .grpc_messages import METHODS, SERVICE, message
 from .rest import VERSION, extensions, model_metadata
-from .restricted import grpc_peer_host
+from .restricted import SHARED_MEMORY, grpc_peer_host
 
 STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 403: grpc.StatusCode.PERMISSION_DENIED,
           404: grpc.StatusCode.NOT_FOUND,
@@ -93,11 +93,11 @@ class InferenceService:
                 "retry later"))
         self.held += size
         try:
-            return await self._infer(request, context)
+            return await self._infer(request, context, size)
         finally:
             self.held -= size
 
-    async def _infer(self, request, context):
+    async def _infer(self, request, context, size: int):
         state, started = self.state, time.perf_counter()
         regions = state.new_request()
         try:
@@ -105,7 +105,7 @@ class InferenceService:
                           if "shared_memory_region" in o.parameters}
             if to_regions or any("shared_memory_region" in t.parameters
                                  for t in request.inputs):
-                _restricted(state, context)
+                state.restrictions.check_grpc(SHARED_MEMORY, context)
             tensors, names = self._inputs(request, regions)
             params = {k: _value(v) for k, v in request.parameters.items()}
             outputs = [o.name for o in request.outputs]
@@ -131,13 +131,13 @@ class InferenceService:
                         response.raw_output_contents.append(bytes(raw_bytes(arr)))  # 1 copy
             finally:
                 finish()
-            self._record(context, "ModelInfer", 200, "grpc_infer", request.ByteSize(), started,
+            self._record(context, "ModelInfer", 200, "grpc_infer", size, started,
                          response.ByteSize())
             return response
         except Exception as e:
             failure = state.failed(e, regions)
-        self._record(context, "ModelInfer", failure.http_status, "grpc_error",
-                     request.ByteSize(), started)
+        self._record(context, "ModelInfer", failure.http_status, "grpc_error", size,
+                     started)
         await context.abort(STATUS.get(failure.http_status, grpc.StatusCode.INTERNAL),
                             failure.message)
 
@@ -221,8 +221,6 @@ def _parser(cls):
     return parse
 
 
-
-
 def _from_contents(t, dtype: np.dtype, shape: list[int], count: int,
                    where: str) -> np.ndarray:
     field = CONTENTS.get(t.datatype)
@@ -240,16 +238,6 @@ def _from_contents(t, dtype: np.dtype, shape: list[int], count: int,
     wide = np.array(values)
     check_range(wide, dtype, where)
     return wide.astype(dtype).reshape(shape)
-
-
-def _restricted(state, context) -> None:
-    """The shared-memory API group's restriction (see restricted.py), for this call."""
-    metadata = context.invocation_metadata() or ()
-    state.restrictions.check(
-        "shared-memory", grpc_peer_host(context.peer()),
-        lambda key: next((v for k, v in metadata if k == key), None))
-
-
 
 
 def _region(params) -> tuple:

@@ -15,6 +15,7 @@ from gpserve.errors import GraphPipeError, ProtocolError
 
 from .codec import decode_infer, encode_infer
 from .datatypes import datatype_of
+from .restricted import SHARED_MEMORY
 
 VERSION = "1"              # the one version of the model a server serves
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorflow": "tensorflow_savedmodel",
@@ -104,7 +105,7 @@ class RestApi:
         ``region/{name}/status|register|unregister``."""
         regions = self.state.client_regions
         if regions.enabled:
-            _restricted(self.state, scope)
+            self.state.restrictions.check_http(SHARED_MEMORY, scope)
         if len(parts) == 3 and parts[0] == "region":
             name, action = parts[1], parts[2]
         elif len(parts) == 1:
@@ -144,7 +145,7 @@ class RestApi:
         shm = state.client_regions
 
         def read_region(name, offset, nbytes, where):     # into the arena, for the worker
-            _restricted(state, scope)
+            state.restrictions.check_http(SHARED_MEMORY, scope)
             return shm.read(name, offset, nbytes, regions.alloc, where)     # 1 copy
 
         def write_region(name, offset, nbytes, data, where):   # the registration decoded
@@ -154,7 +155,7 @@ class RestApi:
             body = await state.body.read(scope, receive, regions, align_at=header_length)
             call = decode_infer(body, header_length, *state.string_limit, read_region)
             if call.to_regions:
-                _restricted(state, scope)
+                state.restrictions.check_http(SHARED_MEMORY, scope)
             pinned = {region: shm.registration(region)
                       for region, _, _ in call.to_regions.values()}
             names, arrays, finish = await state.run(call.tensors, call.input_names,
@@ -235,12 +236,3 @@ def _triton_config(cfg, spec) -> dict:
 def _triton_type(dtype) -> str:
     name = datatype_of(dtype)
     return "STRING" if name == "BYTES" else name
-
-
-def _restricted(state, scope) -> None:
-    """The shared-memory API group's restriction (see restricted.py), for this call."""
-    client = scope.get("client")
-    headers = scope["headers"]
-    state.restrictions.check(
-        "shared-memory", client[0] if client else None,
-        lambda key: next((v for k, v in headers if k == key.encode()), None))

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 from gpserve.errors import Forbidden
 
-GROUPS = ("shared-memory",)
+SHARED_MEMORY = "shared-memory"
+GROUPS = (SHARED_MEMORY,)
 FROM = ("loopback", "any")
 
 
@@ -70,6 +71,19 @@ class Restrictions:
                     got if isinstance(got, bytes) else got.encode(), value):
                 raise Forbidden(f"the {group} API is restricted on this server: calls need "
                                 f"the header {key!r} with the value the operator set")
+
+
+    def check_http(self, group: str, scope) -> None:
+        """``check`` for an ASGI request: uvicorn's client address, its headers."""
+        client, headers = scope.get("client"), scope["headers"]
+        self.check(group, client[0] if client else None,
+                   lambda key: next((v for k, v in headers if k == key.encode()), None))
+
+    def check_grpc(self, group: str, context) -> None:
+        """``check`` for a gRPC call: its peer's address, its metadata."""
+        metadata = context.invocation_metadata() or ()
+        self.check(group, grpc_peer_host(context.peer()),
+                   lambda key: next((v for k, v in metadata if k == key), None))
 
 
 def _loopback(host: str | None) -> bool:
