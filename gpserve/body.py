@@ -9,7 +9,7 @@ from .config import Config
 from .errors import BodyTooLarge, ProtocolError, QueueFull, RequestTimeout, UnsupportedEncoding
 from .logs import NOTES
 from .regions import Regions, arena_full
-from .shm import ALIGN, Arena
+from .shm import ALIGN, Arena, Region
 
 STREAM_FROM = 1 << 20      # a body longer than this streams into the arena once this
                            # much of it has come; a shorter one is joined in memory
@@ -110,7 +110,8 @@ class BodyReader:
         arena as they come (1 copy), ``lead`` bytes into its region; its reservation
         counts as unfilled until its bytes are there."""
         patience, loop = self.cfg.body_timeout_s, asyncio.get_running_loop()
-        offset = self._reserve(size + lead)
+        region = self._reserve(size + lead)
+        offset = region.offset
         mm, pos, end = self.arena.mm, offset + lead, offset + lead + size
         self.unfilled += size
         more = True                  # the pieces so far came with more to follow
@@ -131,11 +132,11 @@ class BodyReader:
             if pos != end:
                 raise ProtocolError(f"the body ended after {got[0]} of {size} bytes")
         except BaseException:
-            self.arena.release(offset, size + lead)
+            region.release()
             raise
         finally:
             self.unfilled -= end - pos
-        regions.hold(offset, size + lead)
+        regions.hold(region)
         return self.arena_view[end - size:end]
 
     def inflate(self, body, coding: str) -> bytes:
@@ -171,7 +172,7 @@ class BodyReader:
         return BodyTooLarge(f"the body is over --max-body-mb {self.cfg.max_body_mb:g} MiB "
                             f"({self.cfg.max_body_bytes} bytes)")
 
-    def _reserve(self, size: int) -> int:
+    def _reserve(self, size: int) -> Region:
         """Arena space for a body of ``size`` bytes that is still to arrive."""
         if self.unfilled + size > self.arena.size // 2:
             NOTES.acted("memory_held_by_slow_bodies",
@@ -181,10 +182,10 @@ class BodyReader:
                 f"this front's shared memory is held by bodies still arriving "
                 f"({self.unfilled} bytes announced and not yet received; at most half of "
                 f"{self.arena.size >> 20} MiB); retry later")
-        offset = self.arena.alloc(size)
-        if offset is None:
+        region = self.arena.alloc(size)
+        if region is None:
             raise arena_full(self.arena)
-        return offset
+        return region
 
 
 def content_coding(headers) -> str | None:

@@ -2,7 +2,7 @@
 the requests waiting for an answer.
 
 A request goes straight to one worker (the least loaded, by the shared counters: see
-:func:`gpserve.batch_policy.choose_worker`) and its answer comes back on the same link:
+:func:`choose_worker`) and its answer comes back on the same link:
 two hops. When a worker's link drops (the worker died), every request it held is
 answered at once with ``Unavailable``; none waits for its deadline.
 
@@ -20,7 +20,6 @@ import os
 import time
 
 from . import ipc
-from .batch_policy import choose_worker
 from .counters import Counters
 from .errors import DeadlineExceeded, Unavailable
 from .shm import Segments, segment_path
@@ -229,3 +228,15 @@ class LocalEnd:
 
     def release(self, token: int) -> None:
         self.send(ipc.Release((token,)))
+
+
+def choose_worker(loads: dict[int, int], turn: int) -> int | None:
+    """The worker a front sends its next request to: the one with the fewest rows queued
+    or running (read from the shared counters), ties broken in turn so that fronts do
+    not all pick the same one. None when no worker is connected."""
+    if not loads:
+        return None
+    order = sorted(loads)
+    start = turn % len(order)
+    rotated = order[start:] + order[:start]
+    return min(rotated, key=loads.__getitem__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import QueueFull
-from .shm import Arena, TensorRef, code_of
+from .shm import Arena, Region, TensorRef, code_of
 
 
 class Regions:
@@ -19,10 +19,10 @@ class Regions:
 
     def __init__(self, arena: Arena):
         self.arena = arena
-        self.held: list[tuple[int, int]] = []
+        self.held: list[Region] = []
 
-    def hold(self, offset: int, nbytes: int) -> None:
-        self.held.append((offset, nbytes))
+    def hold(self, region: Region) -> None:
+        self.held.append(region)
 
     def place(self, arr: np.ndarray) -> TensorRef:
         """A descriptor for a decoded tensor: its own bytes when they already sit aligned
@@ -35,38 +35,37 @@ class Regions:
         placed = arena.put(arr)
         if placed is None:
             raise arena_full(arena)
-        ref, offset, nbytes = placed
-        self.held.append((offset, nbytes))
+        ref, region = placed
+        self.held.append(region)
         return ref
 
     def alloc(self, nbytes: int) -> memoryview:
         """A new region of ``nbytes`` for this request to fill (a tensor read from a
         client's shared memory lands here: where a worker reads it)."""
-        offset = self.arena.alloc(nbytes)
-        if offset is None:
-            raise arena_full(self.arena)
-        self.held.append((offset, nbytes))
-        return memoryview(self.arena.buf[offset:offset + nbytes])
+        region = self._alloc(nbytes)
+        return memoryview(self.arena.buf[region.offset:region.offset + nbytes])
 
     def place_rows(self, arr: np.ndarray, rows: list[int]) -> TensorRef:
         """Some rows of a tensor, gathered straight into shared memory (1 copy)."""
         if arr.dtype == object:
             return self.place(arr[rows])
         shape = (len(rows),) + arr.shape[1:]
-        nbytes = int(np.prod(shape)) * arr.itemsize
-        offset = self.arena.alloc(nbytes)
-        if offset is None:
+        region = self._alloc(int(np.prod(shape)) * arr.itemsize)
+        np.take(arr, rows, axis=0, out=region.array(arr.dtype, shape))
+        return region.ref(code_of(arr.dtype), shape)
+
+    def _alloc(self, nbytes: int) -> Region:
+        region = self.arena.alloc(nbytes)
+        if region is None:
             raise arena_full(self.arena)
-        self.held.append((offset, nbytes))
-        dst = self.arena.buf[offset:offset + nbytes].view(arr.dtype).reshape(shape)
-        np.take(arr, rows, axis=0, out=dst)
-        return TensorRef(self.arena.path, offset, code_of(arr.dtype), shape)
+        self.held.append(region)
+        return region
 
     def release(self) -> None:
         """Free every region (again: nothing)."""
-        for offset, nbytes in self.held:
-            self.arena.release(offset, nbytes)
-        self.held = []
+        held, self.held = self.held, []
+        for region in held:
+            region.release()
 
     def hand_over(self):
         """Give the regions to someone who frees them later (returns the function that

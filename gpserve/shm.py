@@ -146,6 +146,31 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+class Region(NamedTuple):
+    """A block of an arena that ``Arena.alloc`` gave: where it is, and how to give it
+    back. Every region is released exactly once, by whoever holds it last (a second
+    release is refused by the arena, and logged)."""
+
+    arena: "Arena"
+    offset: int
+    nbytes: int
+
+    def release(self) -> None:
+        self.arena.release(self.offset, self.nbytes)
+
+    def array(self, dtype, shape) -> np.ndarray:
+        """The region's bytes as an array of ``shape`` (0 copies)."""
+        count = 1
+        for d in shape:
+            count *= d
+        return self.arena.buf[self.offset:self.offset + count * np.dtype(dtype).itemsize] \
+            .view(dtype).reshape(shape)
+
+    def ref(self, ttype: int, shape: tuple) -> TensorRef:
+        """The descriptor another process maps this region by."""
+        return TensorRef(self.arena.path, self.offset, ttype, tuple(shape))
+
+
 class Arena:
     """A segment this process owns and writes, with a first-fit allocator of 64-byte blocks.
 
@@ -167,8 +192,8 @@ class Arena:
         self._free_sizes: list[int] = [size]
         self.used = 0
 
-    def alloc(self, nbytes: int) -> int | None:
-        """Offset of a new region of at least ``nbytes``, or None when the arena is full."""
+    def alloc(self, nbytes: int) -> Region | None:
+        """A new region of at least ``nbytes``, or None when the arena is full."""
         need = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
         for i, free in enumerate(self._free_sizes):
             if free >= need:
@@ -179,13 +204,13 @@ class Arena:
                     self._free_starts[i] += need
                     self._free_sizes[i] -= need
                 self.used += need
-                return start
+                return Region(self, start, nbytes)
         return None
 
     def release(self, offset: int, nbytes: int) -> None:
-        """Free a region ``alloc`` gave. A region that overlaps free space (freed twice,
-        or never allocated) is a bug of ours: it is logged and ignored, since taking it
-        would let two requests be given the same memory."""
+        """Free a region ``alloc`` gave (``Region.release`` calls this). A region that
+        overlaps free space (freed twice, or never allocated) is a bug of ours: it is
+        logged and ignored, since taking it would let two requests share memory."""
         size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
         starts, sizes = self._free_starts, self._free_sizes
         i = bisect.bisect_left(starts, offset)
@@ -212,28 +237,27 @@ class Arena:
         addr = arr.__array_interface__["data"][0] - self.base
         return addr if 0 <= addr and addr + arr.nbytes <= self.size else None
 
-    def put(self, arr: np.ndarray) -> tuple[TensorRef, int, int] | None:
-        """Copy ``arr`` into a new region (1 copy): (ref, offset, nbytes), or None if full."""
+    def put(self, arr: np.ndarray) -> tuple[TensorRef, Region] | None:
+        """Copy ``arr`` into a new region (1 copy): (its ref, the region), or None if full."""
         ttype = code_of(arr.dtype)
         if ttype == STRING:
             items = [x.encode() if isinstance(x, str) else bytes(x) for x in arr.reshape(-1)]
             ends = np.cumsum([len(x) for x in items], dtype=np.int64)
             nbytes = 8 * len(items) + (int(ends[-1]) if len(items) else 0)
-            offset = self.alloc(nbytes)
-            if offset is None:
+            region = self.alloc(nbytes)
+            if region is None:
                 return None
+            offset = region.offset
             self.buf[offset:offset + 8 * len(items)].view(np.int64)[:] = ends
             blob = b"".join(items)
             start = offset + 8 * len(items)
             self.buf[start:start + len(blob)] = np.frombuffer(blob, np.uint8)
         else:
-            nbytes = arr.nbytes
-            offset = self.alloc(nbytes)
-            if offset is None:
+            region = self.alloc(arr.nbytes)
+            if region is None:
                 return None
-            dst = self.buf[offset:offset + nbytes].view(SHM_DTYPES[ttype]).reshape(arr.shape)
-            np.copyto(dst, arr)
-        return TensorRef(self.path, offset, ttype, tuple(arr.shape)), offset, nbytes
+            np.copyto(region.array(SHM_DTYPES[ttype], arr.shape), arr)
+        return region.ref(ttype, arr.shape), region
 
     def close(self) -> None:
         self.buf = None

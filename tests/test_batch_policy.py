@@ -4,11 +4,11 @@ import asyncio
 import os
 
 import pytest
+from gpserve.workers.batch_policy import BatchQueue, BatchSizes, CostModel
 
 from gpserve import ipc
-from gpserve.batch_policy import BatchQueue, BatchSizes, CostModel, choose_worker
 from gpserve.counters import Counters
-from gpserve.dispatch import Dispatcher
+from gpserve.dispatch import Dispatcher, choose_worker
 from gpserve.errors import Unavailable
 from gpserve.shm import Segments
 

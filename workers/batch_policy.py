@@ -1,8 +1,9 @@
 """The batching policy: which queued requests run together, and when. Pure: no I/O, no
 clock of its own (``now`` is passed in), so it is tested in-process, fast.
 
-Each worker owns one :class:`BatchQueue`; fronts send a request straight to a worker
-chosen by :func:`choose_worker`. Rows, not requests, are what the policy counts.
+Each worker owns one :class:`BatchQueue` (fronts send a request straight to a worker,
+chosen by :func:`gpserve.dispatch.choose_worker`); :mod:`.pipeline` asks it what to run
+next. Rows, not requests, are what the policy counts.
 
 - Requests share a batch only when their ``key`` is equal (input names, dtypes and
   non-batch shapes, outputs, config). Unbatchable requests (``rows`` None) run alone.
@@ -294,14 +295,3 @@ class BatchQueue:
         else:
             del self.groups[key], self.group_rows[key]
 
-
-def choose_worker(loads: dict[int, int], turn: int) -> int | None:
-    """The worker a front sends its next request to: the one with the fewest rows queued
-    or running (read from the shared counters), ties broken in turn so that fronts do
-    not all pick the same one. None when no worker is connected."""
-    if not loads:
-        return None
-    order = sorted(loads)
-    start = turn % len(order)
-    rotated = order[start:] + order[:start]
-    return min(rotated, key=loads.__getitem__)

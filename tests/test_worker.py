@@ -1,0 +1,197 @@
+"""A worker driven in-process: a stand-in backend and stand-in front links, no HTTP, no
+other process. Warm-up, a batch staged while the device runs, answers lent and given
+back, a front's death, one bad request in a merged batch, and the live batching check.
+
+Nothing here sleeps: the stand-in backend blocks on an event the test sets, and the
+test waits for the answers it expects."""
+import asyncio
+import os
+import threading
+
+import numpy as np
+import pytest
+from gpserve.workers.worker import Worker
+
+from gpserve import ipc
+from gpserve.config import Config
+from gpserve.counters import Counters
+from gpserve.errors import ModelError
+from gpserve.modelspec import IOSpec, ModelSpec
+from gpserve.shm import Arena, Segments, remove_run_segments, segment_path
+
+F32 = np.dtype(np.float32)
+
+
+class Backend:
+    """y = 2x, or, ``centred``, y = x - mean over the batch (batching changes it); a row
+    of NaN fails the run. ``gate``: each run waits for it (the device is busy)."""
+
+    def __init__(self, centred=False):
+        self.spec = ModelSpec("standin", "standin", [IOSpec("x", F32, [-1, 2])],
+                              [IOSpec("y", F32, [-1, 2])])
+        self.centred, self.runs = centred, []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def run(self, feed, names, config):
+        self.gate.wait(30)
+        x = np.asarray(feed["x"])
+        self.runs.append(len(x))
+        if np.isnan(x).any():
+            raise ValueError("a NaN row")
+        return [x - x.mean(axis=0) if self.centred else 2 * x]
+
+
+class Front:
+    """A stand-in for a front's link: collects answers, reads them from shared memory."""
+
+    def __init__(self, index=0):
+        self.open, self.peer = True, ipc.Hello("front", index, 1, "")
+        self.done: dict[int, ipc.Done] = {}
+        self.arrived = asyncio.Event()
+
+    def send(self, message):
+        self.done[message.req_id] = message
+        self.arrived.set()
+
+    async def answers(self, *req_ids):
+        while not all(r in self.done for r in req_ids):
+            self.arrived.clear()
+            await asyncio.wait_for(self.arrived.wait(), 30)
+        return [self.done[r] for r in req_ids]
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A worker in this process (its arena and counters on /dev/shm), and the front's
+    arena its requests' rows sit in."""
+    run_id = f"t{os.getpid()}w"
+    counters = Counters(segment_path(run_id, "counters"), create=True)
+    made = []
+
+    def make(backend, **settings):
+        cfg = Config(run_id=run_id, device="cpu", threads=1, shm_mb=1, max_batch=8,
+                     batch_sizes="any", max_delay_ms=0, **settings)
+        front_arena = Arena(segment_path(run_id, f"front0-{len(made)}"), 1 << 20)
+        made.append(front_arena)
+        return Worker(cfg, 0, backend=backend), front_arena, counters
+    yield make
+    for a in made:
+        a.close()
+    remove_run_segments(run_id)
+
+
+def submit(arena, req_id, rows):
+    x = np.asarray(rows, np.float32).reshape(-1, 2)
+    ref, _ = arena.put(x)
+    return ipc.Submit(req_id, (ref,), ("x",), ("y",), "", len(x), ("x", (2,)), 1e12)
+
+
+def values(done):
+    (out,) = done.outputs
+    return Segments().view(out.ref)[out.start:out.stop].tolist()
+
+
+def test_warm_up_runs_every_batch_size_twice_and_says_ready(run):
+    backend = Backend()
+    worker, _, counters = run(backend)
+    asyncio.run(worker.start())
+    assert worker.warmed == worker.sizes.warm_up() and worker.warmed[-1] == 8
+    assert backend.runs == [n for n in worker.warmed for _ in (1, 2)]
+    assert counters.worker_is_ready(0) and counters.warmed_sizes(1) == [worker.warmed]
+    assert worker.queue.costs.sizes == {1, 8}           # the cost model heard them
+
+
+def test_rows_that_come_while_the_device_runs_are_staged_and_run_as_one_batch(run):
+    backend = Backend()
+
+    async def main():
+        worker, arena, _ = run(backend, batch_check_every=0)
+        await worker.start()
+        backend.runs.clear()
+        front = Front()
+        backend.gate.clear()                       # the device is busy with request 1
+        worker.on_message(front, submit(arena, 1, [[1, 1]]))
+        await asyncio.sleep(0)                     # a turn: request 1 starts
+        for i in (2, 3, 4):
+            worker.on_message(front, submit(arena, i, [[i, i]]))
+        await asyncio.sleep(0)                     # a turn: 2-4 staged and copied in
+        assert worker.staged is not None and worker.staged.copied == 3
+        assert worker.arena.used > 0               # the gather happened while busy
+        backend.gate.set()
+        answers = await front.answers(1, 2, 3, 4)
+        assert backend.runs == [1, 3]              # 1 alone, then 2-4 as one batch
+        assert [values(d) for d in answers] == [[[2, 2]], [[4, 4]], [[6, 6]], [[8, 8]]]
+        tokens = {d.token for d in answers}
+        assert None not in tokens and len(tokens) == 2    # one lease per batch
+        for d in answers:
+            worker.on_message(front, ipc.Release((d.token,)))
+        assert worker.arena.used == 0 and not worker.leases.lent
+    asyncio.run(main())
+
+
+def test_a_front_that_dies_gives_back_what_it_held_and_loses_its_queued_rows(run):
+    backend = Backend()
+
+    async def main():
+        worker, arena, _ = run(backend, batch_check_every=0)
+        await worker.start()
+        backend.runs.clear()
+        gone, other = Front(0), Front(1)
+        worker.on_message(gone, submit(arena, 1, [[1, 1]]))
+        await gone.answers(1)                      # answered, never released
+        assert worker.arena.used > 0
+        backend.gate.clear()
+        worker.on_message(other, submit(arena, 2, [[2, 2]]))
+        await asyncio.sleep(0)                     # request 2 runs (blocked)
+        worker.on_message(gone, submit(arena, 3, [[3, 3]]))
+        worker.on_lost(gone)
+        backend.gate.set()
+        (done,) = await other.answers(2)
+        assert values(done) == [[4, 4]] and 3 not in gone.done
+        worker.on_message(other, ipc.Release((done.token,)))
+        assert worker.arena.used == 0 and not worker.leases.lent
+        assert gone not in worker.leases.held_by
+        assert backend.runs == [1, 1]              # request 3 never ran
+    asyncio.run(main())
+
+
+def test_one_bad_request_in_a_merged_batch_fails_alone(run):
+    backend = Backend()
+
+    async def main():
+        worker, arena, _ = run(backend, batch_check_every=0)
+        await worker.start()
+        front = Front()
+        backend.gate.clear()
+        worker.on_message(front, submit(arena, 1, [[1, 1]]))
+        await asyncio.sleep(0)
+        worker.on_message(front, submit(arena, 2, [[2, 2]]))
+        worker.on_message(front, submit(arena, 3, [[np.nan, 0]]))
+        worker.on_message(front, submit(arena, 4, [[4, 4]]))
+        backend.gate.set()
+        one, two, three, four = await front.answers(1, 2, 3, 4)
+        assert three.error[0] == ModelError.code and "a NaN row" in three.error[1]
+        assert values(two) == [[4, 4]] and values(four) == [[8, 8]]
+    asyncio.run(main())
+
+
+def test_the_live_check_finds_a_model_whose_answers_depend_on_the_batch(run):
+    backend = Backend(centred=True)
+
+    async def main():
+        worker, arena, counters = run(backend, batch_check_every=1)
+        await worker.start()
+        front = Front()
+        backend.gate.clear()
+        worker.on_message(front, submit(arena, 1, [[0, 0]]))
+        await asyncio.sleep(0)
+        worker.on_message(front, submit(arena, 2, [[1, 1]]))
+        worker.on_message(front, submit(arena, 3, [[3, 3]]))
+        backend.gate.set()
+        _, two, three = await front.answers(1, 2, 3)
+        assert values(two) == [[-1, -1]] and values(three) == [[1, 1]]   # mean 2
+        checks = counters.batch_checks()
+        assert checks["checks"] == 1 and checks["changed"] == 1
+        assert checks["max_difference"] == pytest.approx(1.0)   # alone: 0, batched: -1
+    asyncio.run(main())
