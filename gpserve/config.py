@@ -1,10 +1,12 @@
 """One configuration object, built once from flags, ``GP_*`` environment variables and
-machine defaults, and handed (pickled) to every process."""
+machine defaults, and handed (pickled) to every process. Frozen: the supervisor's plan
+step (:mod:`gpserve.plan`) completes it once, as a new object, with what only a start
+can know (the model's path, the run id, the placement)."""
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from platformdirs import user_cache_dir
@@ -12,7 +14,7 @@ from platformdirs import user_cache_dir
 CACHE_HOME = Path(user_cache_dir("gpserve"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: str = ""                      # path, http(s) URL, "echo", or "" for the default
     listen: str = "127.0.0.1:9000"
@@ -56,7 +58,7 @@ class Config:
     verbose: int = 0
     log_format: str = "text"             # text | json
     access_log: str = "debug"            # level of the one line per request: debug|info|off
-    # filled in by the supervisor
+    # filled in by the plan step (gpserve/plan.py)
     run_id: str = ""
     model_path: str = ""
     fingerprint: str = ""                # hash of the model's file(s), for cache keys
@@ -81,27 +83,31 @@ class Config:
         return max(256 << 20, 2 * self.max_body_bytes)
 
     def settle(self) -> "Config":
-        """Fill machine defaults: fronts and workers from cores and GPUs, threads to match."""
+        """Machine defaults filled in: fronts and workers from cores and GPUs, threads
+        to match."""
         cores = len(os.sched_getaffinity(0))
-        if self.fronts <= 0:
-            self.fronts = max(1, min(cores, 8))
-        if self.workers <= 0:                # one per visible GPU: none idles by default
+        fronts, workers = self.fronts, self.workers
+        if fronts <= 0:
+            fronts = max(1, min(cores, 8))
+        if workers <= 0:                     # one per visible GPU: none idles by default
             from gpserve.workers.devices import gpu_count
             gpus = gpu_count() if self.device in ("auto", "cuda") else 0
-            self.workers = max(1, gpus)
-        self.threads_from_machine = self.threads <= 0
-        if self.threads_from_machine:
-            self.threads = max(1, cores // self.workers) if not self.device.startswith(
-                "cuda") else 1
-        return self
+            workers = max(1, gpus)
+        from_machine = self.threads <= 0
+        threads = self.threads
+        if from_machine:
+            threads = max(1, cores // workers) if not self.device.startswith("cuda") else 1
+        return replace(self, fronts=fronts, workers=workers, threads=threads,
+                       threads_from_machine=from_machine)
 
-    def place(self, placement: str) -> None:
-        """Settle where the model runs; in the fronts, each front hosts one instance."""
-        self.placement = placement
-        if placement == "fronts":
-            self.workers = self.fronts
-            if self.threads_from_machine:
-                self.threads = max(1, len(os.sched_getaffinity(0)) // self.fronts)
+    def placed(self, placement: str) -> "Config":
+        """Where the model runs settled; in the fronts, each front hosts one instance."""
+        if placement != "fronts":
+            return replace(self, placement=placement)
+        threads = self.threads
+        if self.threads_from_machine:
+            threads = max(1, len(os.sched_getaffinity(0)) // self.fronts)
+        return replace(self, placement=placement, workers=self.fronts, threads=threads)
 
 
 def _names(text: str) -> list[str]:

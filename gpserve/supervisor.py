@@ -1,9 +1,11 @@
-"""The supervisor (``gpserve serve``): holds the port, starts and restarts the workers
-and the fronts, and on SIGTERM/SIGINT drains and cleans up.
+"""The supervisor (``gpserve serve``): plans the run (:mod:`.plan`), holds the sockets
+(:mod:`.sockets`), starts the workers and the fronts, restarts a child that dies or
+hangs, and on SIGTERM/SIGINT drains and cleans up.
 
-The fronts accept from one listening socket that the supervisor binds and holds for the
-run's life: connections that arrive while a front restarts wait in its backlog, and a
-stop shuts it before the fronts drain.
+Its loop waits on the children's exits, and wakes at least every ``WATCH_S`` to look
+for hung workers and to start children whose restart is due: a restart's back-off is a
+deadline per child, so a death, a hang or a stop is never held up behind another
+child's back-off.
 
 Stop order: fronts first (uvicorn stops accepting and finishes the requests in flight,
 which still need the workers), then the workers; then every shared-memory segment of
@@ -18,14 +20,14 @@ import multiprocessing as mp
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 from multiprocessing.connection import wait
 
+from . import sockets
 from .config import Config
-from .counters import MAX_PROCESSES, Counters
-from .model_source import resolve
+from .counters import Counters
+from .plan import Plan, announce, make_plan
 from .shm import (
     SHM_DIR,
     hold_run_lock,
@@ -36,6 +38,8 @@ from .shm import (
 
 log = logging.getLogger("gpserve.supervisor")
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+STEADY_S = 30.0              # a child that lived this long restarts at once
+WATCH_S = 0.5                # the loop looks for hangs at least this often
 # How the supervisor stops a child. Children ignore SIGINT and SIGTERM: Ctrl-C in a
 # terminal and systemd's default KillMode=control-group send those to every process of
 # the group at once, and a front that began its own shutdown then closed connections
@@ -65,85 +69,6 @@ def stalled(now_s: float, beat_s: float, busy_since_s: float, limit_s: float) ->
     return None
 
 
-def _listen(cfg: Config) -> socket.socket:
-    """The one listening socket every front accepts from, held here for the run's life:
-    connections that arrive while a front restarts wait in its backlog, and a stop
-    shuts it once, before the fronts drain. (One socket per front with SO_REUSEPORT
-    was tried: the kernel spreads connections more evenly, but each front's backlog is
-    then emptied by that front alone, and a drain reset the connections waiting there:
-    see docs/architecture.md.)"""
-    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((cfg.host, cfg.port))
-    except OSError as e:
-        sock.close()
-        raise SystemExit(f"gpserve: cannot listen on {cfg.listen}: {e.strerror}"
-                         + (" (is another server running there?)"
-                            if e.errno == 98 else "")) from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
-def _reserve_grpc_port(cfg: Config) -> socket.socket | None:
-    """A socket bound to ``--grpc-listen`` with SO_REUSEPORT, held for the run: a port in
-    use fails here, with a clear message, not in every front; and the port's group
-    admits only processes of this user (the kernel's rule for SO_REUSEPORT). The
-    fronts' gRPC servers bind it too and listen; this one never listens, so it takes
-    no connections. First a bind *without* SO_REUSEPORT: it fails while any socket holds
-    the port, another gpserve's group included, which a SO_REUSEPORT bind would join."""
-    if not cfg.grpc_listen:
-        return None
-    host, _, port = cfg.grpc_listen.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = None
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((host, int(port)))
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, int(port)))
-    except OSError as e:
-        if sock is not None:
-            sock.close()
-        raise SystemExit(f"gpserve: cannot listen on --grpc-listen {cfg.grpc_listen}: "
-                         f"{e.strerror}") from None
-    return sock
-
-
-def inspect_model(cfg: Config):
-    """Load the model once, in a short-lived process (so the supervisor never imports a
-    model runtime), to fail fast and to learn its spec for the fronts."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    from gpserve.workers.backend import backend_name, inspect
-    try:
-        cfg.backend = cfg.backend or backend_name(cfg.model_path)
-        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-            return pool.submit(inspect, cfg).result()
-    except Exception as e:
-        raise SystemExit(f"gpserve: cannot load model {cfg.model_path} "
-                         f"(backend {cfg.backend or '?'}): {type(e).__name__}: {e}") from None
-
-
-CHEAP_ROW_MS = 1.0
-
-
-def choose_placement(cfg: Config, spec) -> str:
-    """``--placement auto``: a model cheaper than a hop between processes runs in the
-    fronts (echo, or an ONNX model on the CPU whose one row took under CHEAP_ROW_MS at
-    load); anything else, and every GPU, in worker processes."""
-    if cfg.placement != "auto":
-        return cfg.placement
-    from gpserve.workers.devices import worker_device
-    cheap = spec.echo or (cfg.backend == "onnx" and spec.one_row_ms is not None
-                          and spec.one_row_ms < CHEAP_ROW_MS)
-    return "fronts" if cheap and worker_device(cfg.device, 0) == "cpu" else "workers"
-
-
 def _child_main(target, args, run_id: str, supervisor_pid: int) -> None:
     """Every child's entry: die with the supervisor, hold the run's lock, then work.
 
@@ -167,10 +92,18 @@ class _Child:
         self.process: mp.Process | None = None
         self.restarts = 0
         self.started = 0.0
+        self.restart_at: float | None = None     # dead, to be started again then
 
     @property
     def name(self) -> str:
         return f"{self.role}{self.index}"
+
+    def backoff(self, now: float) -> float:
+        """Seconds before a child that died now starts again: at once if it had lived
+        STEADY_S, else longer with each quick death (a crash loop does not spin)."""
+        if now - self.started > STEADY_S:
+            return 0.0
+        return RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
 
 
 class Supervisor:
@@ -180,104 +113,54 @@ class Supervisor:
         self.children: list[_Child] = []
         self.stopping = False
 
-    def _start(self, child: _Child) -> None:
-        child.process = self.ctx.Process(
-            target=_child_main, args=(child.target, child.args, self.cfg.run_id, os.getpid()),
-            name=f"gpserve-{child.name}", daemon=False)
-        child.process.start()
-        child.started = time.monotonic()
-        self.counters.set_pid(child.role, child.index, child.process.pid)
-
     def run(self) -> int:
-        cfg = self.cfg
         removed, foreign = remove_stale_segments()
         if removed:
             log.info("removed %d shared-memory segments left by a killed server", removed)
         if foreign:
             log.info("left %d other users' gpserve runs in %s alone (their lock files are "
                      "not ours)", foreign, SHM_DIR)
-        cfg.model_path = resolve(cfg.model, cfg.models_dir, cfg.model_sha256)
-        spec = inspect_model(cfg)
-        if cfg.cache:
-            if not spec.batchable:
-                raise SystemExit(
-                    f"gpserve: --cache needs a model whose rows are independent (every input "
-                    f"and output batch-first, -1 in dimension 0); {spec.name} has inputs "
-                    f"{', '.join(s.describe() for s in spec.inputs)}: serve it without --cache")
-            from gpserve.cache.keys import fingerprint
-            cfg.fingerprint = fingerprint(cfg.model_path)
-        sock = _listen(cfg)
-        self.grpc_port = _reserve_grpc_port(cfg)
-        cfg.run_id = str(os.getpid())
-        hold_run_lock(cfg.run_id)
-        metrics_dir = segment_path(cfg.run_id, "metrics")
+        run_id = str(os.getpid())
+        plan = make_plan(self.cfg, run_id)
+        self.cfg = cfg = plan.cfg
+        sock = sockets.listen(cfg)
+        self.grpc_port = sockets.reserve_grpc_port(cfg)
+        hold_run_lock(run_id)
+        metrics_dir = segment_path(run_id, "metrics")
         os.makedirs(metrics_dir, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir   # before any child starts
-        cfg.place(choose_placement(cfg, spec))
-        if cfg.workers > MAX_PROCESSES or cfg.fronts > MAX_PROCESSES:
-            raise SystemExit(f"gpserve: at most {MAX_PROCESSES} workers and "
-                             f"{MAX_PROCESSES} fronts")
-        self.counters = Counters(segment_path(cfg.run_id, "counters"), create=True)
-
-        from gpserve.workers import worker
-
-        from . import front
-        workers = cfg.workers if cfg.placement == "workers" else 0
-        self.children = (
-            [_Child("worker", i, worker.main, (cfg, i)) for i in range(workers)]
-            + [_Child("front", i, front.main, (cfg, spec, i, sock)) for i in range(cfg.fronts)])
+        self.counters = Counters(segment_path(run_id, "counters"), create=True)
+        self.children = self._children(plan, sock)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         try:
             for child in self.children:
                 self._start(child)
-            self._summary(spec)
+            announce(plan)
             self._watch()
         finally:
             self._stop(sock)
         return 0
 
-    def _summary(self, spec) -> None:
-        """The startup line: what is served, where, and how."""
-        from gpserve.workers.devices import worker_device
-        cfg = self.cfg
-        fields = {
-            "model": cfg.model_path, "name": spec.name, "backend": spec.backend,
-            "devices": sorted({worker_device(cfg.device, i) for i in range(cfg.workers)}),
-            "fronts": cfg.fronts, "workers": cfg.workers, "threads": cfg.threads,
-            "placement": cfg.placement,
-            "batching": "off" if cfg.batching == "off" or not spec.batchable else
-            f"max {cfg.max_batch} rows, {cfg.max_delay_ms:g} ms",
-            "max_queue": cfg.max_queue, "timeout_ms": cfg.timeout_ms,
-            "cache": f"{cfg.cache_dir} ({cfg.cache_size_mb} MB)" if cfg.cache else "off",
-            "listen": f"http://{cfg.listen}"
-            + (f", grpc://{cfg.grpc_listen}" if cfg.grpc_listen else "")}
-        from gpserve.workers.batch_check import VERDICTS, verdict
-        found = verdict(spec.batch_probe)
-        probe = found["checks"]["probe"]
-        fields["batch_invariant"] = found["invariant"]
-        fields["batch_max_difference"] = found["max_difference"]
-        log.info("serving %s (%s) on %s: devices %s, %d fronts, %d model instances in the "
-                 "%s x %d threads, "
-                 "batching %s (%s: largest difference %.3g; %s), cache %s", spec.name,
-                 spec.backend, fields["listen"], ",".join(fields["devices"]), cfg.fronts,
-                 cfg.workers, cfg.placement, cfg.threads, fields["batching"],
-                 VERDICTS[found["invariant"]],
-                 fields["batch_max_difference"], probe.get("note", ""), fields["cache"],
-                 extra={"fields": fields})
-        if found["invariant"] is False:
-            batching = cfg.batching != "off" and spec.batchable
-            log.warning(
-                "batching changes %s's answers: a row run in a batch differs from the same "
-                "row run alone by up to %.3g (%.3g of the output's scale), so a request's "
-                "answer depends on the requests batched beside it.%s", spec.name,
-                probe["max_difference"], probe["relative"],
-                " Serve with --batching off, or send config 'batch=off' on requests, where "
-                "bit-stable answers matter." if batching else " Batching is off: answers "
-                "are stable.")
-            if cfg.cache and batching:
-                log.warning("--cache with a model whose answers depend on the batch: cached "
-                            "rows hold whichever batch's answer came first")
+    @staticmethod
+    def _children(plan: Plan, sock: socket.socket) -> list[_Child]:
+        from gpserve.workers import worker
+
+        from . import front
+        cfg, spec = plan.cfg, plan.spec
+        return ([_Child("worker", i, worker.main, (cfg, i))
+                 for i in range(plan.worker_processes)]
+                + [_Child("front", i, front.main, (cfg, spec, i, sock))
+                   for i in range(cfg.fronts)])
+
+    def _start(self, child: _Child) -> None:
+        child.restart_at = None
+        child.process = self.ctx.Process(
+            target=_child_main, args=(child.target, child.args, self.cfg.run_id, os.getpid()),
+            name=f"gpserve-{child.name}", daemon=False)
+        child.process.start()
+        child.started = time.monotonic()
+        self.counters.set_pid(child.role, child.index, child.process.pid)
 
     def _on_signal(self, signum, frame) -> None:
         if not self.stopping:
@@ -287,29 +170,34 @@ class Supervisor:
     def _watch(self) -> None:
         from . import metrics  # only now: PROMETHEUS_MULTIPROC_DIR is set
         while not self.stopping:
-            sentinels = {c.process.sentinel: c for c in self.children}
+            now = time.monotonic()
+            for child in self.children:
+                if child.restart_at is not None and child.restart_at <= now:
+                    self._start(child)
             self._kill_hung(metrics)
-            for ready in wait(list(sentinels), timeout=0.5):
-                child = sentinels[ready]
+            running = {c.process.sentinel: c for c in self.children if c.restart_at is None}
+            due = [c.restart_at - now for c in self.children if c.restart_at is not None]
+            for ready in wait(list(running), timeout=max(0.0, min([WATCH_S, *due]))):
                 if self.stopping:
                     break
-                child.process.join()
-                code = child.process.exitcode
-                how = f"signal {-code}" if code and code < 0 else f"exit code {code}"
-                lived = time.monotonic() - child.started
-                delay = 0.0 if lived > 30 else RESTART_BACKOFF_S[
-                    min(child.restarts, len(RESTART_BACKOFF_S) - 1)]
-                log.warning("%s (pid %d) died (%s); restarting in %.1fs", child.name,
-                            child.process.pid, how, delay)
-                time.sleep(delay)
-                child.restarts += 1
-                self.counters.count_restart(child.role)
-                metrics.RESTARTS.labels(child.role).inc()
-                metrics.process_gone(child.process.pid)
-                for arena in (child.name, f"worker{child.index}"):   # nobody writes there now
-                    with contextlib.suppress(FileNotFoundError):     # (a front's hosted worker)
-                        os.unlink(segment_path(self.cfg.run_id, f"{arena}-{child.process.pid}"))
-                self._start(child)
+                self._died(running[ready], metrics)
+
+    def _died(self, child: _Child, metrics) -> None:
+        """Say why, clean up after it, and set when it starts again."""
+        child.process.join()
+        code, pid = child.process.exitcode, child.process.pid
+        how = f"signal {-code}" if code and code < 0 else f"exit code {code}"
+        now = time.monotonic()
+        delay = child.backoff(now)
+        log.warning("%s (pid %d) died (%s); restarting in %.1fs", child.name, pid, how, delay)
+        child.restarts += 1
+        child.restart_at = now + delay
+        self.counters.count_restart(child.role)
+        metrics.RESTARTS.labels(child.role).inc()
+        metrics.process_gone(pid)
+        for arena in (child.name, f"worker{child.index}"):      # nobody writes there now
+            with contextlib.suppress(FileNotFoundError):        # (a front's hosted worker)
+                os.unlink(segment_path(self.cfg.run_id, f"{arena}-{pid}"))
 
     def _kill_hung(self, metrics) -> None:
         """A worker that makes no progress (stopped, deadlocked, a runtime stuck in a
@@ -319,7 +207,8 @@ class Supervisor:
         Unavailable at once, as on a crash, and it is restarted as a dead child is."""
         now = time.monotonic()
         for child in self.children:
-            if child.role != "worker" or not self.counters.worker_is_ready(child.index) \
+            if child.role != "worker" or child.restart_at is not None \
+                    or not self.counters.worker_is_ready(child.index) \
                     or not child.process.is_alive():
                 continue
             beat, busy_since, slowest = self.counters.worker_progress(child.index)
@@ -337,10 +226,13 @@ class Supervisor:
             _signal(child, signal.SIGKILL)
 
     def _stop(self, sock: socket.socket) -> None:
+        """Stop listening, drain the fronts, then stop the workers; remove the run's
+        shared memory."""
         self.stopping = True
-        started = [c for c in self.children if c.process is not None]
+        started = [c for c in self.children
+                   if c.process is not None and c.restart_at is None]
         fronts = [c for c in started if c.role == "front"]
-        _stop_listening(sock, fronts)
+        sockets.stop_listening(sock, lambda: any(c.process.is_alive() for c in fronts))
         for child in fronts:
             _signal(child, STOP_SIGNAL)
         grace = self.cfg.timeout_ms / 1000 + 10
@@ -358,34 +250,6 @@ class Supervisor:
                 child.process.join(5)
         removed = remove_run_segments(self.cfg.run_id) if self.cfg.run_id else 0
         log.info("stopped; removed %d shared-memory segments", removed)
-
-
-DRAIN_BACKLOG_S = 2.0
-_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)      # classic BPF: "ret #0", drop the packet
-SO_ATTACH_FILTER = 26
-TCPI_UNACKED = 24            # struct tcp_info: a listener's accept-queue length is here
-
-
-def _stop_listening(sock: socket.socket, fronts: list[_Child]) -> None:
-    """Stop taking connections without resetting any: new connection attempts are
-    dropped first (a socket filter), so clients retry and are refused once the socket
-    closes; the fronts, still running, accept what waits in the backlog (up to
-    DRAIN_BACKLOG_S); then the socket stops listening, for every front at once. Shutting
-    it at once would reset whatever waits in the backlog: with busy fronts, every drain
-    under load did."""
-    import ctypes
-    with contextlib.suppress(OSError):
-        program = ctypes.create_string_buffer(_DROP_ALL)
-        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
-                        struct.pack("HxxxxxxQ", 1, ctypes.addressof(program)))
-        give_up = time.monotonic() + DRAIN_BACKLOG_S
-        while time.monotonic() < give_up and any(c.process.is_alive() for c in fronts):
-            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-            if struct.unpack_from("<I", info, TCPI_UNACKED)[0] == 0:
-                break
-            time.sleep(0.01)
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RD)
 
 
 def _signal(child: _Child, sig: int) -> None:

@@ -1,0 +1,131 @@
+"""The plan step: what a start decides before any child runs, done once, in order.
+
+From the flags (a frozen :class:`Config`) to a frozen :class:`Plan`: the model file
+(downloaded and checked if it is a URL), its spec (read by loading it once in a
+short-lived process, so that the supervisor never imports a model runtime), the cache
+fingerprint, the run id and where the model runs. Every child gets the plan's config
+and spec; nothing changes them after.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from dataclasses import dataclass, replace
+
+from .config import Config
+from .counters import MAX_PROCESSES
+from .model_source import resolve
+from .modelspec import ModelSpec
+
+log = logging.getLogger("gpserve.supervisor")
+CHEAP_ROW_MS = 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: Config           # the flags, completed: model_path, backend, run_id, placement...
+    spec: ModelSpec
+
+    @property
+    def worker_processes(self) -> int:
+        """Worker processes to start: none when the fronts host the model."""
+        return self.cfg.workers if self.cfg.placement == "workers" else 0
+
+
+def make_plan(cfg: Config, run_id: str) -> Plan:
+    """Resolve, inspect and place the model (SystemExit with the reason if it cannot be
+    served as configured)."""
+    path = resolve(cfg.model, cfg.models_dir, cfg.model_sha256)
+    cfg = replace(cfg, model_path=path, backend=cfg.backend or _backend_name(path))
+    spec = inspect_model(cfg)
+    if cfg.cache:
+        if not spec.batchable:
+            raise SystemExit(
+                f"gpserve: --cache needs a model whose rows are independent (every input "
+                f"and output batch-first, -1 in dimension 0); {spec.name} has inputs "
+                f"{', '.join(s.describe() for s in spec.inputs)}: serve it without --cache")
+        from gpserve.cache.keys import fingerprint
+        cfg = replace(cfg, fingerprint=fingerprint(path))
+    cfg = replace(cfg, run_id=run_id).placed(choose_placement(cfg, spec))
+    if cfg.workers > MAX_PROCESSES or cfg.fronts > MAX_PROCESSES:
+        raise SystemExit(f"gpserve: at most {MAX_PROCESSES} workers and "
+                         f"{MAX_PROCESSES} fronts")
+    return Plan(cfg, spec)
+
+
+def _backend_name(path: str) -> str:
+    from gpserve.workers.backend import backend_name
+    try:
+        return backend_name(path)
+    except Exception as e:
+        raise SystemExit(f"gpserve: cannot load model {path} (backend ?): "
+                         f"{type(e).__name__}: {e}") from None
+
+
+def inspect_model(cfg: Config) -> ModelSpec:
+    """Load the model once, in a short-lived process, to fail fast and to learn its spec
+    for the fronts."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from gpserve.workers.backend import inspect
+    try:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            return pool.submit(inspect, cfg).result()
+    except Exception as e:
+        raise SystemExit(f"gpserve: cannot load model {cfg.model_path} "
+                         f"(backend {cfg.backend or '?'}): {type(e).__name__}: {e}") from None
+
+
+def choose_placement(cfg: Config, spec: ModelSpec) -> str:
+    """``--placement auto``: a model cheaper than a hop between processes runs in the
+    fronts (echo, or an ONNX model on the CPU whose one row took under CHEAP_ROW_MS at
+    load); anything else, and every GPU, in worker processes."""
+    if cfg.placement != "auto":
+        return cfg.placement
+    from gpserve.workers.devices import worker_device
+    cheap = spec.echo or (cfg.backend == "onnx" and spec.one_row_ms is not None
+                          and spec.one_row_ms < CHEAP_ROW_MS)
+    return "fronts" if cheap and worker_device(cfg.device, 0) == "cpu" else "workers"
+
+
+def announce(plan: Plan) -> None:
+    """The startup line: what is served, where, and how; and a warning if batching
+    changes the model's answers."""
+    from gpserve.workers.batch_check import VERDICTS, verdict
+    from gpserve.workers.devices import worker_device
+    cfg, spec = plan.cfg, plan.spec
+    batching = cfg.batching != "off" and spec.batchable
+    fields = {
+        "model": cfg.model_path, "name": spec.name, "backend": spec.backend,
+        "devices": sorted({worker_device(cfg.device, i) for i in range(cfg.workers)}),
+        "fronts": cfg.fronts, "workers": cfg.workers, "threads": cfg.threads,
+        "placement": cfg.placement,
+        "batching": f"max {cfg.max_batch} rows, {cfg.max_delay_ms:g} ms" if batching
+        else "off",
+        "max_queue": cfg.max_queue, "timeout_ms": cfg.timeout_ms,
+        "cache": f"{cfg.cache_dir} ({cfg.cache_size_mb} MB)" if cfg.cache else "off",
+        "listen": f"http://{cfg.listen}"
+        + (f", grpc://{cfg.grpc_listen}" if cfg.grpc_listen else "")}
+    found = verdict(spec.batch_probe)
+    probe = found["checks"]["probe"]
+    fields["batch_invariant"] = found["invariant"]
+    fields["batch_max_difference"] = found["max_difference"]
+    log.info("serving %s (%s) on %s: devices %s, %d fronts, %d model instances in the "
+             "%s x %d threads, batching %s (%s: largest difference %.3g; %s), cache %s",
+             spec.name, spec.backend, fields["listen"], ",".join(fields["devices"]),
+             cfg.fronts, cfg.workers, cfg.placement, cfg.threads, fields["batching"],
+             VERDICTS[found["invariant"]], fields["batch_max_difference"],
+             probe.get("note", ""), fields["cache"], extra={"fields": fields})
+    if found["invariant"] is not False:
+        return
+    log.warning(
+        "batching changes %s's answers: a row run in a batch differs from the same row "
+        "run alone by up to %.3g (%.3g of the output's scale), so a request's answer "
+        "depends on the requests batched beside it.%s", spec.name,
+        probe["max_difference"], probe["relative"],
+        " Serve with --batching off, or send config 'batch=off' on requests, where "
+        "bit-stable answers matter." if batching else " Batching is off: answers are "
+        "stable.")
+    if cfg.cache and batching:
+        log.warning("--cache with a model whose answers depend on the batch: cached rows "
+                    "hold whichever batch's answer came first")
