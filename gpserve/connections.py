@@ -220,7 +220,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     The fast path: a ``POST /`` whose whole body (at most ``settings.fast_limit`` bytes)
     came in the same read as its headers, on a connection answering nothing else, is
-    answered by ``await settings.fast_post(body, client) -> (status, response body)``
+    answered by ``await settings.fast_post(body, client) -> Answer``
     and written here: no ASGI scope, messages, receive or send (uvicorn's side of a
     small request was a quarter of a front's time). Anything else, or a request whose
     body has not all come by the end of the read, goes through uvicorn and the ASGI app
@@ -407,7 +407,8 @@ class GuardedProtocol(HttpToolsProtocol):
 
     async def _answer(self, answering: Answering, body: bytes) -> None:
         try:
-            status, response = await self.settings.fast_post(body, self.client)
+            answer = await self.settings.fast_post(body, self.client)
+            status, response = answer.status, answer.body
         except Exception:
             log.exception("internal error answering a request")
             status, response = 500, b""

@@ -178,13 +178,26 @@ class Dispatcher:
         try:
             return await w.future
         except asyncio.TimeoutError:
-            if not w.answered:                  # the worker may still read its regions
-                w.release = hand_over()
-                self.abandoned[req_id] = w
+            self._abandon(req_id, w, hand_over)
             raise DeadlineExceeded(
                 f"no result within --timeout-ms {self.timeout * 1e3:g}") from None
+        except asyncio.CancelledError:          # the client went away (a cancelled RPC)
+            self._abandon(req_id, w, hand_over)
+            raise
         finally:
             del self.waiting[req_id]
+
+    def _abandon(self, req_id: int, w: Waiting, hand_over) -> None:
+        """The request stops waiting before its answer: the worker may still read its
+        regions, so they go to the abandoned record (freed by the late answer, or the
+        worker's death); an answer already in, never read, gives back its token."""
+        if w.future.done() and not w.future.cancelled() and w.future.exception() is None:
+            link, done = w.future.result()
+            if done.token is not None:
+                link.release(done.token)
+        elif not w.answered:
+            w.release = hand_over()
+            self.abandoned[req_id] = w
 
     def _expire_due(self) -> None:
         """Fail the requests past their deadline, then wait for the next deadline: the

@@ -22,6 +22,7 @@ from gpserve.workers.batch_check import verdict
 
 from . import __version__, heap, metrics
 from . import protocol as P
+from .answer import OCTETS, Answer
 from .config import Config
 from .inflight import FrontState
 from .modelspec import ModelSpec
@@ -29,14 +30,12 @@ from .oip.rest import RestApi, is_v2
 from .protocol.messages import type_name
 
 log = logging.getLogger("gpserve.front")
-OCTETS = "application/octet-stream"
 FAST_BODY_MAX = 64 * 1024        # bodies up to this come whole in one read, or nearly
-_OCTET_HEADERS = [(b"content-type", OCTETS.encode())]
 
 
-async def _respond(send, status: int, body, headers=_OCTET_HEADERS, send_body=True) -> None:
+async def _respond(send, status: int, body, headers=OCTETS, send_body=True) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": headers + [(b"content-length", b"%d" % len(body))]})
+                "headers": [*headers, (b"content-length", b"%d" % len(body))]})
     await send({"type": "http.response.body", "body": body if send_body else b""})
 
 
@@ -53,68 +52,64 @@ class FrontApp:
         self.v2 = RestApi(state)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/":
-            started = time.perf_counter()
-            status, kind, size, body = await self.post(scope, receive)
-            await _respond(send, status, body)
-            self.record(scope.get("client"), "POST", "/", status, kind, size, len(body),
-                        time.perf_counter() - started)
-        elif scope["type"] == "http" and is_v2(scope["path"]):
-            started = time.perf_counter()
-            status, headers, body, kind = await self.v2.handle(scope, receive)
-            await _respond(send, status, body, headers, send_body=scope["method"] != "HEAD")
-            size = next((int(v) for k, v in scope["headers"]
-                         if k == b"content-length" and v.isdigit()), 0)
-            self.record(scope.get("client"), scope["method"], scope["path"], status, kind,
-                        size, len(body), time.perf_counter() - started)
+        if scope["type"] != "http":
+            await self.other(scope, receive, send)
+            return
+        started = time.perf_counter()
+        if scope["method"] == "POST" and scope["path"] == "/":
+            answer = await self.post(scope, receive)
+        elif is_v2(scope["path"]):
+            answer = await self.v2.handle(scope, receive)
+            answer.received = answer.received or next(
+                (int(v) for k, v in scope["headers"] if k == b"content-length" and v.isdigit()),
+                0)
         else:
             await self.other(scope, receive, send)
+            return
+        await _respond(send, answer.status, answer.body, answer.headers,
+                       send_body=scope["method"] != "HEAD")
+        self.record(scope.get("client"), scope["method"], scope["path"], answer,
+                    time.perf_counter() - started)
 
-    def record(self, client, method: str, path: str, status: int, kind: str, size: int,
-               sent: int, seconds: float):
+    def record(self, client, method: str, path: str, answer: Answer, seconds: float):
         """Metrics, and the access-log line, for one HTTP request (``client``: uvicorn's
         (host, port))."""
-        self.state.access.record(client[0] if client else None, method, path, status, kind,
-                                 size, sent, seconds)
+        self.state.access.record(client[0] if client else None, method, path, answer.status,
+                                 answer.kind, answer.received, len(answer.body), seconds)
 
-    async def post_whole(self, body: bytes, client) -> tuple[int, bytes | memoryview]:
-        """A GraphPipe request whose whole body is in hand (the connection's fast path):
-        (HTTP status, response body)."""
+    async def post_whole(self, body: bytes, client) -> Answer:
+        """A GraphPipe request whose whole body is in hand (the connection's fast path)."""
         started = time.perf_counter()
-        status, kind, response = await self.answer(body, self.state.new_request())
-        self.record(client, "POST", "/", status, kind, len(body), len(response),
-                    time.perf_counter() - started)
-        return status, response
+        async with self.state.request() as request:
+            answer = await self.answer(body, request)
+        self.record(client, "POST", "/", answer, time.perf_counter() - started)
+        return answer
 
-    async def post(self, scope, receive) -> tuple[int, str, int, bytes | memoryview]:
-        """(HTTP status, kind of request, body size, response body)."""
-        state = self.state
-        regions = state.new_request()
-        try:
-            body = await state.body.read(scope, receive, regions)
-        except Exception as e:
-            status, kind, response = self._failed(e, regions)
-            return status, kind, 0, response
-        status, kind, response = await self.answer(body, regions)
-        return status, kind, len(body), response
+    async def post(self, scope, receive) -> Answer:
+        """``POST /``: a GraphPipe request, its body read here."""
+        async with self.state.request() as request:
+            try:
+                body = await self.state.body.read(scope, receive, request.regions)
+            except Exception as e:
+                return _error(request.fail(e))
+            return await self.answer(body, request)
 
-    async def answer(self, body, regions) -> tuple[int, str, bytes | memoryview]:
-        """A GraphPipe body's answer: (HTTP status, kind of request, response body)."""
+    async def answer(self, body, request) -> Answer:
+        """A GraphPipe body's answer."""
         state = self.state
         try:
             req = P.decode_request(body, *state.string_limit)
             if isinstance(req, P.MetadataRequest):
-                regions.release()
-                return 200, "metadata", state.metadata_body
-            return 200, "infer", await state.infer(req, regions)
+                return Answer(200, state.metadata_body, "metadata", received=len(body))
+            return Answer(200, await state.infer(req, request), "infer", received=len(body))
         except Exception as e:
-            return self._failed(e, regions)
+            return _error(request.fail(e), len(body))
 
-    def _failed(self, e: Exception, regions) -> tuple[int, str, bytes]:
-        """A GraphPipe request that failed at any step: (HTTP status, "error", the
-        GraphPipe ``Error`` body)."""
-        failure = self.state.failed(e, regions)
-        return failure.http_status, "error", P.encode_error(failure.code, failure.message)
+
+def _error(failure, received: int = 0) -> Answer:
+    """A GraphPipe request that failed at any step: the GraphPipe ``Error`` body."""
+    return Answer(failure.http_status, P.encode_error(failure.code, failure.message), "error",
+                  received=received)
 
 
 def build_app(state: FrontState) -> FrontApp:

@@ -26,11 +26,12 @@ from .body import BodyReader
 from .config import Config
 from .counters import Counters
 from .dispatch import Dispatcher
-from .errors import BadConfig, GraphPipeError, InternalError, TooManyRows, from_code
+from .errors import BadConfig, TooManyRows, from_code
 from .modelspec import ModelSpec
 from .oip.restricted import Restrictions
 from .oip.sharedmem import ClientRegions
 from .regions import Regions
+from .request import Request
 from .shm import Arena, Segments, segment_path
 
 log = logging.getLogger("gpserve.front")
@@ -94,44 +95,26 @@ class FrontState:
     def ready(self) -> bool:
         return not self.draining and self.workers.ready
 
-    def new_request(self) -> Regions:
-        """The shared memory of one request (released by whoever ends it)."""
-        return Regions(self.arena)
+    def request(self) -> Request:
+        """A new request's memory and accounting; the door holds it ``async with``."""
+        return Request(self.arena, self.counters, self.index)
 
-    def failed(self, e: Exception, regions: Regions) -> GraphPipeError:
-        """End a request that failed, whichever protocol it came by: free its memory,
-        count the error, and say what to answer (a bug of ours answers clearly too;
-        the front keeps serving)."""
-        regions.release()            # a timed-out request has handed its regions over
-        if isinstance(e, GraphPipeError):
-            log.debug("request failed: %r", e)
-            failure = e
-        else:
-            log.error("internal error", exc_info=e)
-            failure = InternalError(f"internal server error: {type(e).__name__}: {e}")
-        self.counters.count_error(self.index, failure.code)
-        return failure
-
-    async def infer(self, req: P.InferRequest, regions: Regions) -> memoryview:
+    async def infer(self, req: P.InferRequest, request: Request) -> memoryview:
         """A GraphPipe request's response body."""
-        _, arrays, finish = await self.run(list(req.inputs), list(req.input_names),
-                                           list(req.output_names), req.config, regions)
-        try:
-            started = time.perf_counter()
-            body = P.encode_response(P.InferResponse(arrays))    # 1 copy: -> response
-            metrics.RESPONSE_BUILD_SECONDS.observe(time.perf_counter() - started)
-            return body
-        finally:
-            finish()
+        _, arrays = await self.run(list(req.inputs), list(req.input_names),
+                                   list(req.output_names), req.config, request)
+        started = time.perf_counter()
+        body = P.encode_response(P.InferResponse(arrays))    # 1 copy: -> response
+        metrics.RESPONSE_BUILD_SECONDS.observe(time.perf_counter() - started)
+        return body
 
     async def run(self, tensors: list[np.ndarray], input_names: list[str],
-                  output_names: list[str], config: str, regions: Regions):
+                  output_names: list[str], config: str, request: Request):
         """Validate, answer from the cache what it knows, run the rest on a worker.
 
         The protocol-neutral core of a request, whichever protocol decoded it: returns
-        (output names, output arrays, ``finish``). The arrays may be views of a worker's
-        shared memory: encode them, then call ``finish()`` to release it and the
-        request's regions."""
+        (output names, output arrays). The arrays may be views of a worker's shared
+        memory, valid until the request closes: encode them before."""
         names, outputs, rows = self.spec.check(tensors, input_names, output_names)
         if rows is not None and rows > self.cfg.max_queue:
             raise TooManyRows(f"the request has {rows} rows, more than the queue holds "
@@ -140,15 +123,14 @@ class FrontState:
         options = request_options(config)
         alone = not options["batch"]
         if self.cache is not None and rows and options["cache"]:
-            arrays, finish = await self._run_cached(tensors, names, outputs, config, rows,
-                                                    regions, alone)
+            arrays = await self._run_cached(tensors, names, outputs, config, rows, request,
+                                            alone)
         else:
-            refs = tuple(self._for_worker(regions, t) for t in tensors)
-            arrays, finish = await self._compute(refs, names, outputs, config, rows, regions,
-                                                 alone)
-        return outputs, arrays, finish
+            refs = tuple(self._for_worker(request.regions, t) for t in tensors)
+            arrays = await self._compute(refs, names, outputs, config, rows, request, alone)
+        return outputs, arrays
 
-    async def _run_cached(self, tensors, names, outputs, config, rows, regions: Regions,
+    async def _run_cached(self, tensors, names, outputs, config, rows, request: Request,
                           alone: bool):
         """Answer the rows the cache knows, compute only the others, merge in row order."""
         keys = row_keys(self.cfg.fingerprint, config, names, tensors)
@@ -156,30 +138,26 @@ class FrontState:
         missing = [i for i, found in enumerate(cached) if found is None]
         metrics.ROWS.labels("cache").inc(rows - len(missing))
         if not missing:                                   # never reaches a worker
-            regions.release()
-            return [np.stack([found[k] for found in cached])
-                    for k in range(len(outputs))], _nothing
-        refs = tuple(self._for_worker(regions, t, None if len(missing) == rows else missing)
+            request.close()
+            return [np.stack([found[k] for found in cached]) for k in range(len(outputs))]
+        refs = tuple(self._for_worker(request.regions, t,
+                                      None if len(missing) == rows else missing)
                      for t in tensors)
-        computed, finish = await self._compute(refs, names, outputs, config, len(missing),
-                                               regions, alone)
-        try:
-            merged = computed
-            if len(missing) < rows:
-                hit = [i for i in range(rows) if cached[i] is not None]
-                merged = []
-                for k, rows_k in enumerate(computed):
-                    out = np.empty((rows,) + rows_k.shape[1:], rows_k.dtype)
-                    out[missing] = rows_k
-                    out[hit] = np.stack([cached[i][k] for i in hit])
-                    merged.append(out)
-            # The writer thread needs rows that outlive the worker's shared memory: 1 copy.
-            self.cache.store([keys[i] for i in missing], outputs,
-                             [np.array(a, copy=True) for a in computed])
-        except BaseException:
-            finish()
-            raise
-        return merged, finish
+        computed = await self._compute(refs, names, outputs, config, len(missing), request,
+                                       alone)
+        merged = computed
+        if len(missing) < rows:
+            hit = [i for i in range(rows) if cached[i] is not None]
+            merged = []
+            for k, rows_k in enumerate(computed):
+                out = np.empty((rows,) + rows_k.shape[1:], rows_k.dtype)
+                out[missing] = rows_k
+                out[hit] = np.stack([cached[i][k] for i in hit])
+                merged.append(out)
+        # The writer thread needs rows that outlive the worker's shared memory: 1 copy.
+        self.cache.store([keys[i] for i in missing], outputs,
+                         [np.array(a, copy=True) for a in computed])
+        return merged
 
     def _for_worker(self, regions: Regions, tensor: np.ndarray, rows: list[int] | None = None):
         """What a worker is sent of a tensor (or of some of its rows): the array itself
@@ -189,25 +167,19 @@ class FrontState:
             return tensor if rows is None else tensor[rows]
         return regions.place(tensor) if rows is None else regions.place_rows(tensor, rows)
 
-    async def _compute(self, refs, names, outputs, config, rows, regions: Regions,
-                       alone=False):
+    async def _compute(self, refs, names, outputs, config, rows, request: Request,
+                       alone=False) -> list[np.ndarray]:
         """Send to a worker and wait: the output arrays (views of the worker's shared
-        memory) and the function that releases them and the request's regions, to call
-        once the arrays are read. ``alone`` (or ``--batching off``, or a model that
-        cannot batch) runs the request by itself."""
+        memory, given back when the request closes). ``alone`` (or ``--batching off``,
+        or a model that cannot batch) runs the request by itself."""
         if alone or self.cfg.batching == "off" or not self.spec.batchable:
             rows = None
         key = (tuple(names), tuple(_layout(r) for r in refs), tuple(outputs),
                config) if rows is not None else ("alone", next(self.ids))
         link, done = await self.workers.run(refs, tuple(names), tuple(outputs), config, rows,
-                                            key, regions.hand_over)
-
-        def finish() -> None:
-            if done.token is not None:
-                link.release(done.token)
-            regions.release()
+                                            key, request.hand_over)
+        request.answered(link, done.token)
         if done.error is not None:
-            finish()
             raise from_code(*done.error)
         arrays = []
         local = self.hosted is not None
@@ -216,11 +188,7 @@ class FrontState:
             # worker's arena (or of ours, for echo)
             arr = sl.ref if local else self.segments.view(sl.ref)
             arrays.append(arr if sl.stop is None else arr[sl.start:sl.stop])
-        return arrays, finish
-
-
-def _nothing() -> None:
-    pass
+        return arrays
 
 
 def _layout(ref) -> tuple:

@@ -6,6 +6,11 @@ script on the same machine. The targets of the data path (docs/architecture.md):
 gpserve >= 0.5 of Go's requests/s at 16 and 64 clients, and p50 at one client <= 3x Go's.
 
     python perf/small.py [--seconds 5] [--repeats 3] [--clients 1,16,64] [--fronts N]
+                         [--placements auto,workers] [--wrk-threads 1]
+
+``--placements``: where gpserve runs the model, a row per client count for each:
+``auto`` (echo runs in the fronts) and ``workers`` (the front -> shared memory ->
+worker hop that every GPU model takes).
 
 Repeats: each point is run ``--repeats`` times, alternating servers, and the median
 reported with the spread (max/min - 1) of gpserve's runs.
@@ -35,6 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clients", default="1,16,64")
     ap.add_argument("--fronts", type=int, default=0, help="gpserve fronts (default: its own)")
+    ap.add_argument("--placements", default="auto",
+                    help="comma list of gpserve --placement values, a row each")
+    ap.add_argument("--wrk-threads", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     exit_cleanly_on_sigterm()
@@ -49,34 +57,41 @@ def main(argv=None) -> int:
     extra = ["--fronts", str(args.fronts)] if args.fronts else []
     rows = []
     try:
-        with Server("--model", "echo", *extra) as gp:
-            urls = {"go": f"http://127.0.0.1:{go_port}/", "gpserve": gp.url + "/"}
-            for c in (int(x) for x in args.clients.split(",")):
-                runs = {"go": [], "gpserve": []}
-                for _ in range(args.repeats):
-                    for name, url in urls.items():
-                        runs[name].append(loadgen.run_wrk(url, body, c, args.seconds))
-                med = {n: sorted(r, key=lambda x: x["rps"])[len(r) // 2]
-                       for n, r in runs.items()}
-                rps = [r["rps"] for r in runs["gpserve"]]
-                rows.append({
-                    "clients": c, "go_rps": med["go"]["rps"], "gpserve_rps": med["gpserve"]["rps"],
-                    "ratio": med["gpserve"]["rps"] / med["go"]["rps"],
-                    "go_p50_ms": med["go"]["p50_ms"], "gp_p50_ms": med["gpserve"]["p50_ms"],
-                    "p50_x": med["gpserve"]["p50_ms"] / med["go"]["p50_ms"],
-                    "gp_p99_ms": med["gpserve"]["p99_ms"],
-                    "spread": max(rps) / min(rps) - 1 if min(rps) > 0 else float("nan"),
-                    "errors": sum(r["errors"] for r in runs["gpserve"])})
+        for placement in args.placements.split(","):
+            with Server("--model", "echo", "--placement", placement, *extra) as gp:
+                urls = {"go": f"http://127.0.0.1:{go_port}/", "gpserve": gp.url + "/"}
+                for c in (int(x) for x in args.clients.split(",")):
+                    rows.append(_point(urls, body, c, args, placement))
     finally:
         go.stop()
     print(f"\nSmall requests, float32 [1,16], echo; median of {args.repeats} x "
-          f"{args.seconds:g} s (wrk -t1)")
-    print_table(rows, [("clients", "d"), ("go_rps", ",.0f"), ("gpserve_rps", ",.0f"),
-                       ("ratio", ".2f"), ("go_p50_ms", ".3f"), ("gp_p50_ms", ".3f"),
+          f"{args.seconds:g} s (wrk -t{args.wrk_threads})")
+    print_table(rows, [("placement", "s"), ("clients", "d"), ("go_rps", ",.0f"),
+                       ("gpserve_rps", ",.0f"), ("ratio", ".2f"), ("go_p50_ms", ".3f"),
+                       ("gp_p50_ms", ".3f"),
                        ("p50_x", ".1f"), ("gp_p99_ms", ".2f"), ("spread", ".0%"),
                        ("errors", "d")])
     write_json(args.json, rows, benchmark="small", repeats=args.repeats)
     return 0
+
+
+def _point(urls: dict, body: bytes, c: int, args, placement: str) -> dict:
+    """Go and gpserve at ``c`` clients, alternated ``--repeats`` times: the medians."""
+    runs: dict[str, list] = {"go": [], "gpserve": []}
+    for _ in range(args.repeats):
+        for name, url in urls.items():
+            runs[name].append(loadgen.run_wrk(url, body, c, args.seconds,
+                                              threads=args.wrk_threads))
+    med = {n: sorted(r, key=lambda x: x["rps"])[len(r) // 2] for n, r in runs.items()}
+    rps = [r["rps"] for r in runs["gpserve"]]
+    return {
+        "placement": placement, "clients": c, "go_rps": med["go"]["rps"],
+        "gpserve_rps": med["gpserve"]["rps"], "ratio": med["gpserve"]["rps"] / med["go"]["rps"],
+        "go_p50_ms": med["go"]["p50_ms"], "gp_p50_ms": med["gpserve"]["p50_ms"],
+        "p50_x": med["gpserve"]["p50_ms"] / med["go"]["p50_ms"],
+        "gp_p99_ms": med["gpserve"]["p99_ms"],
+        "spread": max(rps) / min(rps) - 1 if min(rps) > 0 else float("nan"),
+        "errors": sum(r["errors"] for r in runs["gpserve"])}
 
 
 if __name__ == "__main__":

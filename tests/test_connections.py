@@ -14,6 +14,7 @@ from uvicorn.server import ServerState
 
 from gpserve import errors as E
 from gpserve import protocol as P
+from gpserve.answer import Answer
 from gpserve.connections import CONTINUE, OneWrite, ResponseHead, fast_path_takes, guarded_protocol
 from gpserve.testing import Server, eventually
 
@@ -185,7 +186,7 @@ def _connection(seen: list):
     """A connection of a front whose fast path and ASGI app record what they get."""
     async def fast_post(body, client):
         seen.append(("fast", bytes(body)))
-        return 200, b"answer:" + body
+        return Answer(200, b"answer:" + body, "infer")
 
     async def app(scope, receive, send):
         message = await receive()

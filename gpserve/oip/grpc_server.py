@@ -99,47 +99,50 @@ class InferenceService:
 
     async def _infer(self, request, context, size: int):
         state, started = self.state, time.perf_counter()
-        regions = state.new_request()
-        try:
-            to_regions = {o.name: _region(o.parameters) for o in request.outputs
-                          if "shared_memory_region" in o.parameters}
-            if to_regions or any("shared_memory_region" in t.parameters
-                                 for t in request.inputs):
-                state.restrictions.check_grpc(SHARED_MEMORY, context)
-            tensors, names = self._inputs(request, regions)
-            params = {k: _value(v) for k, v in request.parameters.items()}
-            outputs = [o.name for o in request.outputs]
-            pinned = {region: state.client_regions.registration(region)
-                      for region, _, _ in to_regions.values()}
-            out_names, arrays, finish = await state.run(tensors, names, outputs,
-                                                        request_config(params), regions)
+        async with state.request() as held:
             try:
-                response = _M["ModelInferResponse"](
-                    model_name=self.model, model_version=VERSION, id=request.id)
-                for name, arr in zip(out_names, arrays):
-                    out = response.outputs.add(name=name, datatype=datatype_of(arr.dtype),
-                                               shape=arr.shape)
-                    if name in to_regions:                  # into the client's region
-                        region, offset, nbytes = to_regions[name]
-                        data = raw_bytes(arr)
-                        state.client_regions.write(region, offset, nbytes, data,
-                                                   f"output {name!r}", pinned[region])
-                        out.parameters["shared_memory_region"].string_param = region
-                        out.parameters["shared_memory_byte_size"].int64_param = len(data)
-                        response.raw_output_contents.append(b"")   # keeps positions
-                    else:
-                        response.raw_output_contents.append(bytes(raw_bytes(arr)))  # 1 copy
-            finally:
-                finish()
-            self._record(context, "ModelInfer", 200, "grpc_infer", size, started,
-                         response.ByteSize())
-            return response
-        except Exception as e:
-            failure = state.failed(e, regions)
+                response = await self._answer(request, context, held)
+            except Exception as e:
+                failure = held.fail(e)
+            else:
+                self._record(context, "ModelInfer", 200, "grpc_infer", size, started,
+                             response.ByteSize())
+                return response
         self._record(context, "ModelInfer", failure.http_status, "grpc_error", size,
                      started)
         await context.abort(STATUS.get(failure.http_status, grpc.StatusCode.INTERNAL),
                             failure.message)
+
+    async def _answer(self, request, context, held):
+        """The ModelInferResponse (raises what fails); ``held``: the front's request."""
+        state = self.state
+        to_regions = {o.name: _region(o.parameters) for o in request.outputs
+                      if "shared_memory_region" in o.parameters}
+        if to_regions or any("shared_memory_region" in t.parameters for t in request.inputs):
+            state.restrictions.check_grpc(SHARED_MEMORY, context)
+        tensors, names = self._inputs(request, held.regions)
+        params = {k: _value(v) for k, v in request.parameters.items()}
+        outputs = [o.name for o in request.outputs]
+        pinned = {region: state.client_regions.registration(region)
+                  for region, _, _ in to_regions.values()}
+        out_names, arrays = await state.run(tensors, names, outputs, request_config(params),
+                                            held)
+        response = _M["ModelInferResponse"](
+            model_name=self.model, model_version=VERSION, id=request.id)
+        for name, arr in zip(out_names, arrays):
+            out = response.outputs.add(name=name, datatype=datatype_of(arr.dtype),
+                                       shape=arr.shape)
+            if name in to_regions:                  # into the client's region
+                region, offset, nbytes = to_regions[name]
+                data = raw_bytes(arr)
+                state.client_regions.write(region, offset, nbytes, data,
+                                           f"output {name!r}", pinned[region])
+                out.parameters["shared_memory_region"].string_param = region
+                out.parameters["shared_memory_byte_size"].int64_param = len(data)
+                response.raw_output_contents.append(b"")   # keeps positions
+            else:
+                response.raw_output_contents.append(bytes(raw_bytes(arr)))  # 1 copy
+        return response
 
     def _inputs(self, request, regions) -> tuple[list[np.ndarray], list[str]]:
         raw = request.raw_input_contents

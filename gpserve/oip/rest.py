@@ -11,6 +11,7 @@ from __future__ import annotations
 import orjson
 
 from gpserve import __version__
+from gpserve.answer import JSON, OCTETS, Answer
 from gpserve.errors import GraphPipeError, ProtocolError
 
 from .codec import decode_infer, encode_infer
@@ -20,8 +21,6 @@ from .restricted import SHARED_MEMORY
 VERSION = "1"              # the one version of the model a server serves
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorflow": "tensorflow_savedmodel",
              "torch": "pytorch_libtorch"}
-_JSON = [(b"content-type", b"application/json")]
-_OCTETS = [(b"content-type", b"application/octet-stream")]
 
 
 def extensions(cfg) -> list[str]:
@@ -57,7 +56,7 @@ class RestApi:
             {"name": "gpserve", "version": __version__, "extensions": extensions(state.cfg)})
         self.config = orjson.dumps(_triton_config(state.cfg, spec))
 
-    async def handle(self, scope, receive) -> tuple[int, list, bytes, str]:
+    async def handle(self, scope, receive) -> Answer:
         method, parts = scope["method"], scope["path"].rstrip("/").split("/")[2:]
         try:
             if not parts:
@@ -65,7 +64,8 @@ class RestApi:
             if parts[0] == "health" and len(parts) == 2 and parts[1] in ("live", "ready"):
                 self._method(method, "GET")
                 up = not self.state.draining if parts[1] == "live" else self.state.ready
-                return 200 if up else 503, _JSON, orjson.dumps({parts[1]: up}), "v2_health"
+                return Answer(200 if up else 503, orjson.dumps({parts[1]: up}), "v2_health",
+                              JSON)
             if parts[0] == "models" and len(parts) >= 2:
                 return await self._model_route(method, parts[1:], scope, receive)
             if parts[0] == "systemsharedmemory":
@@ -75,7 +75,7 @@ class RestApi:
                                  "is (/v2/systemsharedmemory, with --shm-clients)")
             raise _no_route(scope)
         except (GraphPipeError, Refused) as e:
-            return e.http_status, _JSON, _error(e.message), "v2_error"
+            return Answer(e.http_status, _error(e.message), "v2_error", JSON)
 
     async def _model_route(self, method, parts, scope, receive):
         name, rest = parts[0], parts[1:]
@@ -91,8 +91,8 @@ class RestApi:
         if rest == ["ready"]:              # the status for Triton's clients, the body KServe's
             self._method(method, "GET")
             ready = self.state.ready
-            return 200 if ready else 503, _JSON, orjson.dumps(
-                {"name": self.model, "ready": ready}), "v2_health"
+            return Answer(200 if ready else 503, orjson.dumps(
+                {"name": self.model, "ready": ready}), "v2_health", JSON)
         if rest == ["config"]:
             return self._get(method, self.config, "v2_metadata")
         if rest == ["infer"]:
@@ -114,16 +114,15 @@ class RestApi:
             raise _no_route(scope)
         if action == "status":
             self._method(method, "GET")
-            return 200, _JSON, orjson.dumps(regions.status(name)), "v2_shm"
+            return Answer(200, orjson.dumps(regions.status(name)), "v2_shm", JSON)
         if action == "unregister":
             self._method(method, "POST")
             regions.unregister(name)
-            return 200, _JSON, b"", "v2_shm"
+            return Answer(200, b"", "v2_shm", JSON)
         if action == "register" and name is not None:
             self._method(method, "POST")
-            held = self.state.new_request()
-            try:
-                body = await self.state.body.read(scope, receive, held)
+            async with self.state.request() as held:
+                body = await self.state.body.read(scope, receive, held.regions)
                 try:
                     args = orjson.loads(body)
                 except orjson.JSONDecodeError as e:
@@ -134,49 +133,43 @@ class RestApi:
                                         "'key', 'offset' and 'byte_size'")
                 regions.register(parts[1], args.get("key"), args.get("offset", 0),
                                  args.get("byte_size"))
-            finally:
-                held.release()
-            return 200, _JSON, b"", "v2_shm"
+            return Answer(200, b"", "v2_shm", JSON, len(body))
         raise _no_route(scope)
 
-    async def infer(self, scope, receive):
-        state = self.state
-        regions = state.new_request()
-        shm = state.client_regions
+    async def infer(self, scope, receive) -> Answer:
+        async with self.state.request() as request:
+            try:
+                return await self._infer(scope, receive, request)
+            except Exception as e:
+                failure = request.fail(e)
+                return Answer(failure.http_status, _error(failure.message), "v2_error", JSON)
+
+    async def _infer(self, scope, receive, request) -> Answer:
+        state, shm = self.state, self.state.client_regions
 
         def read_region(name, offset, nbytes, where):     # into the arena, for the worker
             state.restrictions.check_http(SHARED_MEMORY, scope)
-            return shm.read(name, offset, nbytes, regions.alloc, where)     # 1 copy
+            return shm.read(name, offset, nbytes, request.regions.alloc, where)  # 1 copy
 
         def write_region(name, offset, nbytes, data, where):   # the registration decoded
             shm.write(name, offset, nbytes, data, where, pinned[name])
-        try:
-            header_length = _header_length(scope)
-            body = await state.body.read(scope, receive, regions, align_at=header_length)
-            call = decode_infer(body, header_length, *state.string_limit, read_region)
-            if call.to_regions:
-                state.restrictions.check_http(SHARED_MEMORY, scope)
-            pinned = {region: shm.registration(region)
-                      for region, _, _ in call.to_regions.values()}
-            names, arrays, finish = await state.run(call.tensors, call.input_names,
-                                                    call.output_names, call.config, regions)
-            try:
-                out, json_length = encode_infer(self.model, VERSION, call, names, arrays,
-                                                write_region)
-            finally:
-                finish()
-        except Exception as e:
-            failure = state.failed(e, regions)
-            return failure.http_status, _JSON, _error(failure.message), "v2_error"
-        else:
-            if json_length is None:
-                return 200, _JSON, out, "v2_infer"
-            return 200, _OCTETS + [(b"inference-header-content-length",
-                                    b"%d" % json_length)], out, "v2_infer"
+        header_length = _header_length(scope)
+        body = await state.body.read(scope, receive, request.regions, align_at=header_length)
+        call = decode_infer(body, header_length, *state.string_limit, read_region)
+        if call.to_regions:
+            state.restrictions.check_http(SHARED_MEMORY, scope)
+        pinned = {region: shm.registration(region) for region, _, _ in call.to_regions.values()}
+        names, arrays = await state.run(call.tensors, call.input_names, call.output_names,
+                                        call.config, request)
+        out, json_length = encode_infer(self.model, VERSION, call, names, arrays, write_region)
+        if json_length is None:
+            return Answer(200, out, "v2_infer", JSON, len(body))
+        return Answer(200, out, "v2_infer", OCTETS + (
+            (b"inference-header-content-length", b"%d" % json_length),), len(body))
 
-    def _get(self, method, body: bytes, kind: str):
+    def _get(self, method, body: bytes, kind: str) -> Answer:
         self._method(method, "GET")
-        return 200, _JSON, body, kind
+        return Answer(200, body, kind, JSON)
 
     @staticmethod
     def _method(method: str, allowed: str) -> None:
