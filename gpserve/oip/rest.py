@@ -4,7 +4,9 @@ Served by the same front processes, over the same validation, row cache, batchin
 workers as ``POST /``: a row sent by either protocol batches with, and is answered from
 the cache for, the other. Routes (KServe's REST API, and what Triton's clients and
 ``perf_analyzer`` ask for): server live/ready/metadata, model metadata/ready/config,
-infer, each model route also under ``/versions/{v}``. docs/open-inference-protocol.md.
+infer, each model route also under ``/versions/{v}``, and Triton's system shared
+memory; one table of them in ``RestApi.router`` (:mod:`.routes`).
+docs/open-inference-protocol.md.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from gpserve.errors import GraphPipeError, ProtocolError
 from .codec import decode_infer, encode_infer
 from .datatypes import datatype_of
 from .restricted import SHARED_MEMORY
+from .routes import Refused, Router
 
 VERSION = "1"              # the one version of the model a server serves
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorflow": "tensorflow_savedmodel",
@@ -32,21 +35,8 @@ def is_v2(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
-class Refused(Exception):
-    """A route that does not exist here (404) or a method it does not take (405): the
-    protocol's own answers, with no GraphPipe error code."""
-
-    def __init__(self, http_status: int, message: str):
-        super().__init__(message)
-        self.http_status, self.message = http_status, message
-
-
-def _not_found(what: str) -> Refused:
-    return Refused(404, what)
-
-
 class RestApi:
-    """``handle(scope, receive)`` -> (HTTP status, headers, body, kind) for a /v2 path."""
+    """``handle(scope, receive)`` -> the Answer for a /v2 path."""
 
     def __init__(self, state):
         self.state, spec = state, state.spec
@@ -55,88 +45,96 @@ class RestApi:
         self.server_metadata = orjson.dumps(
             {"name": "gpserve", "version": __version__, "extensions": extensions(state.cfg)})
         self.config = orjson.dumps(_triton_config(state.cfg, spec))
+        model = [("POST", "infer", self.infer), ("GET", "", self._model_metadata),
+                 ("GET", "ready", self._model_ready), ("GET", "config", self._model_config)]
+        shm = "/v2/systemsharedmemory"
+        self.router = Router(
+            [(method, f"{base}/{tail}", handler) for method, tail, handler in model
+             for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")]
+            + [("GET", "/v2", self._server_metadata),
+               ("GET", "/v2/health/live", self._live), ("GET", "/v2/health/ready", self._ready),
+               ("GET", f"{shm}/status", self._shm_status),
+               ("POST", f"{shm}/unregister", self._shm_unregister),
+               ("GET", f"{shm}/region/{{region}}/status", self._shm_status),
+               ("POST", f"{shm}/region/{{region}}/register", self._shm_register),
+               ("POST", f"{shm}/region/{{region}}/unregister", self._shm_unregister)],
+            not_found="see docs/open-inference-protocol.md")
 
     async def handle(self, scope, receive) -> Answer:
-        method, parts = scope["method"], scope["path"].rstrip("/").split("/")[2:]
         try:
-            if not parts:
-                return self._get(method, self.server_metadata, "v2_server")
-            if parts[0] == "health" and len(parts) == 2 and parts[1] in ("live", "ready"):
-                self._method(method, "GET")
-                up = not self.state.draining if parts[1] == "live" else self.state.ready
-                return Answer(200 if up else 503, orjson.dumps({parts[1]: up}), "v2_health",
-                              JSON)
-            if parts[0] == "models" and len(parts) >= 2:
-                return await self._model_route(method, parts[1:], scope, receive)
-            if parts[0] == "systemsharedmemory":
-                return await self._shm_route(method, parts[1:], scope, receive)
-            if parts[0] == "cudasharedmemory":
-                raise _not_found("CUDA shared memory is not served; system shared memory "
-                                 "is (/v2/systemsharedmemory, with --shm-clients)")
-            raise _no_route(scope)
+            if scope["path"].startswith("/v2/cudasharedmemory"):
+                raise Refused(404, "CUDA shared memory is not served; system shared memory "
+                                   "is (/v2/systemsharedmemory, with --shm-clients)")
+            handler, params = self.router.find(scope["method"], scope["path"])
+            if "model" in params:
+                self._check_model(params["model"], params.get("version"))
+            return await handler(scope, receive, **params)
         except (GraphPipeError, Refused) as e:
             return Answer(e.http_status, _error(e.message), "v2_error", JSON)
 
-    async def _model_route(self, method, parts, scope, receive):
-        name, rest = parts[0], parts[1:]
+    def _check_model(self, name: str, version: str | None) -> None:
         if name != self.model:
-            raise _not_found(f"unknown model {name!r}; this server serves {self.model!r}")
-        if rest[:1] == ["versions"]:
-            if len(rest) < 2 or rest[1] != VERSION:
-                raise _not_found(f"model {name!r} has no version "
-                                 f"{rest[1] if len(rest) > 1 else ''!r}; it has {VERSION!r}")
-            rest = rest[2:]
-        if not rest:
-            return self._get(method, self.metadata, "v2_metadata")
-        if rest == ["ready"]:              # the status for Triton's clients, the body KServe's
-            self._method(method, "GET")
-            ready = self.state.ready
-            return Answer(200 if ready else 503, orjson.dumps(
-                {"name": self.model, "ready": ready}), "v2_health", JSON)
-        if rest == ["config"]:
-            return self._get(method, self.config, "v2_metadata")
-        if rest == ["infer"]:
-            self._method(method, "POST")
-            return await self.infer(scope, receive)
-        raise _no_route(scope)
+            raise Refused(404, f"unknown model {name!r}; this server serves {self.model!r}")
+        if version is not None and version != VERSION:
+            raise Refused(404, f"model {name!r} has no version {version!r}; it has "
+                               f"{VERSION!r}")
 
-    async def _shm_route(self, method, parts, scope, receive):
-        """Triton's system shared-memory extension: ``status``, ``unregister`` (all), and
-        ``region/{name}/status|register|unregister``."""
+    # -- server and model: metadata and health ------------------------------------------
+    async def _server_metadata(self, scope, receive) -> Answer:
+        return Answer(200, self.server_metadata, "v2_server", JSON)
+
+    async def _live(self, scope, receive) -> Answer:
+        up = not self.state.draining
+        return Answer(200 if up else 503, orjson.dumps({"live": up}), "v2_health", JSON)
+
+    async def _ready(self, scope, receive) -> Answer:
+        up = self.state.ready
+        return Answer(200 if up else 503, orjson.dumps({"ready": up}), "v2_health", JSON)
+
+    async def _model_metadata(self, scope, receive, **model) -> Answer:
+        return Answer(200, self.metadata, "v2_metadata", JSON)
+
+    async def _model_config(self, scope, receive, **model) -> Answer:
+        return Answer(200, self.config, "v2_metadata", JSON)
+
+    async def _model_ready(self, scope, receive, **model) -> Answer:
+        """The status for Triton's clients, the body KServe's."""
+        ready = self.state.ready
+        return Answer(200 if ready else 503, orjson.dumps(
+            {"name": self.model, "ready": ready}), "v2_health", JSON)
+
+    # -- Triton's system shared-memory extension ---------------------------------------
+    def _shm(self, scope):
         regions = self.state.client_regions
         if regions.enabled:
             self.state.restrictions.check_http(SHARED_MEMORY, scope)
-        if len(parts) == 3 and parts[0] == "region":
-            name, action = parts[1], parts[2]
-        elif len(parts) == 1:
-            name, action = None, parts[0]
-        else:
-            raise _no_route(scope)
-        if action == "status":
-            self._method(method, "GET")
-            return Answer(200, orjson.dumps(regions.status(name)), "v2_shm", JSON)
-        if action == "unregister":
-            self._method(method, "POST")
-            regions.unregister(name)
-            return Answer(200, b"", "v2_shm", JSON)
-        if action == "register" and name is not None:
-            self._method(method, "POST")
-            async with self.state.request() as held:
-                body = await self.state.body.read(scope, receive, held.regions)
-                try:
-                    args = orjson.loads(body)
-                except orjson.JSONDecodeError as e:
-                    raise ProtocolError(f"the register request's JSON is malformed: {e}") \
-                        from None
-                if not isinstance(args, dict):
-                    raise ProtocolError("the register request must be a JSON object with "
-                                        "'key', 'offset' and 'byte_size'")
-                regions.register(parts[1], args.get("key"), args.get("offset", 0),
-                                 args.get("byte_size"))
-            return Answer(200, b"", "v2_shm", JSON, len(body))
-        raise _no_route(scope)
+        return regions
 
-    async def infer(self, scope, receive) -> Answer:
+    async def _shm_status(self, scope, receive, region: str | None = None) -> Answer:
+        return Answer(200, orjson.dumps(self._shm(scope).status(region)), "v2_shm", JSON)
+
+    async def _shm_unregister(self, scope, receive, region: str | None = None) -> Answer:
+        self._shm(scope).unregister(region)
+        return Answer(200, b"", "v2_shm", JSON)
+
+    async def _shm_register(self, scope, receive, region: str) -> Answer:
+        regions = self._shm(scope)
+        async with self.state.request() as held:
+            body = await self.state.body.read(scope, receive, held.regions)
+            try:
+                args = orjson.loads(body)
+            except orjson.JSONDecodeError as e:
+                raise ProtocolError(f"the register request's JSON is malformed: {e}") \
+                    from None
+            if not isinstance(args, dict):
+                raise ProtocolError("the register request must be a JSON object with "
+                                    "'key', 'offset' and 'byte_size'")
+            regions.register(region, args.get("key"), args.get("offset", 0),
+                             args.get("byte_size"))
+        return Answer(200, b"", "v2_shm", JSON, len(body))
+
+    # -- inference ---------------------------------------------------------------------
+    async def infer(self, scope, receive, **model) -> Answer:
         async with self.state.request() as request:
             try:
                 return await self._infer(scope, receive, request)
@@ -166,19 +164,6 @@ class RestApi:
             return Answer(200, out, "v2_infer", JSON, len(body))
         return Answer(200, out, "v2_infer", OCTETS + (
             (b"inference-header-content-length", b"%d" % json_length),), len(body))
-
-    def _get(self, method, body: bytes, kind: str) -> Answer:
-        self._method(method, "GET")
-        return Answer(200, body, kind, JSON)
-
-    @staticmethod
-    def _method(method: str, allowed: str) -> None:
-        if method != allowed and not (allowed == "GET" and method == "HEAD"):
-            raise Refused(405, f"{method} is not allowed here; use {allowed}")
-
-
-def _no_route(scope) -> Refused:
-    return _not_found(f"no route {scope['path']!r}; see docs/open-inference-protocol.md")
 
 
 def _header_length(scope) -> int | None:
