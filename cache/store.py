@@ -40,7 +40,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import lmdb
 import numpy as np
@@ -97,7 +97,7 @@ class Handles(NamedTuple):
     replaced: a reader takes all three at once, never one old and one new."""
 
     env: lmdb.Environment
-    meta: object                       # which generation is current
+    meta: Any                          # which generation is current (an lmdb database)
     gens: list                         # the two generations of rows
 
 
@@ -275,7 +275,8 @@ class RowCache:
         """Items in transactions of at most a tenth of the map each: a transaction's pages
         must fit beside both generations (80% of the map at most)."""
         limit = (self.size_mb << 20) // 10
-        group, size = [], 0
+        group: list = []
+        size = 0
         for kind, payload in items:
             n = (sum(len(v) for _, v in payload) if kind == "raw"
                  else sum(a.nbytes for a in payload[2]))
@@ -322,11 +323,13 @@ class RowCache:
                 for i, key in enumerate(keys):
                     rows = [a[i] for a in arrays]
                     names = list(outputs)
-                    old = txn.get(key, db=db)
-                    old = unseal(old) if old is not None else None
+                    value = txn.get(key, db=db)
+                    old = unseal(value) if value is not None else None
                     if old is not None:           # keep outputs computed by other requests
                         try:
                             prev = P.decode_request(old)
+                            if not isinstance(prev, P.InferRequest):
+                                raise ProtocolError("not rows")
                             for n, r in zip(prev.input_names, prev.inputs):
                                 if n not in names:
                                     names.append(n)
@@ -391,7 +394,7 @@ def _rows(value: bytes, outputs: list[str]):
         stored = P.decode_request(message)
     except ProtocolError:
         return None                     # corrupt or foreign value: a miss
-    if stored.config != VALUE_TAG:
+    if not isinstance(stored, P.InferRequest) or stored.config != VALUE_TAG:
         return None
     by_name = dict(zip(stored.input_names, stored.inputs))
     try:
@@ -400,7 +403,7 @@ def _rows(value: bytes, outputs: list[str]):
         return None                     # computed for other outputs: a miss
 
 
-def _pages(stat: dict) -> int:
+def _pages(stat) -> int:
     return stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
 
 

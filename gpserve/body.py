@@ -74,6 +74,7 @@ class BodyReader:
                 pieces, more = await self._gather(chunk, receive, timer, got, size)
                 if not more:                        # whole, in memory
                     return self._whole(b"".join(pieces), size)
+                assert size is not None, "a body of unknown length is gathered whole"
                 return await self._stream(pieces, size, receive, timer, got, regions,
                                           -(align_at or 0) % ALIGN)
         except TimeoutError:

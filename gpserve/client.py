@@ -47,7 +47,7 @@ def _cause(exc: BaseException) -> str:
             break
         exc = inner
     if isinstance(exc, OSError) and (exc.errno or exc.strerror):
-        text = os.strerror(exc.errno) if exc.errno else exc.strerror
+        text = os.strerror(exc.errno) if exc.errno else (exc.strerror or "")
         return text[:1].lower() + text[1:]
     return str(exc) or type(exc).__name__
 

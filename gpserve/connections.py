@@ -32,13 +32,14 @@ request). A connection is closed at most a sweep's interval (1/8 of its timeout)
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .answer import Answer
 from .logs import NOTES
 
 log = logging.getLogger("gpserve.front")
@@ -143,7 +144,8 @@ class ResponseHead:
 
     def __init__(self, content_type: bytes):
         self.content_type = b"content-type: %s\r\n" % content_type
-        self.defaults, self.defaults_bytes = None, b""
+        self.defaults: list | None = None
+        self.defaults_bytes = b""
         self.status_lines: dict[int, bytes] = {}
 
     def __call__(self, status: int, length: int, defaults: list, keep_alive: bool) -> bytes:
@@ -204,7 +206,7 @@ class ConnectionSettings:
 
     header_timeout_s: float
     on_count: Callable[[int], None] | None = None    # hears the front's open connections
-    fast_post: Callable | None = None                # the fast path's handler, if any
+    fast_post: Callable[..., Awaitable[Answer]] | None = None   # the fast path, if any
     fast_limit: int = 0                              # the fast path's largest body
     max_head_bytes: int = 32 * 1024                  # --max-header-kb
 
@@ -285,6 +287,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _refuse_head(self) -> None:
         e = self.refusal
+        assert e is not None, "called once a refusal is set"
         NOTES.acted(e.reason, f"refused requests (HTTP {e.status}): {e.message}")
         if not self.transport.is_closing():
             self.transport.write(e.response())
@@ -357,7 +360,8 @@ class GuardedProtocol(HttpToolsProtocol):
             super().on_message_complete()
             return
         self.fast_body = None
-        answering = self.cycle = Answering()
+        answering = Answering()
+        self.cycle = answering  # type: ignore[assignment]  # stands in for uvicorn's cycle
         task = self.loop.create_task(self._answer(
             answering, pieces[0] if len(pieces) == 1 else b"".join(pieces)))
         task.add_done_callback(self.tasks.discard)
@@ -387,7 +391,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self.raw_body_left:
             super().on_message_complete()
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio's signature
         """The client half-closed: a request it sent whole is still answered (True
         keeps the transport open for writing), then the connection closes."""
         cycle = self.cycle
@@ -400,13 +404,14 @@ class GuardedProtocol(HttpToolsProtocol):
     def _to_uvicorn(self) -> None:
         """A fast-path request whose body did not all come in one read: handed to
         uvicorn with what came (its headers are still the parser's)."""
-        pieces, self.fast_body = self.fast_body, None
+        pieces, self.fast_body = self.fast_body or [], None
         self._to_asgi()
         for piece in pieces:
             super().on_body(piece)
 
     async def _answer(self, answering: Answering, body: bytes) -> None:
         try:
+            assert self.settings.fast_post is not None, "only the fast path answers here"
             answer = await self.settings.fast_post(body, self.client)
             status, response = answer.status, answer.body
         except Exception:
@@ -448,7 +453,8 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.draining and not self.pipeline:  # came during the drain: then close
             cycle.keep_alive = False             # (a pipelined one: once it runs)
         if type(cycle.transport) is not OneWrite and cycle.scope["method"] != "HEAD":
-            cycle.transport = OneWrite(cycle.transport)    # HEAD: no body write follows
+            cycle.transport = OneWrite(  # type: ignore[assignment]  # a Transport's write
+                cycle.transport)                   # HEAD: no body write follows
 
     def _unset_keepalive_if_required(self) -> None:
         self.idle_due = None               # uvicorn's: data came, or the end

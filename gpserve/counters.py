@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class Counters:
                 "fronts": self._fronts[:fronts, 0].tolist()}
 
     # -- a worker ----------------------------------------------------------------------
-    def worker_ready(self, index: int, ready: bool, warmed_sizes: tuple[int, ...] = ()) -> None:
+    def worker_ready(self, index: int, ready: bool, warmed_sizes: Sequence[int] = ()) -> None:
         row, first = self._workers[index], self._w["warmed0"]
         sizes = sorted(set(warmed_sizes))[:WARMED_SIZES]
         row[first:first + WARMED_SIZES] = sizes + [0] * (WARMED_SIZES - len(sizes))

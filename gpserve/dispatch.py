@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import time
+from typing import Any
 
 from . import ipc
 from .counters import Counters
@@ -49,7 +50,7 @@ class Dispatcher:
         self.run_id, self.index, self.workers = run_id, front_index, workers
         self.counters, self.segments, self.timeout = counters, segments, timeout
         self.hello = ipc.Hello("front", front_index, os.getpid())
-        self.links: dict[int, ipc.Link] = {}      # worker index -> link, once it said Hello
+        self.links: dict[int, ipc.End] = {}       # worker index -> link, once it said Hello
         self.connecting: dict[int, ipc.Link] = {}    # connected, its Hello not yet here
         # requests waiting for an answer, oldest (earliest deadline) first; and those
         # past their deadline whose answer has not come (their regions stay with them)
@@ -59,7 +60,7 @@ class Dispatcher:
         self.ids = itertools.count(1)
         self.turn = front_index
         self.linked = asyncio.Event()                # set while any worker is linked
-        self.hosted = None                           # the worker in this process, if any
+        self.hosted: Any = None                      # the worker in this process, if any
         # its event loop, looked up once: Python 3.11's asyncio.get_running_loop() makes
         # a getpid() system call each time (4% of a front's time on small requests)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -81,8 +82,9 @@ class Dispatcher:
             await asyncio.sleep(RECONNECT_S)
 
     def on_peer(self, link: ipc.Link) -> None:
-        self.connecting.pop(link.peer.index, None)
-        self.links[link.peer.index] = link
+        index = _peer(link).index
+        self.connecting.pop(index, None)
+        self.links[index] = link
         self.linked.set()
 
     def on_lost(self, link: ipc.Link) -> None:
@@ -138,7 +140,7 @@ class Dispatcher:
 
     def about(self) -> list[dict]:
         """The workers this front is linked to, as they describe themselves."""
-        return [{"index": i, "pid": link.peer.pid, "runs": link.peer.about}
+        return [{"index": i, "pid": _peer(link).pid, "runs": _peer(link).about}
                 for i, link in sorted(self.links.items())]
 
     # -- requests ----------------------------------------------------------------------
@@ -154,6 +156,7 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(LINK_WAIT_S):
                     await self.linked.wait()
+        chosen: int | None
         if len(self.links) == 1:                # one worker (or the one in this process)
             chosen = next(iter(self.links))
         else:
@@ -203,10 +206,11 @@ class Dispatcher:
         """Fail the requests past their deadline, then wait for the next deadline: the
         oldest request's, as every request has the same timeout."""
         self.deadline_timer = None
-        now = time.monotonic()
+        now, loop = time.monotonic(), self.loop
+        assert loop is not None, "set by the first run()"
         for w in self.waiting.values():
             if w.deadline > now:
-                self.deadline_timer = self.loop.call_later(w.deadline - now, self._expire_due)
+                self.deadline_timer = loop.call_later(w.deadline - now, self._expire_due)
                 return
             if not w.future.done():
                 w.future.set_exception(asyncio.TimeoutError())
@@ -233,14 +237,21 @@ class LocalEnd:
     __slots__ = ("owner", "peer", "other")
     open = True
 
-    def __init__(self, owner, peer: ipc.Hello):
-        self.owner, self.peer, self.other = owner, peer, None
+    def __init__(self, owner: ipc.Owner, peer: ipc.Hello):
+        self.owner, self.peer = owner, peer
+        self.other: LocalEnd = self        # the other end, once host() pairs them
 
     def send(self, message) -> None:
         self.other.owner.on_message(self.other, message)
 
     def release(self, token: int) -> None:
         self.send(ipc.Release((token,)))
+
+
+def _peer(link: ipc.End) -> ipc.Hello:
+    """Who is at the other end of a linked link (it said Hello)."""
+    assert link.peer is not None, "a link is linked once its peer said Hello"
+    return link.peer
 
 
 def choose_worker(loads: dict[int, int], turn: int) -> int | None:

@@ -201,7 +201,7 @@ def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
     counters.set_connections(index, -1)      # not accepting yet: others need not yield
 
     def load() -> tuple[int, int]:    # (connections here, beyond the least-loaded front's)
-        held = len(state.server.server_state.connections)
+        held = len(server.server_state.connections)
         fewest = counters.fewest_connections(cfg.fronts, index)
         return held, 0 if fewest is None else held - fewest
     app = build_app(state)
@@ -216,11 +216,12 @@ def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
         ws="none",         # no WebSocket: an Upgrade is ignored and the request answered
         log_level="warning" if cfg.verbose < 2 else "info",
         timeout_graceful_shutdown=int(cfg.timeout_ms / 1000) + 5, backlog=2048,
-        timeout_keep_alive=cfg.keepalive_timeout_s, limit_concurrency=cfg.max_connections,
+        timeout_keep_alive=cfg.keepalive_timeout_s,  # type: ignore[arg-type]  # seconds: float
+        limit_concurrency=cfg.max_connections,
         proxy_headers=False, server_header=False)
-    state.server = FrontServer(config, load,
-                               on_listening=lambda: counters.set_connections(index, 0))
+    server = state.server = FrontServer(
+        config, load, on_listening=lambda: counters.set_connections(index, 0))
     try:
-        state.server.run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         state.arena.close()

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from .oip.sharedmem import ClientRegions
 from .regions import Regions
 from .request import Request
 from .shm import Arena, Segments, segment_path
+
+if TYPE_CHECKING:                       # lmdb is imported only with --cache
+    from gpserve.cache.store import RowCache
 
 log = logging.getLogger("gpserve.front")
 
@@ -56,7 +60,7 @@ class FrontState:
             self.hosted = Worker(cfg, index, local=True)
             self.counters.set_pid("worker", index, os.getpid())
         self.ids = itertools.count(1)
-        self.server = None          # the uvicorn Server, for draining state
+        self.server: Any = None     # the front's uvicorn Server, for draining state
         self.metadata_body = bytes(P.encode_metadata_response(
             spec.metadata(server=f"gpserve {__version__}", version=__version__)))
         self.tasks: list[asyncio.Task] = []
@@ -71,7 +75,7 @@ class FrontState:
         self.client_regions = ClientRegions(cfg.run_id, cfg.shm_clients)
         self.restrictions = Restrictions.parse(cfg.restricted_api, cfg.restricted_api_clients)
         self.access = AccessLog(cfg.access_log)
-        self.cache = None
+        self.cache: RowCache | None = None
         if cfg.cache:
             from gpserve.cache.store import RowCache, environment_path
             self.cache = RowCache(environment_path(cfg.cache_dir, spec.name, cfg.model_path),
@@ -133,8 +137,10 @@ class FrontState:
     async def _run_cached(self, tensors, names, outputs, config, rows, request: Request,
                           alone: bool):
         """Answer the rows the cache knows, compute only the others, merge in row order."""
+        cache = self.cache
+        assert cache is not None, "called with the cache on"
         keys = row_keys(self.cfg.fingerprint, config, names, tensors)
-        cached = self.cache.lookup(keys, outputs)
+        cached = cache.lookup(keys, outputs)
         missing = [i for i, found in enumerate(cached) if found is None]
         metrics.ROWS.labels("cache").inc(rows - len(missing))
         if not missing:                                   # never reaches a worker
@@ -155,7 +161,7 @@ class FrontState:
                 out[hit] = np.stack([cached[i][k] for i in hit])
                 merged.append(out)
         # The writer thread needs rows that outlive the worker's shared memory: 1 copy.
-        self.cache.store([keys[i] for i in missing], outputs,
+        cache.store([keys[i] for i in missing], outputs,
                          [np.array(a, copy=True) for a in computed])
         return merged
 

@@ -29,7 +29,7 @@ import marshal
 import os
 import socket
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from .shm import TensorRef
 
@@ -43,7 +43,7 @@ def worker_address(run_id: str, index: int) -> str:
 
 class Hello(NamedTuple):
     role: str     # "front" or "worker"
-    index: int
+    index: int    # type: ignore[assignment]  # shadows tuple.index, which nothing calls
     pid: int
     about: str = ""       # a worker: what it runs, on which device (for GET /)
 
@@ -62,7 +62,7 @@ class Submit(NamedTuple):
 
 
 class OutputSlice(NamedTuple):
-    ref: TensorRef        # the whole batch output (from a local worker: the array)
+    ref: Any              # the whole batch output: a TensorRef (a local worker: the array)
     start: int            # this request's rows; (0, None) means the whole tensor
     stop: int | None
 
@@ -157,6 +157,27 @@ def same_user(sock: socket.socket) -> bool:
     return uid == os.getuid()
 
 
+class End(Protocol):
+    """One end of a link between a front and a worker, as the code on the other side
+    uses it: :class:`Link` (a socket between two processes) and
+    :class:`gpserve.dispatch.LocalEnd` (a front and the worker it hosts, one process)."""
+
+    @property
+    def peer(self) -> Hello | None: ...
+    @property
+    def open(self) -> bool: ...
+    def send(self, message: Any) -> None: ...
+    def release(self, token: int) -> None: ...
+
+
+class Owner(Protocol):
+    """What a link calls on its side's owner (a front's Dispatcher, a Worker); an owner
+    may also have ``on_peer(link)``, called when the peer's Hello arrives."""
+
+    def on_message(self, link: Any, message: Any) -> None: ...
+    def on_lost(self, link: Any) -> None: ...
+
+
 class Link(asyncio.Protocol):
     """One connection between two of our processes (a front and a worker), either end.
 
@@ -168,11 +189,11 @@ class Link(asyncio.Protocol):
     ``on_peer(link)`` (called when the peer's Hello arrives).
     """
 
-    def __init__(self, owner, hello: Hello):
+    def __init__(self, owner: Owner, hello: Hello):
         self.owner, self.hello = owner, hello
         self.frames = FrameBuffer()
-        self.transport = None
-        self.loop = None
+        self.transport: asyncio.WriteTransport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.peer: Hello | None = None
         self.outbox: list[bytes] = []
         self.releases: list[int] = []
@@ -225,7 +246,7 @@ class Link(asyncio.Protocol):
         if self.releases:
             self.outbox.append(frame(Release(tuple(self.releases))))
             self.releases = []
-        if self.outbox and self.open:
+        if self.outbox and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(self.outbox))
         self.outbox = []
 

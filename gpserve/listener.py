@@ -132,9 +132,10 @@ class FrontServer(uvicorn.Server):
         config = self.config
 
         def create_protocol(_loop=None) -> asyncio.Protocol:
-            return config.http_protocol_class(config=config, server_state=self.server_state,
-                                              app_state=self.lifespan.state, _loop=_loop)
-        self.servers = [BalancedListener(sock, create_protocol, self.load)
-                        for sock in sockets or []]
+            return config.http_protocol_class(  # type: ignore[call-arg]  # uvicorn's own call
+                config=config, server_state=self.server_state, app_state=self.lifespan.state,
+                _loop=_loop)
+        self.servers = [BalancedListener(  # type: ignore[misc]  # asyncio.Server's part we use
+            sock, create_protocol, self.load) for sock in sockets or []]
         self.on_listening()
         self.started = True

@@ -53,7 +53,8 @@ class TallyCounter:
     """A labelled Counter whose ``labels(...).inc(n)`` is added up first (see Tally)."""
 
     def __init__(self, counter: Counter):
-        self.counter, self.children = counter, {}
+        self.counter = counter
+        self.children: dict[tuple[str, ...], _TallyChild] = {}
 
     def labels(self, *values: str) -> "_TallyChild":
         child = self.children.get(values)
@@ -103,7 +104,9 @@ class TallyGauge:
     """A Gauge whose ``set`` keeps the latest value, written with the tallies (see Tally)."""
 
     def __init__(self, gauge: Gauge):
-        self.gauge, self.value, self.written = gauge, None, None
+        self.gauge = gauge
+        self.value: float | None = None
+        self.written: float | None = None
         Tally.gauges.append(self)
 
     def set(self, value: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 from dataclasses import dataclass, replace
+from typing import Any
 
 from .config import Config
 from .counters import MAX_PROCESSES
@@ -95,7 +96,7 @@ def announce(plan: Plan) -> None:
     from gpserve.workers.devices import worker_device
     cfg, spec = plan.cfg, plan.spec
     batching = cfg.batching != "off" and spec.batchable
-    fields = {
+    fields: dict[str, Any] = {
         "model": cfg.model_path, "name": spec.name, "backend": spec.backend,
         "devices": sorted({worker_device(cfg.device, i) for i in range(cfg.workers)}),
         "fronts": cfg.fronts, "workers": cfg.workers, "threads": cfg.threads,

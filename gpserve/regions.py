@@ -43,7 +43,7 @@ class Regions:
         """A new region of ``nbytes`` for this request to fill (a tensor read from a
         client's shared memory lands here: where a worker reads it)."""
         region = self._alloc(nbytes)
-        return memoryview(self.arena.buf[region.offset:region.offset + nbytes])
+        return memoryview(self.arena.buf[region.offset:region.offset + nbytes])  # type: ignore[arg-type]  # ndarray exports the buffer protocol (no 3.11 stub)
 
     def place_rows(self, arr: np.ndarray, rows: list[int]) -> TensorRef:
         """Some rows of a tensor, gathered straight into shared memory (1 copy)."""

@@ -260,7 +260,7 @@ class Arena:
         return region.ref(ttype, arr.shape), region
 
     def close(self) -> None:
-        self.buf = None
+        self.buf = None  # type: ignore[assignment]  # closed: no views of it any more
         try:
             self.mm.close()
         except BufferError:

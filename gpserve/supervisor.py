@@ -23,6 +23,8 @@ import socket
 import sys
 import time
 from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from typing import Any
 
 from . import sockets
 from .config import Config
@@ -89,7 +91,7 @@ def _child_main(target, args, run_id: str, supervisor_pid: int) -> None:
 class _Child:
     def __init__(self, role: str, index: int, target, args):
         self.role, self.index, self.target, self.args = role, index, target, args
-        self.process: mp.Process | None = None
+        self.process: BaseProcess = mp.Process()     # replaced, started, by _start
         self.restarts = 0
         self.started = 0.0
         self.restart_at: float | None = None     # dead, to be started again then
@@ -160,7 +162,7 @@ class Supervisor:
             name=f"gpserve-{child.name}", daemon=False)
         child.process.start()
         child.started = time.monotonic()
-        self.counters.set_pid(child.role, child.index, child.process.pid)
+        self.counters.set_pid(child.role, child.index, _pid(child))
 
     def _on_signal(self, signum, frame) -> None:
         if not self.stopping:
@@ -175,7 +177,8 @@ class Supervisor:
                 if child.restart_at is not None and child.restart_at <= now:
                     self._start(child)
             self._kill_hung(metrics)
-            running = {c.process.sentinel: c for c in self.children if c.restart_at is None}
+            running: dict[Any, _Child] = {      # sentinel -> child
+                c.process.sentinel: c for c in self.children if c.restart_at is None}
             due = [c.restart_at - now for c in self.children if c.restart_at is not None]
             for ready in wait(list(running), timeout=max(0.0, min([WATCH_S, *due]))):
                 if self.stopping:
@@ -185,7 +188,7 @@ class Supervisor:
     def _died(self, child: _Child, metrics) -> None:
         """Say why, clean up after it, and set when it starts again."""
         child.process.join()
-        code, pid = child.process.exitcode, child.process.pid
+        code, pid = child.process.exitcode, _pid(child)
         how = f"signal {-code}" if code and code < 0 else f"exit code {code}"
         now = time.monotonic()
         delay = child.backoff(now)
@@ -230,7 +233,7 @@ class Supervisor:
         shared memory."""
         self.stopping = True
         started = [c for c in self.children
-                   if c.process is not None and c.restart_at is None]
+                   if c.process.pid is not None and c.restart_at is None]
         fronts = [c for c in started if c.role == "front"]
         sockets.stop_listening(sock, lambda: any(c.process.is_alive() for c in fronts))
         for child in fronts:
@@ -252,10 +255,16 @@ class Supervisor:
         log.info("stopped; removed %d shared-memory segments", removed)
 
 
+def _pid(child: _Child) -> int:
+    pid = child.process.pid
+    assert pid is not None, "a child that was started"
+    return pid
+
+
 def _signal(child: _Child, sig: int) -> None:
     if child.process.is_alive():
         try:
-            os.kill(child.process.pid, sig)
+            os.kill(_pid(child), sig)
         except ProcessLookupError:
             pass
 

@@ -123,10 +123,10 @@ def made_up_rows(spec, rows: int, size: int = PROBE_SIZES[0],
         elif s.dtype.kind == "b":
             feed[s.name] = rng.integers(0, 2, shape).astype(bool)
         else:                        # ids into a vocabulary, masks, type ids: 0 or 1 only
-            x = rng.integers(0, 2, shape)
-            if x.ndim > 1:
-                x.reshape(rows, -1)[:, 0] = 1            # no row is all padding
-            feed[s.name] = x.astype(s.dtype)
+            ids = rng.integers(0, 2, shape)
+            if ids.ndim > 1:
+                ids.reshape(rows, -1)[:, 0] = 1          # no row is all padding
+            feed[s.name] = ids.astype(s.dtype)
     return feed
 
 

@@ -39,13 +39,15 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from gpserve.ipc import End, Submit
+
 
 @dataclass(slots=True)
 class Queued:
     """A request waiting in a worker's queue."""
 
-    item: object           # the ipc.Submit
-    owner: object          # who asked (the front's link): answers go there
+    item: Submit           # the request
+    owner: End             # who asked (the front's end of the link): answers go there
     arrived: float
 
     @property
@@ -211,9 +213,9 @@ class BatchQueue:
 
     def drop_owner(self, owner) -> list[Queued]:
         """Forget the requests of a front that is gone (nobody waits for them)."""
-        dropped = []
+        dropped: list[Queued] = []
         for key in list(self.groups):
-            kept = deque()
+            kept: deque[Queued] = deque()
             for q in self.groups[key]:
                 (dropped if q.owner is owner else kept).append(q)
             self._set_group(key, kept)
@@ -269,7 +271,7 @@ class BatchQueue:
               room: int | None = None) -> list[Queued]:
         """A new batch (``room`` None: its first request is taken whatever its size, a
         large one to run alone), or more rows for a staged one (only what fits)."""
-        group, batch, rows = self.groups[key], [], 0
+        group, batch, rows = self.groups[key], list[Queued](), 0
         limit = self.max_batch if room is None else room
         while group:
             q = group[0]

@@ -101,11 +101,12 @@ class Gather:
                 batch, self.max_batch if capacity is None else capacity):
             return False
         started = time.perf_counter()
-        row = sum(q.item.rows for q in batch.entries[:batch.copied])
+        row = sum(q.item.rows or 0 for q in batch.entries[:batch.copied])
         for q, views in zip(batch.entries[batch.copied:], batch.views[batch.copied:]):
+            rows = q.item.rows or 0           # a batchable request's: never None here
             for (out, _), part in zip(batch.buffers, views):
-                out[row:row + q.item.rows] = part                         # the gather: 1 copy
-            row += q.item.rows
+                out[row:row + rows] = part                                # the gather: 1 copy
+            row += rows
         batch.copied = len(batch.entries)
         metrics.BATCH_ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
         return True

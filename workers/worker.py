@@ -40,6 +40,8 @@ HEARTBEAT_S = 0.1             # the event loop writes its heartbeat this often
 
 
 class Worker:
+    loop: asyncio.AbstractEventLoop     # set by start(); see Dispatcher.loop
+
     def __init__(self, cfg: Config, index: int, local: bool = False,
                  backend: Backend | None = None):
         """``local``: the worker runs in its front's process (``--placement fronts``):
@@ -77,7 +79,6 @@ class Worker:
         self.running: Batch | None = None        # in the compute thread
         self.staged: Batch | None = None         # gathered, next to run
         self.timer: asyncio.TimerHandle | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None   # see Dispatcher.loop
         self.pump_scheduled = False
         self.rows_answered = metrics.ROWS.labels("model")
         self.warmed: list[int] = []

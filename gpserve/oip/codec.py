@@ -14,7 +14,7 @@ checked against the body before an array is made, and every failure names the te
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -133,7 +133,8 @@ def encode_infer(model: str, version: str, call: InferCall, names: list[str],
     a client's shared-memory region."""
     outputs, blobs = [], []
     for name, arr in zip(names, arrays):
-        out = {"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape)}
+        out: dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype),
+                               "shape": list(arr.shape)}
         if name in call.to_regions:
             region, offset, nbytes = call.to_regions[name]
             data = raw_bytes(arr)
@@ -166,7 +167,7 @@ def raw_bytes(arr: np.ndarray) -> memoryview | bytes:
     """A tensor's bytes as the binary extension sends them (no copy when contiguous)."""
     if arr.dtype.kind == "O":
         return encode_bytes(arr)
-    return memoryview(np.ascontiguousarray(arr)).cast("B")
+    return memoryview(np.ascontiguousarray(arr)).cast("B")  # type: ignore[arg-type]  # ndarray exports the buffer protocol (no 3.11 stub)
 
 
 def count_strings(left: int, dtype: np.dtype, shape: list[int], where: str,

@@ -153,7 +153,8 @@ class RestApi:
             shm.write(name, offset, nbytes, data, where, pinned[name])
         header_length = _header_length(scope)
         body = await state.body.read(scope, receive, request.regions, align_at=header_length)
-        call = decode_infer(body, header_length, *state.string_limit, read_region)
+        max_strings, why = state.string_limit
+        call = decode_infer(body, header_length, max_strings, why, read_region)
         if call.to_regions:
             state.restrictions.check_http(SHARED_MEMORY, scope)
         pinned = {region: shm.registration(region) for region, _, _ in call.to_regions.values()}

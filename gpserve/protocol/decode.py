@@ -23,6 +23,7 @@ Limits on untrusted input (each violation is a ``ProtocolError``):
 from __future__ import annotations
 
 import struct
+from typing import NoReturn
 
 import numpy as np
 
@@ -85,7 +86,7 @@ class _Reader:
         self.read: list[tuple[int, int]] | None = [] if record else None
         self.data: list[tuple[int, int]] | None = [] if record else None
 
-    def fail(self, what: str, problem: str):
+    def fail(self, what: str, problem: str) -> NoReturn:
         raise ProtocolError(f"malformed GraphPipe message ({self.n} bytes): {what}: {problem}")
 
     def spend(self, nbytes: int, what: str) -> None:
@@ -349,10 +350,16 @@ class _Layout:
     than MAX_LAYOUT_BYTES of structure."""
 
     __slots__ = ("n", "fixed", "tensors", "config", "input_names", "output_names")
+    n: int
+    fixed: list[tuple[int, int, bytes]]          # structure: (start, end, its bytes)
+    tensors: list[tuple[int, np.dtype, int, tuple[int, ...]]]   # (start, dtype, size, shape)
+    config: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
 
     @classmethod
     def of(cls, r: _Reader, req: InferRequest) -> "_Layout | None":
-        if r.data is None or len(r.data) != len(req.inputs):
+        if r.data is None or r.read is None or len(r.data) != len(req.inputs):
             return None
         data = sorted((s, s + n) for s, n in r.data if n)
         for a, b in r.read:

@@ -169,11 +169,11 @@ class _Writer:
         filled = len(head)
         for (_at, arr, dtype), start in zip(self.blobs, places):
             out[filled:start] = 0
-            _u32.pack_into(out, start, arr.nbytes)
+            _u32.pack_into(out, start, arr.nbytes)  # type: ignore[arg-type]  # ndarray exports the buffer protocol (no 3.11 stub)
             data = start + 4
             filled = data + arr.nbytes
             np.copyto(out[data:filled].view(dtype).reshape(arr.shape), arr)  # the 1 copy
-        return memoryview(out)
+        return memoryview(out)  # type: ignore[arg-type]  # ndarray exports the buffer protocol (no 3.11 stub)
 
 
 def _string_elements(arr: np.ndarray) -> list[bytes | str]:
@@ -191,7 +191,7 @@ def encode_request(request: InferRequest | MetadataRequest) -> memoryview:
     tag = 2 if isinstance(request, MetadataRequest) else 1
     root, (f_req,) = w.table(2, [(0, "B", tag), (1, "o", 0)])
     w.set_root(root)
-    if tag == 2:
+    if isinstance(request, MetadataRequest):
         w.patch(f_req, w.table(0, [])[0])
         return w.finish()
     pos, (f_cfg, f_in, f_tensors, f_out) = w.table(
@@ -215,25 +215,25 @@ def encode_response(response: InferResponse) -> memoryview:
     if key is not None:
         hit = _TEMPLATES.get(key)
         if hit is not None:
-            template, starts = hit
-            out = bytearray(template)
+            cached, starts = hit
+            made = bytearray(cached)
             for start, arr in zip(starts, response.outputs):
-                out[start:start + arr.nbytes] = _data_bytes(arr)               # 1 copy
-            return memoryview(out)
+                made[start:start + arr.nbytes] = _data_bytes(arr)              # 1 copy
+            return memoryview(made)
     w = _Writer()
     root, (f_out, f_err) = w.table(2, [(0, "o", 0), (1, "o", 0)])
     w.set_root(root)
     w.patch(f_out, w.tensors(list(response.outputs)))
     w.patch(f_err, _errors(w, response.errors))
-    out = w.finish()
+    message = w.finish()
     if key is not None and len(w.data_starts) == len(response.outputs):
         if len(_TEMPLATES) >= MAX_TEMPLATES:
             _TEMPLATES.clear()
-        template = bytearray(out)
+        template = bytearray(message)
         for start, arr in zip(w.data_starts, response.outputs):
             template[start:start + arr.nbytes] = bytes(arr.nbytes)
         _TEMPLATES[key] = (bytes(template), tuple(w.data_starts))
-    return out
+    return message
 
 
 MAX_TEMPLATES = 256
@@ -258,7 +258,7 @@ def _data_bytes(arr: np.ndarray, dtype: np.dtype | None = None) -> memoryview:
     """A numeric tensor's bytes as the wire has them: little-endian, row-major (a view
     when the array already is; else the 1 copy that converts it)."""
     dtype = dtype if dtype is not None else TYPE_TO_DTYPE[type_of(arr.dtype)]
-    return memoryview(np.ascontiguousarray(arr, dtype=dtype).reshape(-1).view(np.uint8))
+    return memoryview(np.ascontiguousarray(arr, dtype=dtype).reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # ndarray exports the buffer protocol (no 3.11 stub)
 
 
 def encode_error(code: int, message: str) -> memoryview:
