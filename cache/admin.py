@@ -7,7 +7,8 @@ from pathlib import Path
 
 import lmdb
 
-from .store import stats
+from . import integrity
+from .store import GENERATIONS, environment_stats, open_environment
 
 
 def environments(cache_dir: str) -> list[Path]:
@@ -37,3 +38,23 @@ def clear(cache_dir: str, model: str | None) -> int:
     if not envs:
         print(f"nothing to remove in {cache_dir}")
     return 0
+
+
+def stats(path: Path) -> dict:
+    """Entries and sizes of one environment, opened read-only (``gpserve cache stats``);
+    a file LMDB cannot map safely is reported, not opened."""
+    why = integrity.damage(path)
+    if why is not None:
+        return {"damaged": why}
+    file_mb = ((Path(path) / "data.mdb").stat().st_size >> 20) + 1
+    env = open_environment(path, file_mb, readonly=True)   # a map at least the file's size
+    try:
+        dbs = []
+        for name in GENERATIONS:
+            try:
+                dbs.append(env.open_db(name, create=False))
+            except lmdb.NotFoundError:
+                pass
+        return environment_stats(env, dbs)
+    finally:
+        env.close()

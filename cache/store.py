@@ -5,18 +5,11 @@ not cross a fork). Reads run in the request path; writes go to a thread of the f
 so they never delay the response they come from, and are grouped into one LMDB write
 transaction per wake-up. LMDB serialises writers across processes with its own lock.
 
-Values are the output rows of one input row, stored as a GraphPipe ``InferRequest``
-(output names as ``input_names``, one tensor per output, config ``gpserve-row-v1``),
-sealed with a checksum: ``b"gpr2"``, XXH3-128 of the message, then the message. XXH3
-because it is a checksum against damage, not a defence against someone who can write
-the file (they could rewrite any checksum, a cryptographic one too), and it costs about
-0.1 us on a 1.5 KB row where BLAKE3 took 2 us from Python. A value whose checksum fails
-(a damaged page, a stray write) is a miss, counted (``corrupt`` in ``GET /``,
-``gpserve_cache_corrupt_rows_total``) and logged once per front; the row is computed
-again and rewritten. The codec's validating decoder then reads the message, so a
-corrupt or foreign value can only make a row a miss, never a wrong answer or a crashed
-front. A file LMDB cannot map safely (cut short, not LMDB's) is moved aside before it
-is opened (``integrity.py``).
+Values are a row's outputs sealed with a checksum (:mod:`.values`). A value whose
+checksum fails (a damaged page, a stray write) is a miss, counted (``corrupt`` in
+``GET /``, ``gpserve_cache_corrupt_rows_total``) and logged once per front; the row is
+computed again and rewritten. A file LMDB cannot map safely (cut short, not LMDB's) is
+moved aside before it is opened (:mod:`.integrity`).
 
 Bound and eviction (generations, an LRU approximation): rows go to the *current* of two
 named databases (which one is recorded in the ``meta`` database, read and written in the
@@ -44,23 +37,16 @@ from typing import Any, NamedTuple
 
 import lmdb
 import numpy as np
-import xxhash
 
 from gpserve import metrics
-from gpserve import protocol as P
-from gpserve.errors import ProtocolError
 
 from . import integrity
+from .values import CORRUPT, merged, rows_of
 
 log = logging.getLogger("gpserve.cache")
-VALUE_TAG = "gpserve-row-v1"
-SEAL = b"gpr2"                # a sealed value: this tag, the checksum, the message
-DIGEST_BYTES = 16             # XXH3-128
-_MESSAGE_AT = len(SEAL) + DIGEST_BYTES
-CORRUPT = object()            # _rows(): the value failed its checksum
 WATCH_EVERY_S = 1.0           # the writer checks the file against the map when idle
 ROTATE_AT = 0.4               # of the map size, for the current generation
-_GENS = (b"gen0", b"gen1")
+GENERATIONS = (b"gen0", b"gen1")
 
 
 def environment_path(cache_dir: str, model_name: str, model_path: str) -> Path:
@@ -76,20 +62,6 @@ def open_environment(path: Path, size_mb: int, readonly: bool = False) -> lmdb.E
     return lmdb.open(str(path), map_size=size_mb << 20, max_dbs=4, subdir=True,
                      readonly=readonly, lock=not readonly, readahead=False, sync=False,
                      metasync=False, max_readers=512, create=not readonly)
-
-
-def seal(message) -> bytes:
-    """A value as stored: the tag, the message's checksum, the message (1 copy of it)."""
-    return b"".join((SEAL, xxhash.xxh3_128_digest(message), message))
-
-
-def unseal(value: bytes) -> memoryview | None:
-    """The message of a sealed value whose checksum holds (a view, 0 copies), else None."""
-    message = memoryview(value)[_MESSAGE_AT:]
-    if not value.startswith(SEAL) or \
-            value[len(SEAL):_MESSAGE_AT] != xxhash.xxh3_128_digest(message):
-        return None
-    return message
 
 
 class Handles(NamedTuple):
@@ -136,7 +108,7 @@ class RowCache:
             except lmdb.Error as e:               # not LMDB's, or a version of its own
                 integrity.move_aside(self.path, f"LMDB cannot open it: {e}")
                 env = open_environment(self.path, self.size_mb)
-            self.db = Handles(env, env.open_db(b"meta"), [env.open_db(n) for n in _GENS])
+            self.db = Handles(env, env.open_db(b"meta"), [env.open_db(n) for n in GENERATIONS])
             # the mapped file itself, for _watch_file (the path may name a new one later)
             self._mapped = os.open(self.path / "data.mdb", os.O_RDONLY | os.O_CLOEXEC)
             self._watched = time.monotonic()
@@ -181,7 +153,7 @@ class RowCache:
                         value = txn.get(key, db=second)
                     if value is None:
                         continue
-                    rows = _rows(value, outputs)
+                    rows = rows_of(value, outputs)
                     if rows is CORRUPT:
                         corrupt += 1
                         continue
@@ -321,23 +293,8 @@ class RowCache:
                     continue
                 keys, outputs, arrays = payload
                 for i, key in enumerate(keys):
-                    rows = [a[i] for a in arrays]
-                    names = list(outputs)
-                    value = txn.get(key, db=db)
-                    old = unseal(value) if value is not None else None
-                    if old is not None:           # keep outputs computed by other requests
-                        try:
-                            prev = P.decode_request(old)
-                            if not isinstance(prev, P.InferRequest):
-                                raise ProtocolError("not rows")
-                            for n, r in zip(prev.input_names, prev.inputs):
-                                if n not in names:
-                                    names.append(n)
-                                    rows.append(r)
-                        except ProtocolError:
-                            pass
-                    txn.put(key, seal(P.encode_request(P.InferRequest(rows, names, (),
-                                                                      VALUE_TAG))), db=db)
+                    txn.put(key, merged(txn.get(key, db=db), list(outputs),
+                                        [a[i] for a in arrays]), db=db)
                     written += 1
             used = _pages(txn.stat(db)) * txn.stat(db)["psize"]
             rotate = used > ROTATE_AT * (self.size_mb << 20)
@@ -385,46 +342,8 @@ class RowCache:
         return done.wait(timeout)
 
 
-def _rows(value: bytes, outputs: list[str]):
-    """The rows of ``outputs`` in a stored value; None: a miss; CORRUPT: failed its checksum."""
-    message = unseal(value)
-    if message is None:
-        return CORRUPT
-    try:
-        stored = P.decode_request(message)
-    except ProtocolError:
-        return None                     # corrupt or foreign value: a miss
-    if not isinstance(stored, P.InferRequest) or stored.config != VALUE_TAG:
-        return None
-    by_name = dict(zip(stored.input_names, stored.inputs))
-    try:
-        return [by_name[n] for n in outputs]
-    except KeyError:
-        return None                     # computed for other outputs: a miss
-
-
 def _pages(stat) -> int:
     return stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
-
-
-def stats(path: Path) -> dict:
-    """Entries and sizes of one environment, opened read-only (``gpserve cache stats``);
-    a file LMDB cannot map safely is reported, not opened."""
-    why = integrity.damage(path)
-    if why is not None:
-        return {"damaged": why}
-    file_mb = ((Path(path) / "data.mdb").stat().st_size >> 20) + 1
-    env = open_environment(path, file_mb, readonly=True)   # a map at least the file's size
-    try:
-        dbs = []
-        for name in _GENS:
-            try:
-                dbs.append(env.open_db(name, create=False))
-            except lmdb.NotFoundError:
-                pass
-        return environment_stats(env, dbs)
-    finally:
-        env.close()
 
 
 def environment_stats(env: lmdb.Environment, dbs) -> dict:

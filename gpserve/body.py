@@ -44,22 +44,12 @@ class BodyReader:
         not yet arrived, over all of this front's connections, may take at most half
         the arena. So idle announced bodies can refuse other large bodies for a while,
         never the ordinary ones."""
-        limit = self.cfg.max_body_bytes
         coding = content_coding(scope["headers"])
         if coding is not None:                      # compressed: whole, then inflated
             plain = {"headers": [(k, v) for k, v in scope["headers"]
                                  if k != b"content-encoding"]}
             return self.inflate(await self.read(plain, receive, regions), coding)
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        size = None
-        if length is not None:
-            try:
-                size = int(length)
-            except ValueError:
-                raise ProtocolError(f"Content-Length {length!r} is not a number") from None
-            if size > limit:
-                raise BodyTooLarge(f"the body is {size} bytes, over --max-body-mb "
-                                   f"{self.cfg.max_body_mb:g} MiB ({limit} bytes)")
+        size = self._declared_size(scope["headers"])
         if _already_here(receive):                  # no waiting, so no timer to set
             chunk, _ = await _receive_chunk(receive)
             return self._whole(chunk, size)
@@ -139,6 +129,21 @@ class BodyReader:
             self.unfilled -= end - pos
         regions.hold(region)
         return self.arena_view[end - size:end]
+
+    def _declared_size(self, headers) -> int | None:
+        """The body's Content-Length (None: chunked), refused past --max-body-mb."""
+        length = next((v for k, v in headers if k == b"content-length"), None)
+        if length is None:
+            return None
+        try:
+            size = int(length)
+        except ValueError:
+            raise ProtocolError(f"Content-Length {length!r} is not a number") from None
+        if size > self.cfg.max_body_bytes:
+            raise BodyTooLarge(f"the body is {size} bytes, over --max-body-mb "
+                               f"{self.cfg.max_body_mb:g} MiB ({self.cfg.max_body_bytes} "
+                               "bytes)")
+        return size
 
     def inflate(self, body, coding: str) -> bytes:
         """A compressed body, decompressed (1 copy, into memory; its tensors then go to

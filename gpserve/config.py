@@ -126,12 +126,18 @@ def _bool(text: str) -> bool:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """Every ``gpserve serve`` flag, each with its ``GP_*`` variable as the default.
+    """Every ``gpserve serve`` flag, in groups (as ``--help`` shows them), each with its
+    ``GP_*`` variable as the default.
 
     A variable is converted and checked (type, choices) like its flag, and a bad one
     stops the command with one line and exit status 2, as a bad flag does."""
-    d = Config()
+    for title, declare in _FLAG_GROUPS:
+        declare(_adder(p, p.add_argument_group(title)), Config())
 
+
+def _adder(p: argparse.ArgumentParser, group):
+    """``a(*flags, default=, type=, choices=, help=)``: one flag of ``group``, its default
+    taken from its ``GP_*`` variable when set."""
     def a(*flags: str, default, type=str, choices=None, help: str = "", **kw):
         env = flags[-1].lstrip("-").replace("-", "_").upper()     # --max-batch: MAX_BATCH
         value = os.environ.get(f"GP_{env}")
@@ -150,8 +156,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             kw["type"] = type
         if choices is not None:
             kw["choices"] = choices
-        p.add_argument(*flags, default=default, help=f"{help} [GP_{env}]", **kw)
+        group.add_argument(*flags, default=default, help=f"{help} [GP_{env}]", **kw)
+    return a
 
+
+def _model_flags(a, d: Config) -> None:
     a("--model", default=d.model,
       help="model file or directory, http(s) URL (downloaded once), or 'echo'; "
            "default: the built-in demo model")
@@ -163,6 +172,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     a("--shapes", default=d.shapes,
       help="TorchScript input shapes, 'name=-1,3,48,192[:dtype];...' (or a MODEL.json "
            "side file)")
+    a("--inputs", type=_names, default=[],
+      help="comma-separated default input names")
+    a("--outputs", type=_names, default=[],
+      help="comma-separated default output names")
+    a("--models-dir", default=d.models_dir,
+      help="where downloaded and built models are kept")
+    a("--model-sha256", default=d.model_sha256, metavar="HEX",
+      help="the SHA-256 a --model URL's download must have (or end the URL with "
+           "#sha256=HEX); a download that differs is not kept")
+
+
+def _protocols_flags(a, d: Config) -> None:
     a("--listen", default=d.listen,
       help="host:port of HTTP: GraphPipe (POST /) and the Open Inference Protocol (/v2)")
     a("--grpc-listen", default=d.grpc_listen, metavar="HOST:PORT",
@@ -182,10 +203,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
       default=d.restricted_api_clients,
       help="who may call restricted API groups (shared memory): clients on this host "
            "only (default), or any that passes --restricted-api")
-    a("--inputs", type=_names, default=[],
-      help="comma-separated default input names")
-    a("--outputs", type=_names, default=[],
-      help="comma-separated default output names")
+
+
+def _processes_flags(a, d: Config) -> None:
     a("--fronts", type=int, default=0,
       help="HTTP front processes (default: one per core, at most 8)")
     a("--workers", type=int, default=0,
@@ -198,6 +218,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
            "CPU ONNX or echo model whose one row takes under 1 ms, else workers "
            "(docs/architecture.md)")
     a("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    a("--threads", type=int, default=0,
+      help="runtime threads per worker (default: cores / workers)")
+    a("--shm-mb", type=int, default=0,
+      help="shared memory per process for tensors (default: max(256, 2 x max body))")
+
+
+def _batching_flags(a, d: Config) -> None:
     a("--max-batch", type=int, default=d.max_batch,
       help="most rows in one batch")
     a("--max-delay-ms", type=float, default=d.max_delay_ms,
@@ -210,14 +237,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     a("--max-queue", type=int, default=d.max_queue,
       help="rows that may wait in each worker's queue before requests are refused; a "
            "request with more rows than this is refused with 413 (split it)")
-    a("--timeout-ms", type=float, default=d.timeout_ms,
-      help="per-request deadline")
-    a("--max-body-mb", type=float, default=d.max_body_mb,
-      help="largest request body")
-    a("--max-strings", type=int, default=d.max_strings,
-      help="most String elements in one request (each costs a Python object)")
-    a("--threads", type=int, default=0,
-      help="runtime threads per worker (default: cores / workers)")
     a("--batching", choices=["auto", "off"], default=d.batching,
       help="'off' runs every request alone: bit-stable answers for models whose rows "
            "change with the rows batched beside them")
@@ -225,12 +244,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
       default=d.batch_check_every,
       help="re-run one request of every Nth merged batch alone and compare, to see "
            "whether batching changes answers (0: never)")
+
+
+def _limits_flags(a, d: Config) -> None:
+    a("--timeout-ms", type=float, default=d.timeout_ms,
+      help="per-request deadline")
+    a("--max-body-mb", type=float, default=d.max_body_mb,
+      help="largest request body")
+    a("--max-strings", type=int, default=d.max_strings,
+      help="most String elements in one request (each costs a Python object)")
     a("--hang-timeout-s", type=float, default=d.hang_timeout_s,
       help="a worker whose batch or event loop makes no progress for this long is "
            "reported, killed and restarted, its requests answered 503 at once (0: "
            "10x its slowest batch, at least 5 s)")
-    a("--shm-mb", type=int, default=0,
-      help="shared memory per process for tensors (default: max(256, 2 x max body))")
     a("--header-timeout-s", type=float, default=d.header_timeout_s,
       help="a connection that has not sent a request's headers in this long is closed")
     a("--max-header-kb", type=int, default=d.max_header_kb,
@@ -242,17 +268,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
       default=d.keepalive_timeout_s, help="an idle keep-alive connection is closed after this")
     a("--max-connections", type=int, default=d.max_connections,
       help="open connections per front; past it new requests get 503")
-    a("--models-dir", default=d.models_dir,
-      help="where downloaded and built models are kept")
-    a("--model-sha256", default=d.model_sha256, metavar="HEX",
-      help="the SHA-256 a --model URL's download must have (or end the URL with "
-           "#sha256=HEX); a download that differs is not kept")
+
+
+def _cache_flags(a, d: Config) -> None:
     a("--cache", type=_bool, default=d.cache,
       help="answer rows seen before from the LMDB row cache (GP_CACHE=1)")
     a("--cache-dir", default=d.cache_dir,
       help="where the row cache lives, one LMDB environment per model")
     a("--cache-size-mb", type=int, default=d.cache_size_mb,
       help="hard bound on the row cache's disk use, per model")
+
+
+def _logging_flags(a, d: Config) -> None:
     a("--log-format", choices=["text", "json"], default=d.log_format,
       help="one line per event, as text or as JSON objects")
     a("--access-log", choices=["debug", "info", "off"],
@@ -261,6 +288,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
            "-vv, 'info' with -v")
     a("-v", "--verbose", type=int, default=0, action="count",
       help="more logging; -vv for debug")
+
+
+_FLAG_GROUPS = (
+    ("the model and how it is read", _model_flags),
+    ("where and how requests come in", _protocols_flags),
+    ("processes, devices and threads", _processes_flags),
+    ("batching", _batching_flags),
+    ("limits and deadlines", _limits_flags),
+    ("the row cache", _cache_flags),
+    ("logging", _logging_flags),
+)
 
 
 def from_args(args: argparse.Namespace) -> Config:

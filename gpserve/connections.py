@@ -1,5 +1,11 @@
 """Guards on a front's HTTP connections that uvicorn lacks: a header timeout, bounds on
-a request's head, and a log line and a count when a guard acts.
+a request's head, and a log line and a count when a guard acts; and the fast path's
+hand-off (its pieces: :mod:`gpserve.fastpath`).
+
+(Over 350 lines on purpose: :class:`GuardedProtocol` is one subclass of uvicorn's
+protocol whose overrides share the parser's state; split, each part would reach into
+the others' attributes. Every uvicorn member it touches is named in
+``tests/test_uvicorn_contract.py``.)
 
 uvicorn bounds idle keep-alive connections (``timeout_keep_alive``) and open
 connections (``limit_concurrency``: past it, requests get 503), but a client that opens
@@ -40,6 +46,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .answer import Answer
+from .fastpath import RESPONSE_HEAD, Answering, OneWrite, fast_path_takes
 from .logs import NOTES
 
 log = logging.getLogger("gpserve.front")
@@ -71,115 +78,9 @@ class Refusal:
                    self.status, HTTPStatus(self.status).phrase.encode(), len(body), body)
 
 
-class OneWrite:
-    """A response's view of its connection: the head (the first write of a response) is
-    held and leaves with the first write of the body. uvicorn writes them apart: two
-    system calls and two TCP segments for every small response, a tenth of a front's
-    time on small requests. A small body is joined to the head (1 copy of it); a large
-    one follows it at once."""
-
-    __slots__ = ("transport", "head", "started")
-    JOIN_BELOW = 64 * 1024
-
-    def __init__(self, transport):
-        self.transport, self.head, self.started = transport, None, False
-
-    def write(self, data) -> None:
-        head = self.head
-        if head is not None:
-            self.head = None
-            if len(data) < self.JOIN_BELOW:
-                self.transport.write(head + data)
-            else:
-                self.transport.writelines((head, data))
-        elif not self.started and data != CONTINUE:       # the response's head
-            self.started, self.head = True, data
-        else:
-            self.transport.write(data)
-
-    def close(self) -> None:
-        if self.head is not None:                          # a response cut short
-            self.transport.write(self.head)
-            self.head = None
-        self.transport.close()
-
-    def is_closing(self) -> bool:
-        return self.transport.is_closing()
-
-
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
 def sweep_interval(header_timeout_s: float, keepalive_timeout_s: float) -> float:
     """How often a front's connections are checked: an eighth of the shorter timeout."""
     return min(max(min(header_timeout_s, keepalive_timeout_s) / 8, 0.01), 1.0)
-
-
-class _NoEvent:
-    """What uvicorn sets on a lost connection's request cycle; nobody waits on it here."""
-
-    @staticmethod
-    def set() -> None:
-        pass
-
-
-class Answering:
-    """A request answered on the fast path, in the place of uvicorn's request cycle
-    (``protocol.cycle``), with what uvicorn reads and writes there: a request pipelined
-    behind it waits while ``response_complete`` is false; a lost connection sets
-    ``disconnected``, a drain clears ``keep_alive``."""
-
-    __slots__ = ("response_complete", "disconnected", "keep_alive")
-    message_event = _NoEvent
-
-    def __init__(self):
-        self.response_complete = self.disconnected = False
-        self.keep_alive = True
-
-
-class ResponseHead:
-    """The head of a fast-path response: the status line, uvicorn's default headers of
-    the moment (``date``, rebuilt by uvicorn once a second; cached by identity), the
-    body's type and length."""
-
-    def __init__(self, content_type: bytes):
-        self.content_type = b"content-type: %s\r\n" % content_type
-        self.defaults: list | None = None
-        self.defaults_bytes = b""
-        self.status_lines: dict[int, bytes] = {}
-
-    def __call__(self, status: int, length: int, defaults: list, keep_alive: bool) -> bytes:
-        line = self.status_lines.get(status)
-        if line is None:
-            line = self.status_lines[status] = b"HTTP/1.1 %d %s\r\n" % (
-                status, HTTPStatus(status).phrase.encode())
-        if defaults is not self.defaults:
-            self.defaults = defaults
-            self.defaults_bytes = b"".join(b"%s: %s\r\n" % kv for kv in defaults)
-        return b"%s%s%scontent-length: %d\r\n%s\r\n" % (
-            line, self.defaults_bytes, self.content_type, length,
-            b"" if keep_alive else b"connection: close\r\n")
-
-
-def fast_path_takes(method: bytes, url: bytes, version: str, keep_alive: bool,
-                    headers: list, expect_continue: bool, limit: int) -> bool:
-    """Whether a request's headers qualify it for the fast path: ``POST /`` over
-    HTTP/1.1 keep-alive with a Content-Length of at most ``limit`` bytes, no
-    ``Transfer-Encoding``, ``Content-Encoding`` or ``Expect``. (Whether its body then
-    came whole in the same read is known only after the read: see
-    ``guarded_protocol``.)"""
-    if (method != b"POST" or url != b"/" or version != "1.1" or not keep_alive
-            or expect_continue):
-        return False
-    length = None
-    for name, value in headers:
-        if name == b"content-length":
-            if length is not None or not value.isdigit():
-                return False
-            length = int(value)
-        elif name in (b"transfer-encoding", b"expect", b"content-encoding"):
-            return False
-    return length is not None and length <= limit
 
 
 def _unserved_coding(headers: list, upgrade: bool) -> Refusal | None:
@@ -209,9 +110,6 @@ class ConnectionSettings:
     fast_post: Callable[..., Awaitable[Answer]] | None = None   # the fast path, if any
     fast_limit: int = 0                              # the fast path's largest body
     max_head_bytes: int = 32 * 1024                  # --max-header-kb
-
-
-RESPONSE_HEAD = ResponseHead(b"application/octet-stream")
 
 
 class GuardedProtocol(HttpToolsProtocol):

@@ -112,37 +112,42 @@ def _error(failure, received: int = 0) -> Answer:
                   received=received)
 
 
+def info(state: FrontState) -> dict:
+    """``GET /``: what is served, how, and how it goes."""
+    spec = state.spec
+    workers = state.workers.about()
+    io = lambda specs: [{"name": s.name, "shape": s.shape, "type": type_name(s.dtype)}
+                        for s in specs]
+    return {
+        "name": spec.name, "version": __version__, "server": f"gpserve {__version__}",
+        "backend": spec.backend,
+        "description": workers[0]["runs"] if workers else spec.description,
+        "inputs": io(spec.inputs), "outputs": io(spec.outputs),
+        "default_inputs": spec.default_inputs, "default_outputs": spec.default_outputs,
+        "batching": {"enabled": spec.batchable and state.cfg.batching != "off",
+                     "max_batch": state.cfg.max_batch,
+                     "max_delay_ms": state.cfg.max_delay_ms,
+                     "batch_sizes": state.cfg.batch_sizes,
+                     "warmed_sizes": state.counters.warmed_sizes(state.cfg.workers),
+                     "max_queue": state.cfg.max_queue, "timeout_ms": state.cfg.timeout_ms,
+                     **verdict(spec.batch_probe, state.counters.batch_checks())},
+        "processes": {"fronts": state.cfg.fronts, "workers": state.cfg.workers,
+                      "pids": state.counters.pids(state.cfg.workers, state.cfg.fronts),
+                      "this_front": os.getpid(), "workers_linked": workers,
+                      "connections": state.counters.connections(state.cfg.fronts)},
+        "protocols": {"graphpipe": "POST /", "open_inference_protocol": {
+            "rest": "/v2", "grpc": state.cfg.grpc_listen or None,
+            "system_shared_memory": state.cfg.shm_clients}},
+        "stats": state.counters.snapshot(),
+        "cache": None if state.cache is None else {
+            **state.cache.stats(), **state.counters.cache_totals(),
+            "size_mb": state.cfg.cache_size_mb},
+    }
+
+
 def build_app(state: FrontState) -> FrontApp:
     async def get_info(request: Request) -> Response:
-        spec = state.spec
-        workers = state.workers.about()
-        io = lambda specs: [{"name": s.name, "shape": s.shape, "type": type_name(s.dtype)}
-                            for s in specs]
-        return JSONResponse({
-            "name": spec.name, "version": __version__, "server": f"gpserve {__version__}",
-            "backend": spec.backend,
-            "description": workers[0]["runs"] if workers else spec.description,
-            "inputs": io(spec.inputs), "outputs": io(spec.outputs),
-            "default_inputs": spec.default_inputs, "default_outputs": spec.default_outputs,
-            "batching": {"enabled": spec.batchable and state.cfg.batching != "off",
-                         "max_batch": state.cfg.max_batch,
-                         "max_delay_ms": state.cfg.max_delay_ms,
-                         "batch_sizes": state.cfg.batch_sizes,
-                         "warmed_sizes": state.counters.warmed_sizes(state.cfg.workers),
-                         "max_queue": state.cfg.max_queue, "timeout_ms": state.cfg.timeout_ms,
-                         **verdict(spec.batch_probe, state.counters.batch_checks())},
-            "processes": {"fronts": state.cfg.fronts, "workers": state.cfg.workers,
-                          "pids": state.counters.pids(state.cfg.workers, state.cfg.fronts),
-                          "this_front": os.getpid(), "workers_linked": workers,
-                          "connections": state.counters.connections(state.cfg.fronts)},
-            "protocols": {"graphpipe": "POST /", "open_inference_protocol": {
-                "rest": "/v2", "grpc": state.cfg.grpc_listen or None,
-                "system_shared_memory": state.cfg.shm_clients}},
-            "stats": state.counters.snapshot(),
-            "cache": None if state.cache is None else {
-                **state.cache.stats(), **state.counters.cache_totals(),
-                "size_mb": state.cfg.cache_size_mb},
-        })
+        return JSONResponse(info(state))
 
     async def get_metrics(request: Request) -> Response:
         body, content_type = metrics.exposition()

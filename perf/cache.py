@@ -105,7 +105,8 @@ class Bodies:
 
 def per_row_costs(make, names, tmp: Path) -> dict:
     from gpserve.cache.keys import row_keys
-    from gpserve.cache.store import RowCache, seal, unseal
+    from gpserve.cache.store import RowCache
+    from gpserve.cache.values import seal, unseal
 
     from gpserve.counters import Counters
     tensors = make()

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 from gpserve.cache import integrity
+from gpserve.cache.admin import stats as store_stats
 from gpserve.cache.store import RowCache
-from gpserve.cache.store import stats as store_stats
 
 from gpserve.counters import Counters
 from gpserve.testing import eventually

@@ -15,7 +15,8 @@ from uvicorn.server import ServerState
 from gpserve import errors as E
 from gpserve import protocol as P
 from gpserve.answer import Answer
-from gpserve.connections import CONTINUE, OneWrite, ResponseHead, fast_path_takes, guarded_protocol
+from gpserve.connections import guarded_protocol
+from gpserve.fastpath import CONTINUE, OneWrite, ResponseHead, fast_path_takes
 from gpserve.testing import Server, eventually
 
 

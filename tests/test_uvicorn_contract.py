@@ -1,7 +1,7 @@
 """The contract with uvicorn: every member of uvicorn's that gpserve's HTTP layer reads,
-calls or overrides (gpserve/connections.py, listener.py, body.py), named here, so that
-a uvicorn that moves one fails this test with a message saying which, not a front with
-an AttributeError under traffic. pyproject pins the range these pass on; the last test
+calls or overrides (gpserve/connections.py, fastpath.py, listener.py, body.py), named
+here, so that a uvicorn that moves one fails this test with a message saying which, not
+a front with an AttributeError under traffic. pyproject pins the range these pass on; the last test
 runs the connection tests, and the drain and upgrade tests, on the lowest version of
 that range too. Below it: uvicorn 0.30-0.44 lack ``_start_asgi_task`` (the first
 pipelined request raised AttributeError); 0.45-0.52 have it, but their drain resets
@@ -23,7 +23,7 @@ from test_connections import Transport, _connection
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
-from gpserve.connections import CONTINUE
+from gpserve.fastpath import CONTINUE
 
 # methods of HttpToolsProtocol we call (c) or override (o), and why
 PROTOCOL_METHODS = {

@@ -22,8 +22,7 @@ import orjson
 from gpserve.errors import BadConfig, DtypeMismatch, ProtocolError, UnknownOutput
 
 from .datatypes import DTYPES, datatype_of, decode_bytes, dtype_of, encode_bytes
-
-MAX_DIMS = 32                 # as GraphPipe's decoder allows
+from .json_tensors import MAX_DIMS, from_json, has_booleans
 
 
 class InferCall(NamedTuple):
@@ -45,6 +44,18 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str,
     ``read_region(region, offset, nbytes, where)``: the bytes of an input sent by
     reference to a client's shared-memory region (see :mod:`gpserve.oip.sharedmem`)."""
     view = memoryview(body)
+    head, header_length = _head(view, header_length)
+    params = _object(head.get("parameters"), "the request's 'parameters'")
+    tensors, names = _inputs(head, body, view, header_length, max_strings, why, read_region)
+    binary_default = _flag(params.get("binary_data_output", False), "binary_data_output")
+    output_names, binary, to_regions = _outputs(head, binary_default)
+    return InferCall(head.get("id"), tensors, names, output_names, binary, binary_default,
+                     request_config(params), to_regions)
+
+
+def _head(view: memoryview, header_length: int | None) -> tuple[dict, int]:
+    """The request's JSON (checked to be an object with a string 'id', if any) and its
+    length."""
     size = len(view)
     if header_length is None:
         header_length = size
@@ -60,7 +71,14 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str,
     req_id = head.get("id")
     if req_id is not None and not isinstance(req_id, str):
         raise ProtocolError(f"'id' must be a string, not {type(req_id).__name__}")
-    params = _object(head.get("parameters"), "the request's 'parameters'")
+    return head, header_length
+
+
+def _inputs(head: dict, body, view: memoryview, header_length: int, max_strings: int,
+            why: str, read_region) -> tuple[list[np.ndarray], list[str]]:
+    """The input tensors (from JSON, from the binary data after the JSON, or from a
+    client's shared memory) and their names; every binary byte must be an input's."""
+    size = len(view)
     inputs = head.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise ProtocolError("the request needs 'inputs': a non-empty list of tensors")
@@ -98,8 +116,8 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str,
             arr = from_raw(raw, dtype, shape, count, where)
         elif "data" in spec:
             if literals is None and dtype.kind in "iuf":
-                literals = _has_booleans(body, view, header_length)
-            arr = _from_json(spec["data"], dtype, shape, count, where, bool(literals))
+                literals = has_booleans(body, view, header_length)
+            arr = from_json(spec["data"], dtype, shape, count, where, bool(literals))
         else:
             raise ProtocolError(f"{where} has neither 'data' nor 'binary_data_size'")
         tensors.append(arr)
@@ -107,8 +125,15 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str,
     if pos != size:
         raise ProtocolError(f"the body has {size - pos} bytes after its inputs' binary data "
                             f"(header {header_length} bytes + binary_data_size of the inputs)")
-    binary_default = _flag(params.get("binary_data_output", False), "binary_data_output")
-    output_names, binary, to_regions = [], {}, {}
+    return tensors, names
+
+
+def _outputs(head: dict, binary_default: bool) -> tuple[list[str], dict, dict]:
+    """The outputs asked for, whether each comes as binary data, and those to write
+    into a client's shared-memory region."""
+    output_names: list[str] = []
+    binary: dict[str, bool] = {}
+    to_regions: dict[str, tuple] = {}
     for k, spec in enumerate(_list(head.get("outputs"), "'outputs'")):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise ProtocolError(f"requested output {k} must be an object with a 'name'")
@@ -122,8 +147,7 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str,
                                 "not served; ask for the output itself")
         output_names.append(spec["name"])
         binary[spec["name"]] = _flag(p.get("binary_data", binary_default), "binary_data")
-    return InferCall(req_id, tensors, names, output_names, binary, binary_default,
-                     request_config(params), to_regions)
+    return output_names, binary, to_regions
 
 
 def encode_infer(model: str, version: str, call: InferCall, names: list[str],
@@ -196,100 +220,6 @@ def from_raw(raw, dtype: np.dtype, shape: list[int], count: int, where: str) -> 
     if dtype.kind == "b" and arr.size and arr.view(np.uint8).max() > 1:
         raise ProtocolError(f"{where}: BOOL bytes must be 0 or 1")
     return arr
-
-
-_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}     # JSON values each datatype takes
-
-
-def _has_booleans(body, view: memoryview, end: int) -> bool:
-    """Whether the JSON head holds ``true`` or ``false`` anywhere (numpy would take them as
-    1 and 0 beside numbers). A body that came whole is ``bytes``: searched in place (0
-    copies, memmem speed); one streamed into shared memory is copied once to search it
-    (a regular expression over the view, 0 copies, was 4x slower than copy and search)."""
-    text = body if isinstance(body, bytes) else bytes(view[:end])
-    return text.find(b"true", 0, end) >= 0 or text.find(b"false", 0, end) >= 0
-
-
-def _from_json(data, dtype: np.dtype, shape: list[int], count: int,
-               where: str, literals: bool = True) -> np.ndarray:
-    """A tensor from JSON ``data``. ``literals``: the JSON holds ``true`` or ``false``
-    somewhere, so a numeric tensor's values are checked for them one by one (numpy
-    would take ``true`` as 1 beside other numbers)."""
-    if not isinstance(data, list):
-        data = [data]
-    if dtype.kind == "O":
-        flat = _flatten(data, where)
-        if len(flat) != count:
-            raise ProtocolError(f"{where}: 'data' has {len(flat)} elements; shape {shape} "
-                                f"takes {count}")
-        if not all(isinstance(s, str) for s in flat):
-            raise DtypeMismatch(f"{where}: BYTES data in JSON must be strings")
-        out = np.empty(count, dtype=object)
-        out[:] = [s.encode() for s in flat]
-        return out.reshape(shape)
-    try:
-        arr = np.asarray(data)
-    except (ValueError, OverflowError) as e:
-        raise ProtocolError(f"{where}: 'data' is not a list of numbers: {e}") from None
-    if dtype.kind in "iu" and arr.dtype.kind in "fO":
-        # numpy found no one integer type for them all (UINT64 values past int64's
-        # range beside small ones): integers still, if every element is one
-        flat = _flatten(data, where)
-        if flat and all(type(v) is int for v in flat):
-            info = np.iinfo(dtype)
-            if min(flat) < info.min or max(flat) > info.max:
-                raise ProtocolError(f"{where}: a value is out of {datatype_of(dtype)}'s "
-                                    f"range [{info.min}, {info.max}]")
-            arr = np.array(flat, dtype=dtype)
-    if arr.size != count:
-        raise ProtocolError(f"{where}: 'data' has {arr.size} elements; shape {shape} takes "
-                            f"{count}")
-    if arr.ndim > MAX_DIMS:
-        raise ProtocolError(f"{where}: 'data' is nested deeper than {MAX_DIMS} levels")
-    if literals and dtype.kind in "iuf" and arr.dtype.kind in "iuf" and any(
-            type(v) is bool for v in (_flatten(data, where) if arr.ndim > 1 else data)):
-        raise DtypeMismatch(f"{where}: 'data' holds true/false beside numbers; a "
-                            f"{datatype_of(dtype)} tensor takes numbers")
-    if count and arr.dtype.kind not in _KINDS[dtype.kind]:
-        raise DtypeMismatch(f"{where}: 'data' holds {_kind_name(arr.dtype)} values; a "
-                            f"{datatype_of(dtype)} tensor takes "
-                            f"{'true/false' if dtype.kind == 'b' else 'numbers'}"
-                            f"{' (integers)' if dtype.kind in 'iu' else ''}")
-    check_range(arr, dtype, where)
-    return arr.astype(dtype).reshape(shape)
-
-
-def check_range(values: np.ndarray, dtype: np.dtype, where: str) -> None:
-    """Numbers given wider (JSON numbers, gRPC's int32 contents) fit ``dtype``: an integer
-    in its range, a finite number below its largest (FP32 3.5e38 would become inf)."""
-    if not values.size:
-        return
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        if values.min() < info.min or values.max() > info.max:
-            raise ProtocolError(f"{where}: a value is out of {datatype_of(dtype)}'s range "
-                                f"[{info.min}, {info.max}]")
-    elif dtype.kind == "f" and values.dtype.itemsize > dtype.itemsize:
-        largest = float(np.finfo(dtype).max)
-        if np.abs(values).max() > largest:
-            raise ProtocolError(f"{where}: a value is out of {datatype_of(dtype)}'s range "
-                                f"(at most {largest:g} in magnitude)")
-
-
-def _kind_name(dtype: np.dtype) -> str:
-    return {"b": "true/false", "i": "integer", "u": "integer", "f": "fractional",
-            "U": "string", "O": "mixed"}.get(dtype.kind, str(dtype))
-
-
-def _flatten(data: list, where: str, depth: int = 0) -> list:
-    if depth > MAX_DIMS:
-        raise ProtocolError(f"{where}: 'data' is nested deeper than {MAX_DIMS} levels")
-    if not any(isinstance(x, list) for x in data):
-        return data
-    flat = []
-    for x in data:
-        flat.extend(_flatten(x, where, depth + 1) if isinstance(x, list) else [x])
-    return flat
 
 
 def shape_of(shape, where: str, message_bytes: int) -> list[int]:

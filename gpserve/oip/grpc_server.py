@@ -25,9 +25,10 @@ from google.protobuf.message import DecodeError
 from gpserve import __version__
 from gpserve.errors import DtypeMismatch, ProtocolError
 
-from .codec import check_range, count_strings, from_raw, raw_bytes, request_config, shape_of
+from .codec import count_strings, from_raw, raw_bytes, request_config, shape_of
 from .datatypes import datatype_of, dtype_of
 from .grpc_messages import METHODS, SERVICE, message
+from .json_tensors import check_range
 from .rest import VERSION, extensions, model_metadata
 from .restricted import SHARED_MEMORY, grpc_peer_host
 

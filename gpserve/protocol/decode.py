@@ -1,5 +1,8 @@
 """Validating, zero-copy decoder for GraphPipe messages.
 
+(Over 350 lines on purpose: the reader and the layout shortcut for repeated requests,
+``_Layout``, rest on the same bounds checks; one module keeps every check in one place.)
+
 Every offset, vector length, union tag, string and data length is checked against
 the buffer before it is used; any violation raises :class:`ProtocolError`, and no
 other exception escapes. Numeric tensors come back as numpy arrays that *view* the
@@ -226,26 +229,35 @@ class _Reader:
             self.data.append((data_start, data_len))
 
         if ttype == STRING:
-            self.data = None
             if data_len:
                 self.fail(what, f"String tensor carries {data_len} bytes of numeric data")
-            if self.strings_left is not None:
-                self.strings_left -= count
-                if self.strings_left < 0:
-                    limit, why = self.strings_limit
-                    raise ProtocolError(
-                        f"{what}: a String tensor of shape {list(shape)} takes the request "
-                        f"to more String elements than this server takes in one request "
-                        f"({limit}{': ' + why if why else ''})")
-            self.spend(STRING_OVERHEAD * count, what)
-            strings = self.element_positions(table, 3, what, limit=None)
-            if len(strings) != count:
-                self.fail(what, f"String tensor of shape {list(shape)} needs {count} strings, "
-                                f"has {len(strings)}")
-            out = np.empty(count, dtype=object)
-            out[:] = [self.raw_string(p, what) for p in strings]
-            return out.reshape(shape)
+            return self.strings(table, shape, count, what)
+        return self.numeric(table, ttype, shape, count, data_start, data_len, what)
 
+    def strings(self, table: tuple, shape: tuple[int, ...], count: int,
+                what: str) -> np.ndarray:
+        """A String tensor's elements (bytes objects), within the request's bound."""
+        self.data = None                    # its elements are structure: no layout
+        if self.strings_left is not None:
+            self.strings_left -= count
+            if self.strings_left < 0:
+                limit, why = self.strings_limit
+                raise ProtocolError(
+                    f"{what}: a String tensor of shape {list(shape)} takes the request "
+                    f"to more String elements than this server takes in one request "
+                    f"({limit}{': ' + why if why else ''})")
+        self.spend(STRING_OVERHEAD * count, what)
+        strings = self.element_positions(table, 3, what, limit=None)
+        if len(strings) != count:
+            self.fail(what, f"String tensor of shape {list(shape)} needs {count} strings, "
+                            f"has {len(strings)}")
+        out = np.empty(count, dtype=object)
+        out[:] = [self.raw_string(p, what) for p in strings]
+        return out.reshape(shape)
+
+    def numeric(self, table: tuple, ttype: int, shape: tuple[int, ...], count: int,
+                data_start: int, data_len: int, what: str) -> np.ndarray:
+        """A numeric tensor: a view of its data in the message (0 copies)."""
         dtype = TYPE_TO_DTYPE.get(ttype)
         if dtype is None or ttype == NULL:
             self.fail(what, f"tensor type {ttype} ({TYPE_NAMES.get(ttype, 'unknown')}) is not "
