@@ -31,9 +31,9 @@ a head is incomplete are counted too: a front holds at most the bound plus one r
 
 Both clocks (the header timeout, and uvicorn's keep-alive timeout, taken over here) are
 read by one sweep per front every eighth of the shorter timeout, not by a timer per
-request: arming and cancelling a timer costs about 1.7 us in uvloop, and uvicorn armed
-one per response, this guard one per request (two of a front's 60 us per small
-request). A connection is closed at most a sweep's interval (1/8 of its timeout) late.
+request: uvicorn armed a timer per response, this guard one per request, and arming
+and cancelling them was a measurable share of a small request (docs/benchmarks.md,
+"Figures behind design choices"). A connection is closed at most a sweep's interval (1/8 of its timeout) late.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ answered at once with ``Unavailable``; none waits for its deadline.
 
 Deadlines: every request of a front has the same timeout, so the oldest request waiting
 has the earliest deadline; one timer, at that deadline, serves them all (a timer per
-request cost about 1.7 us of uvloop's time to arm and cancel, 3% of a small request).
+request was a measurable share of a small request: docs/benchmarks.md, "Figures behind
+design choices").
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class Dispatcher:
         self.linked = asyncio.Event()                # set while any worker is linked
         self.hosted: Any = None                      # the worker in this process, if any
         # its event loop, looked up once: Python 3.11's asyncio.get_running_loop() makes
-        # a getpid() system call each time (4% of a front's time on small requests)
+        # a getpid() system call each time (docs/benchmarks.md: design figures)
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- links -------------------------------------------------------------------------

@@ -3,19 +3,17 @@
 All fronts accept from the socket the supervisor holds. Left to the event loop, the
 first front to wake takes every connection waiting: a client pool that opens 16
 connections at once often lands all 16 on one front, and that front serves them alone
-while the others idle (measured on 2 cores: 16/0 in three of six runs, at 0.63 of the
-rate of an even split). So each front accepts one connection at a time, and a front
+while the others idle (docs/benchmarks.md, "Figures behind design choices"). So each front accepts one connection at a time, and a front
 that holds clearly more connections than the least-loaded other front (shared
 counters; more by over 2 and over a quarter of its own) waits ``YIELD_S`` first,
 which gives that one the first pick; then it accepts anyway, so a busy or stuck front
 never leaves a connection waiting. Small differences are let be: with clients that
 open a connection per request they are the normal state, and waiting on them made
-such clients 3-7x slower. Counting happens per connection, not per request.
+such clients several times slower. Counting happens per connection, not per request.
 
-The cost: accepting in Python, about 10% fewer requests/s for clients that open a
-connection per request (5.8k against 5.9-7.1k on 2 cores, 16 clients); none for
-clients that keep connections open, which is how inference clients and load
-balancers' upstream pools work.
+The cost: accepting in Python, a few percent of requests/s for clients that open a
+connection per request; none for clients that keep connections open, which is how
+inference clients and load balancers' upstream pools work.
 
 uvicorn still runs each connection (its protocol, timeouts, drain); only its accept
 loop is replaced, in :meth:`FrontServer.startup`.
