@@ -256,7 +256,8 @@ def _limits_flags(a, d: Config) -> None:
     a("--hang-timeout-s", type=float, default=d.hang_timeout_s,
       help="a worker whose batch or event loop makes no progress for this long is "
            "reported, killed and restarted, its requests answered 503 at once (0: "
-           "10x its slowest batch, at least 5 s)")
+           "10x its slowest batch, at least 5 s); a front whose event loop stops for "
+           "this long too (0: 30 s)")
     a("--header-timeout-s", type=float, default=d.header_timeout_s,
       help="a connection that has not sent a request's headers in this long is closed")
     a("--max-header-kb", type=int, default=d.max_header_kb,

@@ -16,7 +16,7 @@ import numpy as np
 MAX_PROCESSES = 64          # workers, and fronts: each has a block of its own
 HISTOGRAM_BINS = 64         # batch sizes 1..63, and 64 or more
 
-SERVER_FIELDS = ("worker_restarts", "front_restarts", "worker_hangs")
+SERVER_FIELDS = ("worker_restarts", "front_restarts", "worker_hangs", "front_hangs")
 WARMED_SIZES = 16          # batch sizes a worker ran before traffic, as many as are shown
 WORKER_FIELDS = ("pid", "ready", "queued_rows", "batches", "rows", "padded_rows",
                  "max_batch_rows", "rejected_queue_full",
@@ -25,8 +25,9 @@ WORKER_FIELDS = ("pid", "ready", "queued_rows", "batches", "rows", "padded_rows"
                  *(f"warmed{i}" for i in range(WARMED_SIZES)))
 CACHE_FIELDS = ("cache_hits", "cache_misses", "cache_writes", "cache_evictions",
                 "cache_errors", "cache_rotations", "cache_corrupt")
-FRONT_FIELDS = ("pid", *CACHE_FIELDS, "connections")
+FRONT_FIELDS = ("pid", *CACHE_FIELDS, "connections", "heartbeat_ms")
 ERROR_CODES = 32
+HEARTBEAT_S = 0.1           # a worker's and a front's event loop write their heartbeat this often
 
 
 class Counters:
@@ -61,6 +62,8 @@ class Counters:
         if role == "worker":                 # a new process: no readiness, no progress yet
             for field in ("ready", "heartbeat_ms", "busy_since_ms"):
                 self._workers[index, self._w[field]] = 0
+        else:
+            self._fronts[index, self._f["heartbeat_ms"]] = 0
 
     def pids(self, workers: int, fronts: int) -> dict:
         return {"supervisor": int(self.path.rsplit("gpserve-", 1)[1].split("-")[0]),
@@ -114,8 +117,8 @@ class Counters:
         beat = self._workers[index, self._w["heartbeat_ms"]]
         return not beat or now_s * 1e3 - beat < stale_s * 1e3
 
-    def count_hang(self) -> None:
-        self._server[SERVER_FIELDS.index("worker_hangs")] += 1
+    def count_hang(self, role: str = "worker") -> None:
+        self._server[SERVER_FIELDS.index(f"{role}_hangs")] += 1
 
     def count_queue_full(self, index: int) -> None:
         self._workers[index, self._w["rejected_queue_full"]] += 1
@@ -164,6 +167,14 @@ class Counters:
 
     def cache_totals(self) -> dict:
         return {name[6:]: int(self._fronts[:, self._f[name]].sum()) for name in CACHE_FIELDS}
+
+    def front_beat(self, index: int, now_s: float) -> None:
+        """The front's event loop turns (written every HEARTBEAT_S), as a worker's."""
+        self._fronts[index, self._f["heartbeat_ms"]] = int(now_s * 1e3)
+
+    def front_heartbeat(self, index: int) -> float:
+        """The front's last heartbeat, in seconds (0: it has not beaten yet)."""
+        return self._fronts[index, self._f["heartbeat_ms"]] / 1e3
 
     def set_connections(self, index: int, count: int) -> None:
         """How many client connections front ``index`` holds now; -1: it is not

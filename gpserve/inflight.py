@@ -25,7 +25,7 @@ from . import protocol as P
 from .access import AccessLog
 from .body import BodyReader
 from .config import Config
-from .counters import Counters
+from .counters import HEARTBEAT_S, Counters
 from .dispatch import Dispatcher
 from .errors import BadConfig, TooManyRows, from_code
 from .modelspec import ModelSpec
@@ -82,6 +82,7 @@ class FrontState:
                                   cfg.cache_size_mb, self.counters, index)
 
     async def start(self) -> None:
+        self._beat()
         self.tasks.append(asyncio.create_task(self.workers.sweep_abandoned()))
         self.tasks.append(asyncio.create_task(metrics.flush_periodically()))
         if self.hosted is not None:
@@ -89,6 +90,11 @@ class FrontState:
             self.workers.host(self.hosted)
         else:
             self.tasks.append(asyncio.create_task(self.workers.keep_connected()))
+
+    def _beat(self) -> None:
+        """The heartbeat the supervisor watches (see gpserve/supervisor.py: hangs)."""
+        self.counters.front_beat(self.index, time.monotonic())
+        asyncio.get_running_loop().call_later(HEARTBEAT_S, self._beat)
 
     @property
     def draining(self) -> bool:

@@ -190,6 +190,8 @@ CONNECTIONS_REFUSED = Counter("gpserve_connections_refused",
 RESTARTS = Counter("gpserve_process_restarts", "Child processes restarted, by role", ["role"])
 WORKER_HANGS = Counter("gpserve_worker_hangs", "Workers killed and restarted because they "
                        "made no progress for --hang-timeout-s")
+FRONT_HANGS = Counter("gpserve_front_hangs", "Fronts killed and restarted because their "
+                      "event loop stopped turning for --hang-timeout-s (default 30 s)")
 MODEL_LOAD_SECONDS = Gauge("gpserve_model_load_seconds", "Time a worker took to load the model",
                            multiprocess_mode="max")
 

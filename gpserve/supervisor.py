@@ -51,6 +51,7 @@ WATCH_S = 0.5                # the loop looks for hangs at least this often
 STOP_SIGNAL = signal.SIGUSR2
 HANG_FLOOR_S = 5.0           # --hang-timeout-s 0: at least this long without progress
 HANG_MULTIPLE = 10.0         # ... and this many times the worker's slowest batch
+FRONT_HANG_S = 30.0          # --hang-timeout-s 0: a front's event loop, this long stopped
 
 
 def hang_limit(configured_s: float, slowest_batch_s: float) -> float:
@@ -203,30 +204,45 @@ class Supervisor:
                 os.unlink(segment_path(self.cfg.run_id, f"{arena}-{pid}"))
 
     def _kill_hung(self, metrics) -> None:
-        """A worker that makes no progress (stopped, deadlocked, a runtime stuck in a
-        kernel) holds its requests until their deadline and, to the fronts, looks idle.
-        Once it has gone ``hang_limit`` without progress it is marked not ready (fronts
-        stop routing to it), reported, and killed: its requests are answered
-        Unavailable at once, as on a crash, and it is restarted as a dead child is."""
+        """A child that makes no progress (stopped, deadlocked, a runtime stuck in a
+        kernel) holds its requests until their deadline and, to the others, looks
+        idle. Once it has gone its limit without progress it is reported and killed,
+        and restarted as a dead child is. A worker is first marked not ready (fronts
+        stop routing to it), and its requests are answered Unavailable at once, as on
+        a crash; a front's clients see their connections close, and new connections go
+        to the other fronts."""
         now = time.monotonic()
         for child in self.children:
-            if child.role != "worker" or child.restart_at is not None \
-                    or not self.counters.worker_is_ready(child.index) \
-                    or not child.process.is_alive():
+            if child.restart_at is not None or not child.process.is_alive():
                 continue
-            beat, busy_since, slowest = self.counters.worker_progress(child.index)
-            limit = hang_limit(self.cfg.hang_timeout_s, slowest)
-            why = stalled(now, beat, busy_since, limit)
-            if why is None:
+            hung = self._worker_hung(child, now) if child.role == "worker" \
+                else self._front_hung(child, now)
+            if hung is None:
                 continue
-            self.counters.worker_ready(child.index, False)
-            self.counters.count_hang()
-            metrics.WORKER_HANGS.inc()
-            log.error("%s (pid %d) is hung: %s, past its limit of %.1f s (--hang-timeout-s; "
-                      "its slowest batch took %.3f s); killing it: its requests are answered "
-                      "Unavailable and it is restarted", child.name, child.process.pid, why,
-                      limit, slowest)
+            why, limit = hung
+            if child.role == "worker":
+                self.counters.worker_ready(child.index, False)
+            self.counters.count_hang(child.role)
+            (metrics.WORKER_HANGS if child.role == "worker" else metrics.FRONT_HANGS).inc()
+            log.error("%s (pid %d) is hung: %s, past its limit of %.1f s (--hang-timeout-s); "
+                      "killing it: it is restarted", child.name, _pid(child), why, limit)
             _signal(child, signal.SIGKILL)
+
+    def _worker_hung(self, child: _Child, now: float) -> tuple[str, float] | None:
+        if not self.counters.worker_is_ready(child.index):
+            return None                              # loading, warming up
+        beat, busy_since, slowest = self.counters.worker_progress(child.index)
+        limit = hang_limit(self.cfg.hang_timeout_s, slowest)
+        why = stalled(now, beat, busy_since, limit)
+        return None if why is None else (f"{why} (its slowest batch took {slowest:.3f} s)",
+                                         limit)
+
+    def _front_hung(self, child: _Child, now: float) -> tuple[str, float] | None:
+        """A front's event loop that stopped turning (its model, if it hosts one, runs
+        in a thread of its own: the loop turns while it computes)."""
+        limit = self.cfg.hang_timeout_s or FRONT_HANG_S
+        why = stalled(now, self.counters.front_heartbeat(child.index), 0, limit)
+        return None if why is None else (why, limit)
 
     def _stop(self, sock: socket.socket) -> None:
         """Stop listening, drain the fronts, then stop the workers; remove the run's

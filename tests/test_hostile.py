@@ -609,6 +609,29 @@ def test_a_stopped_worker_is_found_killed_and_restarted_and_nothing_waits_its_de
     assert "worker0 (pid %d) is hung" % victim in s.output()
 
 
+def test_a_front_whose_event_loop_stops_is_killed_and_restarted():
+    """SIGSTOP one of two fronts: its heartbeat stops; past --hang-timeout-s the
+    supervisor kills and restarts it, while the other front serves every new request."""
+    with Server("--model", "echo", "--fronts", "2", "--hang-timeout-s", "2") as s:
+        victim = s.info()["processes"]["pids"]["fronts"][0]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            eventually(lambda: s.stats()["front_hangs"] == 1, 30, "the hang found")
+            eventually(lambda: s.stats()["front_restarts"] == 1
+                       and victim not in s.info()["processes"]["pids"]["fronts"]
+                       and min(s.info()["processes"]["connections"]) >= 0, 60,
+                       "the front restarted and accepting")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+        with Client(s.url) as c:
+            for _ in range(8):
+                assert c.execute(np.ones((1, 3), np.float32)).tolist() == [[1, 1, 1]]
+        assert s.metric("gpserve_front_hangs_total") == 1
+        assert s.stats()["worker_hangs"] == 0
+    assert "front0 (pid %d) is hung: its event loop has not turned" % victim in s.output()
+
+
 def test_requests_held_by_a_killed_worker_are_answered_at_once(tmp_path):
     """Whatever a worker held when it died, running or queued, is answered Unavailable
     as soon as the front sees the worker's link drop: nobody waits for the deadline

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from gpserve import heap, ipc, metrics
 from gpserve.config import Config
-from gpserve.counters import Counters
+from gpserve.counters import HEARTBEAT_S, Counters
 from gpserve.errors import DeadlineExceeded, InternalError, QueueFull
 from gpserve.shm import Arena, Segments, segment_path
 
@@ -36,7 +36,6 @@ from .gather import Batch, Gather
 from .pipeline import Pipeline
 
 log = logging.getLogger("gpserve.worker")
-HEARTBEAT_S = 0.1             # the event loop writes its heartbeat this often
 
 
 class Worker:
