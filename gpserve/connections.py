@@ -33,7 +33,8 @@ Both clocks (the header timeout, and uvicorn's keep-alive timeout, taken over he
 read by one sweep per front every eighth of the shorter timeout, not by a timer per
 request: uvicorn armed a timer per response, this guard one per request, and arming
 and cancelling them was a measurable share of a small request (docs/benchmarks.md,
-"Figures behind design choices"). A connection is closed at most a sweep's interval (1/8 of its timeout) late.
+"Figures behind design choices"). A connection is closed at most a sweep's interval
+(1/8 of its timeout) late.
 """
 from __future__ import annotations
 

@@ -80,14 +80,14 @@ class FrontApp:
     async def post_whole(self, body: bytes, client) -> Answer:
         """A GraphPipe request whose whole body is in hand (the connection's fast path)."""
         started = time.perf_counter()
-        async with self.state.request() as request:
+        with self.state.request() as request:
             answer = await self.answer(body, request)
         self.record(client, "POST", "/", answer, time.perf_counter() - started)
         return answer
 
     async def post(self, scope, receive) -> Answer:
         """``POST /``: a GraphPipe request, its body read here."""
-        async with self.state.request() as request:
+        with self.state.request() as request:
             try:
                 body = await self.state.body.read(scope, receive, request.regions)
             except Exception as e:

@@ -3,7 +3,8 @@
 All fronts accept from the socket the supervisor holds. Left to the event loop, the
 first front to wake takes every connection waiting: a client pool that opens 16
 connections at once often lands all 16 on one front, and that front serves them alone
-while the others idle (docs/benchmarks.md, "Figures behind design choices"). So each front accepts one connection at a time, and a front
+while the others idle (docs/benchmarks.md, "Figures behind design choices"). So each
+front accepts one connection at a time, and a front
 that holds clearly more connections than the least-loaded other front (shared
 counters; more by over 2 and over a quarter of its own) waits ``YIELD_S`` first,
 which gives that one the first pick; then it accepts anyway, so a busy or stuck front

@@ -63,6 +63,8 @@ class Regions:
 
     def release(self) -> None:
         """Free every region (again: nothing)."""
+        if not self.held:
+            return
         held, self.held = self.held, []
         for region in held:
             region.release()

@@ -3,9 +3,11 @@
 A request holds two kinds of memory: regions of the front's arena (its body, when it
 streamed in, and the tensors placed for a worker: :class:`~gpserve.regions.Regions`),
 and, once a worker answered, the worker's output memory its answer points into (given
-back with the answer's token). A door holds the request as ``async with`` around
-everything from reading the body to encoding the answer; leaving the block frees both,
-exactly once, however it was left (an answer, an error, a cancelled task).
+back with the answer's token). A door holds the request as ``with`` around everything
+from reading the body to encoding the answer; leaving the block frees both, exactly
+once, however it was left (an answer, an error, a cancelled task). (A plain ``with``,
+not ``async with``: freeing never waits, and an asynchronous context manager costs two
+coroutine objects on every request.)
 
 One exception, the deadline: a request that stops waiting for a worker has sent it
 descriptors of its regions, which the worker may still read. :meth:`hand_over` gives
@@ -34,10 +36,10 @@ class Request:
         self._lease: tuple | None = None        # (link, token): the worker's answer
         self._counters, self._front = counters, front
 
-    async def __aenter__(self) -> Request:
+    def __enter__(self) -> Request:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    def __exit__(self, *exc) -> None:
         self.close()
 
     def answered(self, link, token: int | None) -> None:

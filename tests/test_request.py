@@ -64,7 +64,7 @@ def test_an_answered_request_gives_back_the_worker_memory_and_its_own_once(front
     dispatcher.on_peer(link)
 
     async def door():
-        async with Request(arena, counters, 0) as request:
+        with Request(arena, counters, 0) as request:
             call = asyncio.create_task(send(dispatcher, request))
             await asyncio.sleep(0)
             assert arena.used > 0
@@ -85,7 +85,7 @@ def test_past_its_deadline_the_memory_waits_for_the_late_answer(front):
     dispatcher.on_peer(link)
 
     async def door():
-        async with Request(arena, counters, 0) as request:
+        with Request(arena, counters, 0) as request:
             try:
                 await send(dispatcher, request)
             except Exception as e:
@@ -104,7 +104,7 @@ def test_a_worker_s_death_fails_the_request_and_frees_its_memory_at_once(front):
     dispatcher.on_peer(link)
 
     async def door():
-        async with Request(arena, counters, 0) as request:
+        with Request(arena, counters, 0) as request:
             call = asyncio.create_task(send(dispatcher, request))
             await asyncio.sleep(0)
             dispatcher.on_lost(link)
@@ -124,7 +124,7 @@ def test_a_client_that_goes_away_leaves_its_memory_to_the_worker_s_answer(front)
     dispatcher.on_peer(link)
 
     async def door():
-        async with Request(arena, counters, 0) as request:
+        with Request(arena, counters, 0) as request:
             await send(dispatcher, request)
 
     async def scenario():
@@ -146,7 +146,7 @@ def test_a_worker_s_error_answer_is_counted_once_and_frees_everything(front):
     dispatcher.on_peer(link)
 
     async def door():
-        async with Request(arena, counters, 0) as request:
+        with Request(arena, counters, 0) as request:
             call = asyncio.create_task(send(dispatcher, request))
             await asyncio.sleep(0)
             dispatcher.on_message(link, ipc.Done(link.sent[0].req_id, (),

@@ -46,7 +46,10 @@ class Leases:
         token = next(self._tokens)
         self.lent[token] = Lease(regions, len(holders))
         for link in holders:
-            self.held_by.setdefault(link, Counter())[token] += 1
+            held = self.held_by.get(link)
+            if held is None:
+                held = self.held_by[link] = Counter()
+            held[token] += 1
         return token
 
     def give_back(self, link, tokens) -> None:
@@ -95,7 +98,7 @@ class Delivery:
         if self.arena is None:
             self.on_answered(batch)
             for q, outcome in zip(batch.entries, batch.outcomes):
-                self._answer(q, outcome, lambda out: out)     # the arrays: 0 copies
+                self._answer(q, outcome, _itself)             # the arrays: 0 copies
             return
         try:
             refs, regions = self._share(batch)
@@ -113,8 +116,9 @@ class Delivery:
         if regions and not answered:
             for region in regions:
                 region.release()
+        where = lambda out: refs[id(out)]
         for q, outcome in zip(batch.entries, batch.outcomes):
-            self._answer(q, outcome, lambda out: refs[id(out)], token)
+            self._answer(q, outcome, where, token)
 
     def _share(self, batch: Batch) -> tuple[dict[int, TensorRef], list[Region]]:
         """Where each output is shared (id(output) -> ref), and the regions those refs
@@ -157,6 +161,10 @@ class Delivery:
             answer_error(q, outcome.error)
         elif q.owner.open:
             q.owner.send(ipc.Done(q.item.req_id, _slices(q, outcome, where), None, token))
+
+
+def _itself(out):
+    return out
 
 
 def _slices(q: Queued, outcome: Outcome, where) -> tuple:

@@ -10,6 +10,7 @@ private memory when the batch closes (1 copy, ``np.concatenate``).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -118,7 +119,7 @@ class Gather:
             region = None
             if part.dtype != object:
                 shape = (capacity,) + part.shape[1:]
-                region = self.arena.alloc(int(np.prod(shape)) * part.dtype.itemsize)
+                region = self.arena.alloc(math.prod(shape) * part.dtype.itemsize)
             if region is None:
                 batch.release()
                 batch.buffers, batch.copied = [], -1

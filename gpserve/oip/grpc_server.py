@@ -100,7 +100,7 @@ class InferenceService:
 
     async def _infer(self, request, context, size: int):
         state, started = self.state, time.perf_counter()
-        async with state.request() as held:
+        with state.request() as held:
             try:
                 response = await self._answer(request, context, held)
             except Exception as e:

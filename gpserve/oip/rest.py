@@ -119,7 +119,7 @@ class RestApi:
 
     async def _shm_register(self, scope, receive, region: str) -> Answer:
         regions = self._shm(scope)
-        async with self.state.request() as held:
+        with self.state.request() as held:
             body = await self.state.body.read(scope, receive, held.regions)
             try:
                 args = orjson.loads(body)
@@ -135,7 +135,7 @@ class RestApi:
 
     # -- inference ---------------------------------------------------------------------
     async def infer(self, scope, receive, **model) -> Answer:
-        async with self.state.request() as request:
+        with self.state.request() as request:
             try:
                 return await self._infer(scope, receive, request)
             except Exception as e:
