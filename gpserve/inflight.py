@@ -106,7 +106,7 @@ class FrontState:
         return not self.draining and self.workers.ready
 
     def request(self) -> Request:
-        """A new request's memory and accounting; the door holds it ``async with``."""
+        """A new request's memory and accounting; the door holds it in a ``with`` block."""
         return Request(self.arena, self.counters, self.index)
 
     async def infer(self, req: P.InferRequest, request: Request) -> memoryview:
