@@ -38,12 +38,17 @@ class WorkerLink:
 
 @pytest.fixture
 def front():
-    """(arena, counters, make a dispatcher with a timeout in seconds)."""
+    """(arena, counters, make(timeout) -> a dispatcher with a timeout in seconds, linked
+    to a stand-in worker, and that worker's link)."""
     pid = os.getpid()
     arena = Arena(f"/dev/shm/gpserve-test-{pid}-request-arena", 1 << 20)
     counters = Counters(f"/dev/shm/gpserve-test-{pid}-request-counters", create=True)
-    yield arena, counters, lambda timeout: Dispatcher("test", 0, 1, counters, Segments(),
-                                                      timeout)
+
+    def make(timeout):
+        dispatcher, link = Dispatcher("test", 0, 1, counters, Segments(), timeout), WorkerLink()
+        dispatcher.on_peer(link)
+        return dispatcher, link
+    yield arena, counters, make
     arena.close()
     os.unlink(f"/dev/shm/gpserve-test-{pid}-request-counters")
 
@@ -58,20 +63,24 @@ def errors(counters):
     return counters.errors()
 
 
+async def answered(dispatcher, link, request, token=None, error=None):
+    """Send the request, have the stand-in worker answer it, and hold the answer."""
+    call = asyncio.create_task(send(dispatcher, request))
+    await asyncio.sleep(0)
+    dispatcher.on_message(link, ipc.Done(link.sent[0].req_id, (), error, token))
+    answer_link, done = await call
+    request.answered(answer_link, done.token)
+    return done
+
+
 def test_an_answered_request_gives_back_the_worker_memory_and_its_own_once(front):
     arena, counters, make = front
-    dispatcher, link = make(60), WorkerLink()
-    dispatcher.on_peer(link)
+    dispatcher, link = make(60)
 
     async def door():
         with Request(arena, counters, 0) as request:
-            call = asyncio.create_task(send(dispatcher, request))
-            await asyncio.sleep(0)
-            assert arena.used > 0
-            dispatcher.on_message(link, ipc.Done(link.sent[0].req_id, (), None, 5))
-            answer_link, done = await call
-            request.answered(answer_link, done.token)
-            assert link.releases == []             # still read by the door
+            await answered(dispatcher, link, request, token=5)
+            assert arena.used > 0 and link.releases == []   # still read by the door
         assert link.releases == [(5,)] and arena.used == 0
         request.close()                            # again: nothing
         assert link.releases == [(5,)] and arena.used == 0
@@ -81,8 +90,7 @@ def test_an_answered_request_gives_back_the_worker_memory_and_its_own_once(front
 
 def test_past_its_deadline_the_memory_waits_for_the_late_answer(front):
     arena, counters, make = front
-    dispatcher, link = make(0.02), WorkerLink()
-    dispatcher.on_peer(link)
+    dispatcher, link = make(0.02)
 
     async def door():
         with Request(arena, counters, 0) as request:
@@ -100,8 +108,7 @@ def test_past_its_deadline_the_memory_waits_for_the_late_answer(front):
 
 def test_a_worker_s_death_fails_the_request_and_frees_its_memory_at_once(front):
     arena, counters, make = front
-    dispatcher, link = make(60), WorkerLink()
-    dispatcher.on_peer(link)
+    dispatcher, link = make(60)
 
     async def door():
         with Request(arena, counters, 0) as request:
@@ -120,8 +127,7 @@ def test_a_client_that_goes_away_leaves_its_memory_to_the_worker_s_answer(front)
     """A cancelled RPC cancels its task while the worker holds the request: freeing its
     regions then would let the next request's bytes overwrite what the worker reads."""
     arena, counters, make = front
-    dispatcher, link = make(60), WorkerLink()
-    dispatcher.on_peer(link)
+    dispatcher, link = make(60)
 
     async def door():
         with Request(arena, counters, 0) as request:
@@ -142,17 +148,12 @@ def test_a_client_that_goes_away_leaves_its_memory_to_the_worker_s_answer(front)
 
 def test_a_worker_s_error_answer_is_counted_once_and_frees_everything(front):
     arena, counters, make = front
-    dispatcher, link = make(60), WorkerLink()
-    dispatcher.on_peer(link)
+    dispatcher, link = make(60)
 
     async def door():
         with Request(arena, counters, 0) as request:
-            call = asyncio.create_task(send(dispatcher, request))
-            await asyncio.sleep(0)
-            dispatcher.on_message(link, ipc.Done(link.sent[0].req_id, (),
-                                                 (ModelError.code, "the model failed"), None))
-            answer_link, done = await call
-            request.answered(answer_link, done.token)
+            done = await answered(dispatcher, link, request,
+                                  error=(ModelError.code, "the model failed"))
             failure = request.fail(ModelError(done.error[1]))
             assert arena.used == 0                 # freed by fail, before the answer goes
         assert failure.code == ModelError.code and failure.message == "the model failed"

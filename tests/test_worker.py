@@ -87,6 +87,22 @@ def submit(arena, req_id, rows):
     return ipc.Submit(req_id, (ref,), ("x",), ("y",), "", len(x), ("x", (2,)), 1e12)
 
 
+async def behind_a_busy_device(worker, backend, front, arena, first, rest):
+    """Request 1 (``first``'s rows) runs while the device is held busy; the requests of
+    ``rest`` (rows each, numbered from 2) come meanwhile and are staged; then the device
+    frees. (How many staged requests were copied in, and the worker's shared memory in
+    use, while the device ran; every answer, in order.)"""
+    backend.gate.clear()
+    worker.on_message(front, submit(arena, 1, first))
+    await asyncio.sleep(0)                         # a turn: request 1 starts
+    for req_id, rows in enumerate(rest, start=2):
+        worker.on_message(front, submit(arena, req_id, rows))
+    await asyncio.sleep(0)                         # a turn: the rest staged
+    while_busy = (worker.staged.copied if worker.staged else 0, worker.arena.used)
+    backend.gate.set()
+    return while_busy, await front.answers(*range(1, len(rest) + 2))
+
+
 def values(done):
     (out,) = done.outputs
     return Segments().view(out.ref)[out.start:out.stop].tolist()
@@ -110,16 +126,9 @@ def test_rows_that_come_while_the_device_runs_are_staged_and_run_as_one_batch(ru
         await worker.start()
         backend.runs.clear()
         front = Front()
-        backend.gate.clear()                       # the device is busy with request 1
-        worker.on_message(front, submit(arena, 1, [[1, 1]]))
-        await asyncio.sleep(0)                     # a turn: request 1 starts
-        for i in (2, 3, 4):
-            worker.on_message(front, submit(arena, i, [[i, i]]))
-        await asyncio.sleep(0)                     # a turn: 2-4 staged and copied in
-        assert worker.staged is not None and worker.staged.copied == 3
-        assert worker.arena.used > 0               # the gather happened while busy
-        backend.gate.set()
-        answers = await front.answers(1, 2, 3, 4)
+        (copied, used), answers = await behind_a_busy_device(
+            worker, backend, front, arena, [[1, 1]], [[[i, i]] for i in (2, 3, 4)])
+        assert copied == 3 and used > 0            # gathered while the device ran
         assert backend.runs == [1, 3]              # 1 alone, then 2-4 as one batch
         assert [values(d) for d in answers] == [[[2, 2]], [[4, 4]], [[6, 6]], [[8, 8]]]
         tokens = {d.token for d in answers}
@@ -162,15 +171,8 @@ def test_one_bad_request_in_a_merged_batch_fails_alone(run):
     async def main():
         worker, arena, _ = run(backend, batch_check_every=0)
         await worker.start()
-        front = Front()
-        backend.gate.clear()
-        worker.on_message(front, submit(arena, 1, [[1, 1]]))
-        await asyncio.sleep(0)
-        worker.on_message(front, submit(arena, 2, [[2, 2]]))
-        worker.on_message(front, submit(arena, 3, [[np.nan, 0]]))
-        worker.on_message(front, submit(arena, 4, [[4, 4]]))
-        backend.gate.set()
-        one, two, three, four = await front.answers(1, 2, 3, 4)
+        _, (one, two, three, four) = await behind_a_busy_device(
+            worker, backend, Front(), arena, [[1, 1]], [[[2, 2]], [[np.nan, 0]], [[4, 4]]])
         assert three.error[0] == ModelError.code and "a NaN row" in three.error[1]
         assert values(two) == [[4, 4]] and values(four) == [[8, 8]]
     asyncio.run(main())
@@ -182,14 +184,8 @@ def test_the_live_check_finds_a_model_whose_answers_depend_on_the_batch(run):
     async def main():
         worker, arena, counters = run(backend, batch_check_every=1)
         await worker.start()
-        front = Front()
-        backend.gate.clear()
-        worker.on_message(front, submit(arena, 1, [[0, 0]]))
-        await asyncio.sleep(0)
-        worker.on_message(front, submit(arena, 2, [[1, 1]]))
-        worker.on_message(front, submit(arena, 3, [[3, 3]]))
-        backend.gate.set()
-        _, two, three = await front.answers(1, 2, 3)
+        _, (_, two, three) = await behind_a_busy_device(
+            worker, backend, Front(), arena, [[0, 0]], [[[1, 1]], [[3, 3]]])
         assert values(two) == [[-1, -1]] and values(three) == [[1, 1]]   # mean 2
         checks = counters.batch_checks()
         assert checks["checks"] == 1 and checks["changed"] == 1
