@@ -82,36 +82,33 @@ class Release(NamedTuple):
 
 _MESSAGES = (Hello, Submit, Done, Release)          # the index is the wire tag
 _TAGS = {cls: tag for tag, cls in enumerate(_MESSAGES)}
-# field -> (type of each element, whether the field holds a sequence of them)
-_NESTED: dict[type, dict[str, tuple[type, bool]]] = {
-    Submit: {"inputs": (TensorRef, True)},
-    Done: {"outputs": (OutputSlice, True)},
-    OutputSlice: {"ref": (TensorRef, False)},
-}
+_SUBMIT, _DONE = _TAGS[Submit], _TAGS[Done]
+_make_ref = TensorRef._make
 
 
+# Messages go over the wire as marshal'd tuples of plain values, field by field in
+# order. The two that nest NamedTuples (a Submit's input refs; a Done's output slices
+# and their refs) are flattened and rebuilt by hand: namedtuple's generic _replace made
+# them a measurable share of every request through a worker (docs/benchmarks.md,
+# "Figures behind design choices").
 def _plain(message) -> tuple:
-    nested = _NESTED.get(type(message))
-    if not nested:
-        return tuple(message)
-    changes = {}
-    for name, (_, many) in nested.items():
-        value = getattr(message, name)
-        changes[name] = tuple(map(_plain, value)) if many else _plain(value)
-    return tuple(message._replace(**changes))
+    kind = type(message)
+    if kind is Submit:
+        return (message[0], tuple(map(tuple, message[1])), *message[2:])
+    if kind is Done:
+        return (message[0], tuple((tuple(o[0]), o[1], o[2]) for o in message[1]),
+                message[2], message[3])
+    return tuple(message)
 
 
-def _rebuild(cls, fields):
-    message = cls._make(fields)
-    nested = _NESTED.get(cls)
-    if not nested:
-        return message
-    changes = {}
-    for name, (kind, many) in nested.items():
-        value = getattr(message, name)
-        changes[name] = (tuple(_rebuild(kind, v) for v in value) if many
-                         else _rebuild(kind, value))
-    return message._replace(**changes)
+def _rebuild(tag: int, fields: tuple):
+    if tag == _SUBMIT:
+        return Submit(fields[0], tuple(map(_make_ref, fields[1])), *fields[2:])
+    if tag == _DONE:
+        return Done(fields[0], tuple([OutputSlice(_make_ref(ref), start, stop)
+                                      for ref, start, stop in fields[1]]),
+                    fields[2], fields[3])
+    return _MESSAGES[tag]._make(fields)
 
 
 def frame(message) -> bytes:
@@ -137,7 +134,7 @@ class FrameBuffer:
             if end - pos - 4 < size:
                 break
             tag, fields = marshal.loads(buf[pos + 4:pos + 4 + size])
-            out.append(_rebuild(_MESSAGES[tag], fields))
+            out.append(_rebuild(tag, fields))
             pos += 4 + size
         if pos:
             del buf[:pos]

@@ -307,7 +307,7 @@ def test_deadlines_fail_each_request_in_turn_and_late_answers_free_what_they_hol
     asyncio.run(scenario())
 
 
-def test_messages_round_trip_by_field_name():
+def test_messages_round_trip_with_their_nested_types():
     ref = ipc.TensorRef("/dev/shm/x", 64, 9, (2, 3))
     for message in (ipc.Hello("front", 1, 42),
                     ipc.Submit(7, (ref, ref), ("a", "b"), ("y",), "cfg", 2, ("k", 1), 3.5),
@@ -321,3 +321,5 @@ def test_messages_round_trip_by_field_name():
         if type(back) is ipc.Done and back.outputs:
             assert type(back.outputs[0]) is ipc.OutputSlice
             assert type(back.outputs[0].ref) is ipc.TensorRef
+        if type(back) is ipc.Submit:
+            assert all(type(r) is ipc.TensorRef for r in back.inputs)
