@@ -121,7 +121,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     The fast path: a ``POST /`` whose whole body (at most ``settings.fast_limit`` bytes)
     came in the same read as its headers, on a connection answering nothing else, is
-    answered by ``await settings.fast_post(body, client) -> Answer``
+    answered by ``await settings.fast_post(body, client, url, headers) -> Answer``
     and written here: no ASGI scope, messages, receive or send (uvicorn's side of a
     small request was a quarter of a front's time). Anything else, or a request whose
     body has not all come by the end of the read, goes through uvicorn and the ASGI app
@@ -261,8 +261,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self.fast_body = None
         answering = Answering()
         self.cycle = answering  # type: ignore[assignment]  # stands in for uvicorn's cycle
-        task = self.loop.create_task(self._answer(
-            answering, pieces[0] if len(pieces) == 1 else b"".join(pieces)))
+        task = self.loop.create_task(self._answer(      # url, headers: this request's
+            answering, pieces[0] if len(pieces) == 1 else b"".join(pieces), self.url,
+            self.headers))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
@@ -308,11 +309,13 @@ class GuardedProtocol(HttpToolsProtocol):
         for piece in pieces:
             super().on_body(piece)
 
-    async def _answer(self, answering: Answering, body: bytes) -> None:
+    async def _answer(self, answering: Answering, body: bytes, url: bytes,
+                      headers: list) -> None:
+        headers_out = None
         try:
             assert self.settings.fast_post is not None, "only the fast path answers here"
-            answer = await self.settings.fast_post(body, self.client)
-            status, response = answer.status, answer.body
+            answer = await self.settings.fast_post(body, self.client, url, headers)
+            status, response, headers_out = answer.status, answer.body, answer.headers
         except Exception:
             log.exception("internal error answering a request")
             status, response = 500, b""
@@ -324,7 +327,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.draining:
             answering.keep_alive = False
         data = RESPONSE_HEAD(status, len(response), self.server_state.default_headers,
-                             answering.keep_alive)
+                             answering.keep_alive, headers_out)
         if len(response) < OneWrite.JOIN_BELOW:
             self.transport.write(data + response)          # 1 copy of a small body
         else:

@@ -3,8 +3,11 @@ head of its responses, the stand-in for uvicorn's request cycle while one is ans
 and the joined writes of the responses uvicorn makes (:class:`OneWrite`). The
 connection that uses them is :class:`gpserve.connections.GuardedProtocol`.
 
-A small ``POST /`` whose body came whole with its headers is answered without ASGI: no
-request-cycle object, no ``receive``/``send`` messages, one write for head and body.
+A small ``POST /`` (GraphPipe) or ``POST /v2/models/{name}[/versions/{v}]/infer`` with
+the binary extension (an ``Inference-Header-Content-Length``) whose body came whole
+with its headers is answered without ASGI: no request-cycle object, no
+``receive``/``send`` messages, one write for head and body. JSON-only v2 bodies keep
+uvicorn's path: they cost the JSON, not the HTTP.
 """
 from __future__ import annotations
 
@@ -15,15 +18,19 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"     # uvicorn's exact bytes (its con
 
 def fast_path_takes(method: bytes, url: bytes, version: str, keep_alive: bool,
                     headers: list, expect_continue: bool, limit: int) -> bool:
-    """Whether a request's headers qualify it for the fast path: ``POST /`` over
+    """Whether a request's headers qualify it for the fast path: ``POST /``, or a v2
+    infer URL with an ``Inference-Header-Content-Length`` (binary extension), over
     HTTP/1.1 keep-alive with a Content-Length of at most ``limit`` bytes, no
     ``Transfer-Encoding``, ``Content-Encoding`` or ``Expect``. (Whether its body then
     came whole in the same read is known only after the read: see
-    ``guarded_protocol``.)"""
-    if (method != b"POST" or url != b"/" or version != "1.1" or not keep_alive
-            or expect_continue):
+    ``guarded_protocol``; whether a v2 URL names the model served, by the v2 routes.)"""
+    if method != b"POST" or version != "1.1" or not keep_alive or expect_continue:
         return False
-    length = None
+    v2 = url != b"/"
+    if v2 and not (url.startswith(b"/v2/models/") and url.endswith(b"/infer")
+                   and b"?" not in url):
+        return False
+    length, binary = None, False
     for name, value in headers:
         if name == b"content-length":
             if length is not None or not value.isdigit():
@@ -31,7 +38,9 @@ def fast_path_takes(method: bytes, url: bytes, version: str, keep_alive: bool,
             length = int(value)
         elif name in (b"transfer-encoding", b"expect", b"content-encoding"):
             return False
-    return length is not None and length <= limit
+        elif name == b"inference-header-content-length":
+            binary = True
+    return length is not None and length <= limit and (binary or not v2)
 
 
 class _NoEvent:
@@ -63,11 +72,16 @@ class ResponseHead:
 
     def __init__(self, content_type: bytes):
         self.content_type = b"content-type: %s\r\n" % content_type
+        self.last_headers: tuple | None = None
+        self.last_typed = b""
         self.defaults: list | None = None
         self.defaults_bytes = b""
         self.status_lines: dict[int, bytes] = {}
 
-    def __call__(self, status: int, length: int, defaults: list, keep_alive: bool) -> bytes:
+    def __call__(self, status: int, length: int, defaults: list, keep_alive: bool,
+                 headers: tuple | None = None) -> bytes:
+        """``headers``: the answer's own (its type, and any other), in place of the
+        content type this head was made with."""
         line = self.status_lines.get(status)
         if line is None:
             line = self.status_lines[status] = b"HTTP/1.1 %d %s\r\n" % (
@@ -75,8 +89,15 @@ class ResponseHead:
         if defaults is not self.defaults:
             self.defaults = defaults
             self.defaults_bytes = b"".join(b"%s: %s\r\n" % kv for kv in defaults)
+        if headers is None:
+            typed = self.content_type
+        elif headers is self.last_headers:           # the same constant: cached by identity
+            typed = self.last_typed
+        else:
+            typed = b"".join(b"%s: %s\r\n" % kv for kv in headers)
+            self.last_headers, self.last_typed = headers, typed
         return b"%s%s%scontent-length: %d\r\n%s\r\n" % (
-            line, self.defaults_bytes, self.content_type, length,
+            line, self.defaults_bytes, typed, length,
             b"" if keep_alive else b"connection: close\r\n")
 
 

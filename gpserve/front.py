@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -77,12 +78,21 @@ class FrontApp:
         self.state.access.record(client[0] if client else None, method, path, answer.status,
                                  answer.kind, answer.received, len(answer.body), seconds)
 
-    async def post_whole(self, body: bytes, client) -> Answer:
-        """A GraphPipe request whose whole body is in hand (the connection's fast path)."""
+    async def post_whole(self, body: bytes, client, url: bytes = b"/",
+                         headers: Sequence[tuple[bytes, bytes]] = ()) -> Answer:
+        """A request whose whole body is in hand (the connection's fast path): GraphPipe
+        (``POST /``), or a v2 infer with the binary extension."""
         started = time.perf_counter()
-        with self.state.request() as request:
-            answer = await self.answer(body, request)
-        self.record(client, "POST", "/", answer, time.perf_counter() - started)
+        if url == b"/":
+            with self.state.request() as request:
+                answer = await self.answer(body, request)
+            path = "/"
+        else:
+            path = url.decode("latin-1")
+            answer = await self.v2.infer_whole(path, body, {"client": client,
+                                                              "headers": headers})
+            answer.received = len(body)
+        self.record(client, "POST", path, answer, time.perf_counter() - started)
         return answer
 
     async def post(self, scope, receive) -> Answer:

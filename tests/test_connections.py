@@ -5,6 +5,7 @@ stand-in handler), and over raw sockets against a real server: the cases OneWrit
 not hold back (100 Continue, HEAD, pipelined requests), and the fast path and uvicorn's
 path answering alike."""
 import asyncio
+import json
 import socket
 import time
 
@@ -159,6 +160,11 @@ def test_which_requests_the_fast_path_takes():
               headers=[(b"host", b"x"), (b"content-length", b"100")], expect_continue=False,
               limit=1000)
     assert fast_path_takes(**ok)
+    binary = [(b"content-length", b"100"), (b"inference-header-content-length", b"60")]
+    for url in (b"/v2/models/m/infer", b"/v2/models/m/versions/1/infer"):
+        assert fast_path_takes(**{**ok, "url": url, "headers": binary})   # binary v2
+        assert not fast_path_takes(**{**ok, "url": url})                  # JSON only
+    assert not fast_path_takes(**{**ok, "url": b"/v2/models/m/infer?x=1", "headers": binary})
     for change in ({"method": b"GET"}, {"url": b"/?x=1"}, {"url": b"/v2/models"},
                    {"version": "1.0"}, {"keep_alive": False}, {"expect_continue": True},
                    {"limit": 99},
@@ -176,6 +182,12 @@ def test_the_response_head_carries_uvicorn_s_default_headers_of_the_moment():
     assert head(200, 52, defaults, True) == (
         b"HTTP/1.1 200 OK\r\ndate: Sat, 28 Nov 2026 07:00:00 GMT\r\n"
         b"content-type: application/octet-stream\r\ncontent-length: 52\r\n\r\n")
+    typed = ((b"content-type", b"application/json"), (b"inference-header-content-length",
+                                                       b"12"))
+    assert head(200, 12, defaults, True, typed) == (                  # an answer's own headers
+        b"HTTP/1.1 200 OK\r\ndate: Sat, 28 Nov 2026 07:00:00 GMT\r\n"
+        b"content-type: application/json\r\ninference-header-content-length: 12\r\n"
+        b"content-length: 12\r\n\r\n")
     later = [(b"date", b"Sat, 28 Nov 2026 07:00:01 GMT")]       # uvicorn's next second
     assert head(400, 0, later, False) == (
         b"HTTP/1.1 400 Bad Request\r\ndate: Sat, 28 Nov 2026 07:00:01 GMT\r\n"
@@ -185,7 +197,9 @@ def test_the_response_head_carries_uvicorn_s_default_headers_of_the_moment():
 
 def _connection(seen: list):
     """A connection of a front whose fast path and ASGI app record what they get."""
-    async def fast_post(body, client):
+    async def fast_post(body, client, url, headers):
+        if url != b"/":                                   # a v2 infer: its url and header
+            seen.append(("fast", url, dict(headers)[b"inference-header-content-length"]))
         seen.append(("fast", bytes(body)))
         return Answer(200, b"answer:" + body, "infer")
 
@@ -236,6 +250,15 @@ def test_a_whole_small_request_takes_the_fast_path_and_anything_else_uvicorn_s()
         assert seen[3:] == [("fast", b"first"), ("asgi", b"secnd")]
         assert transport.writes[3].endswith(b"answer:first")
         assert transport.writes[4].endswith(b"ok") and not transport.closed
+        # a v2 infer with binary data: the fast path, with its own url and headers
+        v2 = b"POST /v2/models/m/infer HTTP/1.1\r\nInference-Header-Content-Length: 3\r\n"
+        protocol.data_received(v2 + b"Content-Length: 5\r\n\r\nhello")
+        await _until(lambda: len(transport.writes) == 6)
+        assert seen[5:] == [("fast", b"/v2/models/m/infer", b"3"), ("fast", b"hello")]
+        protocol.data_received(b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 2\r\n"
+                               b"\r\n{}")                   # JSON only: uvicorn's path
+        await _until(lambda: len(transport.writes) == 7)
+        assert seen[7] == ("asgi", b"{}")
         protocol.connection_lost(None)
     asyncio.run(scenario())
 
@@ -272,6 +295,42 @@ def test_the_fast_path_and_uvicorn_s_answer_alike_over_a_real_connection():
         eventually(lambda: s.metric("gpserve_requests_total", status="200",
                                     kind="infer") == 3, 10, "the answers counted")
         assert s.metric("gpserve_requests_total", status="400", kind="error") == 2
+
+
+def test_v2_binary_answers_alike_on_the_fast_path_and_uvicorn_s():
+    """The same binary-extension infer request whole (the fast path) and split over two
+    reads (uvicorn's): the same status, headers and body; a wrong model the same 404."""
+    x = np.arange(16, dtype=np.float32).reshape(1, 16)
+    header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16],
+                                     "parameters": {"binary_data_size": 64}}],
+                         "outputs": [{"name": "x", "parameters": {"binary_data": True}}]})
+    body = header.encode() + x.tobytes()
+    with Server("--model", "echo", "--fronts", "1") as s:
+        def exchange(path: bytes, split: bool):
+            head = (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                    b"Inference-Header-Content-Length: %d\r\n\r\n" % (len(body), len(header)))
+            with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(head + (body[:20] if split else body))
+                if split:
+                    time.sleep(0.2)                  # the rest in a later read
+                    sock.sendall(body[20:])
+                [(got_head, answer)] = read_responses(sock, [False])
+                status, *lines = got_head.split(b"\r\n")
+                return status, dict(line.lower().split(b": ", 1) for line in lines
+                                    if not line.lower().startswith(b"date:")), answer
+        fast = exchange(b"/v2/models/echo/infer", split=False)
+        assert exchange(b"/v2/models/echo/infer", split=True) == fast
+        status, headers, answer = fast
+        assert status == b"HTTP/1.1 200 OK"
+        length = int(headers[b"inference-header-content-length"])
+        assert json.loads(answer[:length])["outputs"][0]["shape"] == [1, 16]
+        assert np.frombuffer(answer[length:], np.float32).tolist() == x.ravel().tolist()
+        wrong = exchange(b"/v2/models/other/infer", split=False)
+        assert wrong == exchange(b"/v2/models/other/infer", split=True)
+        assert wrong[0] == b"HTTP/1.1 404 Not Found" and b"other" in wrong[2]
+        eventually(lambda: s.metric("gpserve_requests_total", status="200",
+                                    kind="v2_infer") == 2, 10, "both answers counted")
 
 
 def _header_names(head: bytes) -> list[bytes]:

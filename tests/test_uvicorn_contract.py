@@ -46,7 +46,7 @@ PROTOCOL_METHODS = {
 # attributes of a protocol once its connection is made
 PROTOCOL_ATTRIBUTES = ("loop", "connections", "tasks", "timeout_keep_alive",
                        "limit_concurrency", "server_state", "parser", "cycle", "pipeline",
-                       "flow", "transport", "client", "headers", "expect_100_continue")
+                       "flow", "transport", "client", "url", "headers", "expect_100_continue")
 CYCLE_ATTRIBUTES = ("response_complete", "disconnected", "keep_alive", "more_body",
                     "message_event", "scope", "transport", "body")
 SERVER_MEMBERS = ("startup", "shutdown", "handle_exit", "capture_signals", "server_state",

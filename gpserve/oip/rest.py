@@ -137,12 +137,29 @@ class RestApi:
     async def infer(self, scope, receive, **model) -> Answer:
         with self.state.request() as request:
             try:
-                return await self._infer(scope, receive, request)
+                header_length = _header_length(scope)
+                body = await self.state.body.read(scope, receive, request.regions,
+                                                  align_at=header_length)
+                return await self._infer(body, header_length, scope, request)
             except Exception as e:
-                failure = request.fail(e)
-                return Answer(failure.http_status, _error(failure.message), "v2_error", JSON)
+                return _failed(request, e)
 
-    async def _infer(self, scope, receive, request) -> Answer:
+    async def infer_whole(self, path: str, body: bytes, scope: dict) -> Answer:
+        """A binary-extension infer request whose whole body is in hand (the connection's
+        fast path; ``scope`` holds its client and headers). Its answer is what
+        :meth:`handle` would give."""
+        try:
+            _, params = self.router.find("POST", path)
+            self._check_model(params["model"], params.get("version"))
+        except Refused as e:
+            return Answer(e.http_status, _error(e.message), "v2_error", JSON)
+        with self.state.request() as request:
+            try:
+                return await self._infer(body, _header_length(scope), scope, request)
+            except Exception as e:
+                return _failed(request, e)
+
+    async def _infer(self, body, header_length: int | None, scope, request) -> Answer:
         state, shm = self.state, self.state.client_regions
 
         def read_region(name, offset, nbytes, where):     # into the arena, for the worker
@@ -151,8 +168,6 @@ class RestApi:
 
         def write_region(name, offset, nbytes, data, where):   # the registration decoded
             shm.write(name, offset, nbytes, data, where, pinned[name])
-        header_length = _header_length(scope)
-        body = await state.body.read(scope, receive, request.regions, align_at=header_length)
         max_strings, why = state.string_limit
         call = decode_infer(body, header_length, max_strings, why, read_region)
         if call.to_regions:
@@ -165,6 +180,11 @@ class RestApi:
             return Answer(200, out, "v2_infer", JSON, len(body))
         return Answer(200, out, "v2_infer", OCTETS + (
             (b"inference-header-content-length", b"%d" % json_length),), len(body))
+
+
+def _failed(request, e: Exception) -> Answer:
+    failure = request.fail(e)
+    return Answer(failure.http_status, _error(failure.message), "v2_error", JSON)
 
 
 def _header_length(scope) -> int | None:
