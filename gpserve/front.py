@@ -31,7 +31,7 @@ from .oip.rest import RestApi, is_v2
 from .protocol.messages import type_name
 
 log = logging.getLogger("gpserve.front")
-FAST_BODY_MAX = 64 * 1024        # bodies up to this come whole in one read, or nearly
+FAST_BODY_MAX = 256 * 1024       # bodies up to this often come whole in one read
 
 
 async def _respond(send, status: int, body, headers=OCTETS, send_body=True) -> None:

@@ -9,9 +9,12 @@ Reported: rows/s, p50/p99, and the per-row cost of hashing a row and of an LMDB 
 The echo model under the same 100%-repeated load is the
 "trivial model" a cache hit is compared with.
 
-Targets: with 100% repeated rows, >= 10x the uncached rows/s of the OCR classifier and
->= 0.9x the echo model's requests/s; with 0% repeated rows, >= 0.95x the rows/s with
-the cache off.
+The floor under a hit: the same body read by a raw ASGI app on the same uvicorn,
+answering three floats (``comparators.rows_floor_app``).
+
+Targets: with 100% repeated rows, >= 10x the uncached rows/s of the OCR classifier,
+>= 0.9x the echo model's requests/s and >= 0.8x the floor's; with 0% repeated rows,
+>= 0.95x the rows/s with the cache off.
 
     python perf/cache.py [--quick] [--json FILE] [--png FILE]
 """
@@ -31,7 +34,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402
-from _common import bar_chart, exit_cleanly_on_sigterm, print_table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    Process,
+    bar_chart,
+    exit_cleanly_on_sigterm,
+    free_port,
+    print_table,
+    uvicorn_argv,
+    write_json,
+)
 
 from gpserve import protocol as P  # noqa: E402
 from gpserve.testing import Server  # noqa: E402
@@ -136,6 +147,22 @@ def per_row_costs(make, names, tmp: Path) -> dict:
             "checksum_us_per_hit": checksum_us}
 
 
+def _floor(body: bytes, workers: int, secs: float, reps: int) -> dict:
+    """The floor under a cache hit: the same body read by a raw ASGI app on the same
+    uvicorn, with as many processes as gpserve's fronts, answering three floats."""
+    port = free_port()
+    floor = Process(uvicorn_argv("comparators:rows_floor_app", port, workers),
+                    f"http://127.0.0.1:{port}/", b"")
+    try:
+        rep = loadgen.run(f"http://127.0.0.1:{port}/", body, CLIENTS, secs, repeats=reps)
+    finally:
+        floor.stop()
+    print(f"  the HTTP floor with the same body: {rep['rps']:.0f} requests/s", flush=True)
+    return {"model": "floor", "cache": "-", "repeated": "100%", "rows_s": rep["rps"],
+            "p50_ms": rep["p50_ms"], "p99_ms": rep["p99_ms"], "engine": rep["engine"],
+            "errors": rep["errors"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,6 +221,8 @@ def main(argv=None) -> int:
                                      "errors": rep["errors"]})
                         print(f"  echo with the same body: {rep['rps']:.0f} requests/s",
                               flush=True)
+                        rows.append(_floor(bodies.pool[0], on.info()["processes"]["fronts"],
+                                           secs, reps))
 
     by = {(r["model"], r["cache"], r["repeated"]): r for r in rows}
     print(f"\n{CLIENTS} concurrent clients, single-row requests")
@@ -208,6 +237,8 @@ def main(argv=None) -> int:
     t.append(("ocr-cls 100% repeated: on / off", r, ">= 10", r >= 10))
     r = by["ocr-cls", "on", "100%"]["rows_s"] / by["echo", "-", "100%"]["rows_s"]
     t.append(("ocr-cls 100% repeated hits / echo req/s", r, ">= 0.9", r >= 0.9))
+    r = by["ocr-cls", "on", "100%"]["rows_s"] / by["floor", "-", "100%"]["rows_s"]
+    t.append(("ocr-cls 100% repeated hits / HTTP floor req/s", r, ">= 0.8", r >= 0.8))
     for m in ("ocr-cls", "minilm"):
         r = by[m, "on", "0%"]["rows_s"] / by[m, "off", "0%"]["rows_s"]
         t.append((f"{m} 0% repeated: on / off", r, ">= 0.95", r >= 0.95))
