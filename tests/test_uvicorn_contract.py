@@ -46,7 +46,7 @@ PROTOCOL_METHODS = {
 # attributes of a protocol once its connection is made
 PROTOCOL_ATTRIBUTES = ("loop", "connections", "tasks", "timeout_keep_alive",
                        "limit_concurrency", "server_state", "parser", "cycle", "pipeline",
-                       "flow", "transport", "client", "url", "headers", "expect_100_continue")
+                       "flow", "transport", "client", "headers", "expect_100_continue")
 CYCLE_ATTRIBUTES = ("response_complete", "disconnected", "keep_alive", "more_body",
                     "message_event", "scope", "transport", "body")
 SERVER_MEMBERS = ("startup", "shutdown", "handle_exit", "capture_signals", "server_state",
@@ -83,7 +83,7 @@ def test_every_attribute_we_read_is_there_on_a_live_connection():
         protocol.data_received(b"POST /v2 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
                                b"\r\nab")
         cycle = protocol.cycle
-        assert protocol.url == b"/v2"                    # set by on_message_begin, on_url
+        assert protocol.url == b"/v2"         # on_message_begin, on_url; the fast path reads it
         assert type(cycle) is RequestResponseCycle
         missing = [a for a in CYCLE_ATTRIBUTES if not hasattr(cycle, a)]
         assert not missing, f"uvicorn {uvicorn.__version__}: the cycle lacks {missing}"
