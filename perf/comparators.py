@@ -26,27 +26,23 @@ async def _echo(request: Request) -> JSONResponse:
 json_app = Starlette(routes=[Route("/", _echo, methods=["POST"])])
 
 
-_THREE_FLOATS = bytes(P.encode_response(P.InferResponse([np.zeros((1, 3), np.float32)])))
+def _reads_the_body_and_answers(body: bytes, headers: list):
+    """A raw ASGI app that reads the whole body, then answers ``body``."""
+    head = {"type": "http.response.start", "status": 200,
+            "headers": headers + [(b"content-length", b"%d" % len(body))]}
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        await send(head)
+        await send({"type": "http.response.body", "body": body})
+    return app
 
 
-async def rows_floor_app(scope, receive, send) -> None:
-    if scope["type"] != "http":
-        return
-    more = True
-    while more:
-        more = (await receive()).get("more_body", False)
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/octet-stream"),
-                            (b"content-length", b"%d" % len(_THREE_FLOATS))]})
-    await send({"type": "http.response.body", "body": _THREE_FLOATS})
-
-
-async def floor_app(scope, receive, send) -> None:
-    if scope["type"] != "http":
-        return
-    more = True
-    while more:
-        more = (await receive()).get("more_body", False)
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-length", b"2")]})
-    await send({"type": "http.response.body", "body": b"ok"})
+floor_app = _reads_the_body_and_answers(b"ok", [])
+rows_floor_app = _reads_the_body_and_answers(
+    bytes(P.encode_response(P.InferResponse([np.zeros((1, 3), np.float32)]))),
+    [(b"content-type", b"application/octet-stream")])
