@@ -159,12 +159,9 @@ class Region(NamedTuple):
         self.arena.release(self.offset, self.nbytes)
 
     def array(self, dtype, shape) -> np.ndarray:
-        """The region's bytes as an array of ``shape`` (0 copies)."""
-        count = 1
-        for d in shape:
-            count *= d
-        return self.arena.buf[self.offset:self.offset + count * np.dtype(dtype).itemsize] \
-            .view(dtype).reshape(shape)
+        """The region's bytes as an array of ``shape`` (0 copies; the region was allocated
+        for exactly that array)."""
+        return self.arena.buf[self.offset:self.offset + self.nbytes].view(dtype).reshape(shape)
 
     def ref(self, ttype: int, shape: tuple) -> TensorRef:
         """The descriptor another process maps this region by."""
