@@ -30,9 +30,10 @@ def _part(h, data: bytes) -> None:
 
 
 def fingerprint(model_path: str) -> str:
-    """BLAKE3 hex digest of a model file or directory ('echo' for the echo model)."""
-    if model_path == "echo":
-        return "echo"
+    """BLAKE3 hex digest of a model file or directory; the built-in models (echo, the
+    stand-in: code, no file) are their name."""
+    if model_path == "echo" or model_path.startswith("standin:"):
+        return model_path
     path = Path(model_path)
     h = blake3.blake3()
     files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
