@@ -125,31 +125,41 @@ class FrontState:
         The protocol-neutral core of a request, whichever protocol decoded it: returns
         (output names, output arrays). The arrays may be views of a worker's shared
         memory, valid until the request closes: encode them before."""
-        names, outputs, rows = self.spec.check(tensors, input_names, output_names)
-        if rows is not None and rows > self.cfg.max_queue:
-            raise TooManyRows(f"the request has {rows} rows, more than the queue holds "
-                              f"(--max-queue {self.cfg.max_queue}); split it into requests "
-                              f"of at most {self.cfg.max_queue} rows")
-        options = request_options(config)
-        alone = not options["batch"]
-        if self.cache is not None and rows and options["cache"]:
-            arrays = await self._run_cached(tensors, names, outputs, config, rows, request,
-                                            alone)
-        else:
-            refs = tuple(self._for_worker(request.regions, t) for t in tensors)
-            arrays = await self._compute(refs, names, outputs, config, rows, request, alone)
-        return outputs, arrays
+        started, ok = time.perf_counter_ns(), False
+        try:
+            names, outputs, rows = self.spec.check(tensors, input_names, output_names)
+            if rows is not None and rows > self.cfg.max_queue:
+                raise TooManyRows(f"the request has {rows} rows, more than the queue "
+                                  f"holds (--max-queue {self.cfg.max_queue}); split it into "
+                                  f"requests of at most {self.cfg.max_queue} rows")
+            options = request_options(config)
+            alone = not options["batch"]
+            if self.cache is not None and rows and options["cache"]:
+                arrays = await self._run_cached(tensors, names, outputs, config, rows,
+                                                request, alone)
+            else:
+                refs = tuple(self._for_worker(request.regions, t) for t in tensors)
+                arrays = await self._compute(refs, names, outputs, config, rows, request,
+                                             alone)
+            ok = True
+            return outputs, arrays
+        finally:            # Triton's statistics: success or fail, and how long it took
+            self.counters.front_inference(self.index, ok, time.perf_counter_ns() - started,
+                                          time.time_ns() // 1_000_000)
 
     async def _run_cached(self, tensors, names, outputs, config, rows, request: Request,
                           alone: bool):
         """Answer the rows the cache knows, compute only the others, merge in row order."""
         cache = self.cache
         assert cache is not None, "called with the cache on"
+        started = time.perf_counter_ns()
         keys = row_keys(self.cfg.fingerprint, config, names, tensors)
         cached = cache.lookup(keys, outputs)
         missing = [i for i, found in enumerate(cached) if found is None]
         metrics.ROWS.labels("cache").inc(rows - len(missing))
+        looked_up = time.perf_counter_ns() - started
         if not missing:                                   # never reaches a worker
+            self.counters.front_cache(self.index, True, looked_up)
             request.close()
             return [np.stack([found[k] for found in cached]) for k in range(len(outputs))]
         refs = tuple(self._for_worker(request.regions, t,
@@ -167,8 +177,11 @@ class FrontState:
                 out[hit] = np.stack([cached[i][k] for i in hit])
                 merged.append(out)
         # The writer thread needs rows that outlive the worker's shared memory: 1 copy.
+        stored = time.perf_counter_ns()
         cache.store([keys[i] for i in missing], outputs,
-                         [np.array(a, copy=True) for a in computed])
+                    [np.array(a, copy=True) for a in computed])
+        self.counters.front_cache(self.index, False,
+                                  looked_up + time.perf_counter_ns() - stored)
         return merged
 
     def _for_worker(self, regions: Regions, tensor: np.ndarray, rows: list[int] | None = None):

@@ -88,7 +88,7 @@ def test_typed_contents_and_parameters(echo):
         grpc.StatusCode.INVALID_ARGUMENT, "takes 8")
     refused(pb.ModelInferRequest(model_name="echo", model_version="3", inputs=[tensor(
         name="a", datatype="FP32", shape=[1])], raw_input_contents=[b"\x00" * 4]),
-        grpc.StatusCode.NOT_FOUND, "no version '3'")
+        grpc.StatusCode.NOT_FOUND, "'echo' version 3 is not found")
     refused(pb.ModelInferRequest(model_name="echo"), grpc.StatusCode.INVALID_ARGUMENT,
             "no inputs")
 
@@ -103,7 +103,8 @@ def test_routes_and_aio_client(echo):
             assert meta["name"] == "echo" and meta["versions"] == ["1"]
             server = await c.get_server_metadata(as_json=True)
             assert server["name"] == "gpserve"
-            with pytest.raises(InferenceServerException, match="serves 'echo'"):
+            with pytest.raises(InferenceServerException,
+                               match="unknown model: 'resnet' is not found"):
                 await c.get_model_metadata("resnet")
 
             async def one(k):

@@ -105,7 +105,8 @@ def test_server_and_model_routes(echo):
     assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("echo")
     assert c.is_model_ready("echo", "1") and not c.is_model_ready("resnet")
     meta = c.get_server_metadata()
-    assert meta["name"] == "gpserve" and meta["extensions"] == ["binary_tensor_data"]
+    assert meta["name"] == "gpserve" and meta["extensions"] == [
+        "binary_tensor_data", "model_configuration", "statistics"]
     model = c.get_model_metadata("echo")
     assert model["name"] == "echo" and model["versions"] == ["1"]
     config = c.get_model_config("echo")
@@ -141,8 +142,9 @@ def _errors(s, name: str, x: np.ndarray) -> None:
                         "data": x.ravel().tolist()}]}
     infer = f"/v2/models/{name}/infer"
     cases = [
-        ("/v2/models/resnet/infer", good, 404, f"this server serves '{name}'"),
-        (f"/v2/models/{name}/versions/7/infer", good, 404, "no version '7'"),
+        ("/v2/models/resnet/infer", good, 404,
+         "Request for unknown model: 'resnet' is not found"),         # Triton's words
+        (f"/v2/models/{name}/versions/7/infer", good, 404, f"'{name}' version 7 is not"),
         (infer, b"{not json", 400, "malformed"),
         (infer, {"inputs": []}, 400, "non-empty list"),
         (infer, {"inputs": [{"name": "point", "shape": [2, 2], "datatype": "INT32",

@@ -69,8 +69,8 @@ def test_inputs_and_outputs_by_reference_http_and_grpc(server, region):
                                                        "shared_memory_byte_size": x.nbytes}
             np.testing.assert_array_equal(
                 shm.get_contents_as_numpy(h_out, np.float32, [8, 16]), want)
-        # gRPC: the same regions (registered over HTTP: the gRPC service has no
-        # register call), input by reference, output back in the response
+        # gRPC: the same regions (registered over HTTP; test_triton_surface.py registers
+        # over gRPC), input by reference, output back in the response
         g = gc.InferenceServerClient(server.grpc)
         inp = gc.InferInput("x", [8, 16], "FP32")
         inp.set_shared_memory("in", x.nbytes, offset=x.nbytes)
@@ -206,7 +206,7 @@ def test_off_unless_asked():
         c = client(s)
         refused(lambda: c.register_system_shared_memory("a", "/x", 8), "--shm-clients")
         refused(c.get_system_shared_memory_status, "--shm-clients")
-        assert c.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+        assert "system_shared_memory" not in c.get_server_metadata()["extensions"]
 
 
 def test_grpc_status_codes_for_bad_references(server):
@@ -330,6 +330,15 @@ def test_restricted_shared_memory_api_needs_the_header_over_rest_and_grpc():
             assert e.value.status() == str(grpc.StatusCode.PERMISSION_DENIED)
             np.testing.assert_array_equal(
                 g.infer("standin", [ginp], headers=ok).as_numpy("y"), 2 * x)
+            for call in (lambda h: g.register_system_shared_memory(         # gRPC's calls
+                             "r2", f"/{TAG}-restricted", 64, headers=h),
+                         lambda h: g.get_system_shared_memory_status(headers=h),
+                         lambda h: g.unregister_system_shared_memory("r2", headers=h)):
+                with pytest.raises(InferenceServerException) as e:
+                    call({"admin-key": "wrong"})
+                assert e.value.status() == str(grpc.StatusCode.PERMISSION_DENIED)
+                assert "'admin-key'" in e.value.message()
+                call(ok)
             plain = hc.InferInput("x", [1, 16], "FP32")       # other calls: no header
             plain.set_data_from_numpy(x)
             np.testing.assert_array_equal(c.infer("standin", [plain]).as_numpy("y"), 2 * x)

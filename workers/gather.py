@@ -49,6 +49,7 @@ class Batch:
     region_of: dict[int, TensorRef] = field(default_factory=dict)  # id(input) -> its ref
     outcomes: list[Outcome] = field(default_factory=list)   # one per entry
     took: float | None = None         # seconds in the model, once run as one batch
+    gather_ns: int = 0                # time gathering and padding its inputs
 
     @property
     def batchable(self) -> bool:

@@ -161,10 +161,13 @@ class Worker:
             if step.take:
                 for q in step.take:
                     metrics.QUEUE_WAIT_SECONDS.observe(now - q.arrived)
+                    self.counters.worker_queued(self.index, int((now - q.arrived) * 1e9))
                 waits = self.staged is not None or self.running is not None
                 if self.staged is None:
                     self.staged = Batch([])
+                started = time.perf_counter_ns()
                 self.gather.add(self.staged, step.take, copy_now=waits)
+                self.staged.gather_ns += time.perf_counter_ns() - started
             if step.held_s is not None:
                 metrics.BATCH_HOLD_SECONDS.observe(step.held_s)
             if step.start:
@@ -180,7 +183,9 @@ class Worker:
         self.running = batch
         if batch is None:
             return
+        started = time.perf_counter_ns()
         self.gather.close(batch)
+        batch.gather_ns += time.perf_counter_ns() - started
         if self.inline:
             self.model.compute(batch)
             self._finished(batch, then_pump=False)     # pump()'s own loop takes the next
@@ -205,6 +210,7 @@ class Worker:
         metrics.BATCH_ROWS.observe(batch.rows)
         if batch.took is not None:              # tallied here: the event loop's thread
             metrics.MODEL_SECONDS.observe(batch.took)
+        started = time.perf_counter_ns()
         try:
             self.delivery.deliver(batch)
         except Exception as e:
@@ -212,6 +218,10 @@ class Worker:
             err = InternalError(f"internal server error: {type(e).__name__}: {e}")
             for q in batch.entries:
                 answer_error(q, err)
+        if batch.took is not None:          # ran as one execution (Triton's statistics)
+            self.counters.worker_executed(
+                self.index, len(batch.entries), batch.rows, batch.size, batch.gather_ns,
+                int(batch.took * 1e9), time.perf_counter_ns() - started)
 
     def _count_answered(self, batch: Batch) -> None:
         """``gpserve_rows_total{source="model"}``: once per batch (not per request, 2% of

@@ -5,8 +5,10 @@ as a table and builds the protobuf descriptors from it in a private pool: no ``.
 compiled at build time, no generated code tied to one protobuf release, and no clash
 with clients (tritonclient) that register their own ``inference.*`` messages in the
 default pool of the same process. Only what gpserve serves is here: the health,
-metadata and infer calls (KServe's ``grpc_predict_v2``; Triton's service is a superset
-with the same numbers, so its clients work unchanged).
+metadata and infer calls (KServe's ``grpc_predict_v2``), and Triton's statistics, model
+configuration and shared-memory calls (Triton's service is a superset with the same
+numbers, so its clients work unchanged; of its model configuration, the fields gpserve
+fills in).
 """
 from __future__ import annotations
 
@@ -66,11 +68,75 @@ MESSAGES: dict[str, list[tuple]] = {
         ("id", 3, "string", ""), ("parameters", 4, "InferParameter", "map"),
         ("outputs", 5, "ModelInferResponse.InferOutputTensor", "repeated"),
         ("raw_output_contents", 6, "bytes", "repeated")],
+    # Triton's extensions: statistics, model configuration, shared memory
+    "ModelStatisticsRequest": [("name", 1, "string", ""), ("version", 2, "string", "")],
+    "StatisticDuration": [("count", 1, "uint64", ""), ("ns", 2, "uint64", "")],
+    "InferStatistics": [(name, number, "StatisticDuration", "") for number, name in
+                        enumerate(("success", "fail", "queue", "compute_input",
+                                   "compute_infer", "compute_output", "cache_hit",
+                                   "cache_miss"), 1)],
+    "InferResponseStatistics": [(name, number, "StatisticDuration", "") for number, name in
+                                enumerate(("compute_infer", "compute_output", "success",
+                                           "fail", "empty_response", "cancel"), 1)],
+    "InferBatchStatistics": [
+        ("batch_size", 1, "uint64", ""), ("compute_input", 2, "StatisticDuration", ""),
+        ("compute_infer", 3, "StatisticDuration", ""),
+        ("compute_output", 4, "StatisticDuration", "")],
+    "MemoryUsage": [("type", 1, "string", ""), ("id", 2, "int64", ""),
+                    ("byte_size", 3, "uint64", "")],
+    "ModelStatistics": [
+        ("name", 1, "string", ""), ("version", 2, "string", ""),
+        ("last_inference", 3, "uint64", ""), ("inference_count", 4, "uint64", ""),
+        ("execution_count", 5, "uint64", ""), ("inference_stats", 6, "InferStatistics", ""),
+        ("batch_stats", 7, "InferBatchStatistics", "repeated"),
+        ("memory_usage", 8, "MemoryUsage", "repeated"),
+        ("response_stats", 9, "InferResponseStatistics", "map")],
+    "ModelStatisticsResponse": [("model_stats", 1, "ModelStatistics", "repeated")],
+    # model_config.proto's enums (DataType) travel as their numbers: int32 on the wire
+    "ModelInput": [("name", 1, "string", ""), ("data_type", 2, "int32", ""),
+                   ("dims", 4, "int64", "repeated")],
+    "ModelOutput": [("name", 1, "string", ""), ("data_type", 2, "int32", ""),
+                    ("dims", 3, "int64", "repeated")],
+    "ModelDynamicBatching": [("preferred_batch_size", 1, "int32", "repeated"),
+                             ("max_queue_delay_microseconds", 2, "uint64", "")],
+    "ModelConfig": [
+        ("name", 1, "string", ""), ("platform", 2, "string", ""),
+        ("max_batch_size", 4, "int32", ""), ("input", 5, "ModelInput", "repeated"),
+        ("output", 6, "ModelOutput", "repeated"),
+        ("dynamic_batching", 11, "ModelDynamicBatching", ""), ("backend", 17, "string", "")],
+    "ModelConfigRequest": [("name", 1, "string", ""), ("version", 2, "string", "")],
+    "ModelConfigResponse": [("config", 1, "ModelConfig", "")],
+    "SystemSharedMemoryStatusRequest": [("name", 1, "string", "")],
+    "SystemSharedMemoryStatusResponse.RegionStatus": [
+        ("name", 1, "string", ""), ("key", 2, "string", ""), ("offset", 3, "uint64", ""),
+        ("byte_size", 4, "uint64", "")],
+    "SystemSharedMemoryStatusResponse": [
+        ("regions", 1, "SystemSharedMemoryStatusResponse.RegionStatus", "map")],
+    "SystemSharedMemoryRegisterRequest": [
+        ("name", 1, "string", ""), ("key", 2, "string", ""), ("offset", 3, "uint64", ""),
+        ("byte_size", 4, "uint64", "")],
+    "SystemSharedMemoryRegisterResponse": [],
+    "SystemSharedMemoryUnregisterRequest": [("name", 1, "string", "")],
+    "SystemSharedMemoryUnregisterResponse": [],
+    "CudaSharedMemoryStatusRequest": [("name", 1, "string", "")],
+    "CudaSharedMemoryStatusResponse.RegionStatus": [
+        ("name", 1, "string", ""), ("device_id", 2, "uint64", ""),
+        ("byte_size", 3, "uint64", "")],
+    "CudaSharedMemoryStatusResponse": [
+        ("regions", 1, "CudaSharedMemoryStatusResponse.RegionStatus", "map")],
+    "CudaSharedMemoryRegisterRequest": [
+        ("name", 1, "string", ""), ("raw_handle", 2, "bytes", ""),
+        ("device_id", 3, "int64", ""), ("byte_size", 4, "uint64", "")],
+    "CudaSharedMemoryRegisterResponse": [],
+    "CudaSharedMemoryUnregisterRequest": [("name", 1, "string", "")],
+    "CudaSharedMemoryUnregisterResponse": [],
 }
 # rpc: (request, response)
 METHODS = {name: (f"{name}Request", f"{name}Response") for name in (
     "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-    "ModelInfer")}
+    "ModelInfer", "ModelStatistics", "ModelConfig", "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister")}
 
 
 def _build() -> descriptor_pool.DescriptorPool:

@@ -20,17 +20,27 @@ import time
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from gpserve import __version__
-from gpserve.errors import DtypeMismatch, ProtocolError
+from gpserve.errors import DtypeMismatch, GraphPipeError, ProtocolError
 
 from .codec import count_strings, from_raw, raw_bytes, request_config, shape_of
 from .datatypes import datatype_of, dtype_of
 from .grpc_messages import METHODS, SERVICE, message
 from .json_tensors import check_range
-from .rest import VERSION, extensions, model_metadata
+from .rest import (
+    NO_CUDA,
+    VERSION,
+    extensions,
+    model_metadata,
+    no_cuda_region,
+    triton_config,
+    unknown_model,
+)
 from .restricted import SHARED_MEMORY, grpc_peer_host
+from .statistics import model_statistics
 
 STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 403: grpc.StatusCode.PERMISSION_DENIED,
           404: grpc.StatusCode.NOT_FOUND,
@@ -43,6 +53,9 @@ CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_conte
             "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
             "BYTES": "bytes_contents"}
 _M = {name: message(name) for pair in METHODS.values() for name in pair}
+DATA_TYPES = ("TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32",
+              "TYPE_UINT64", "TYPE_INT8", "TYPE_INT16", "TYPE_INT32", "TYPE_INT64",
+              "TYPE_FP16", "TYPE_FP32", "TYPE_FP64", "TYPE_STRING", "TYPE_BF16")
 
 
 class InferenceService:
@@ -82,6 +95,59 @@ class InferenceService:
     async def ModelMetadata(self, request, context):
         await self._model(request.name, request.version, context)
         return self.metadata
+
+    async def ModelConfig(self, request, context):
+        await self._model(request.name, request.version, context)
+        config = triton_config(self.state.cfg, self.state.spec)
+        for tensor in config["input"] + config["output"]:     # the enum's number
+            tensor["data_type"] = DATA_TYPES.index(tensor["data_type"])
+        return json_format.ParseDict({"config": config}, _M["ModelConfigResponse"]())
+
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            await self._model(request.name, request.version, context)
+        stats = model_statistics(self.model, VERSION, self.state.counters.statistics())
+        return json_format.ParseDict({"model_stats": [stats]},
+                                     _M["ModelStatisticsResponse"]())
+
+    # -- Triton's shared-memory extensions ---------------------------------------------
+    async def SystemSharedMemoryStatus(self, request, context):
+        regions = await self._shm(context, lambda r: r.status(request.name or None))
+        response = _M["SystemSharedMemoryStatusResponse"]()
+        for region in regions:
+            json_format.ParseDict(region, response.regions[region["name"]])
+        return response
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        await self._shm(context, lambda r: r.register(request.name, request.key,
+                                                      request.offset, request.byte_size))
+        return _M["SystemSharedMemoryRegisterResponse"]()
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        await self._shm(context, lambda r: r.unregister(request.name or None))
+        return _M["SystemSharedMemoryUnregisterResponse"]()
+
+    async def _shm(self, context, call):
+        """``call(ClientRegions)``, behind the API restriction; an error aborts the call."""
+        regions = self.state.client_regions
+        try:
+            if regions.enabled:
+                self.state.restrictions.check_grpc(SHARED_MEMORY, context)
+            return call(regions)
+        except GraphPipeError as e:
+            await context.abort(STATUS.get(e.http_status, grpc.StatusCode.INTERNAL),
+                                e.message)
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        if request.name:          # as a server without GPUs answers: none is registered
+            await context.abort(grpc.StatusCode.NOT_FOUND, no_cuda_region(request.name).message)
+        return _M["CudaSharedMemoryStatusResponse"]()
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_CUDA)
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        return _M["CudaSharedMemoryUnregisterResponse"]()
 
     async def ModelInfer(self, request, context):
         await self._model(request.model_name, request.model_version, context)
@@ -196,13 +262,8 @@ class InferenceService:
                                  status, kind, size, sent, time.perf_counter() - started)
 
     async def _model(self, name: str, version: str, context) -> None:
-        if name != self.model:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"unknown model {name!r}; this server serves {self.model!r}")
-        if version not in ("", VERSION):
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {name!r} has no version {version!r}; it has "
-                                f"{VERSION!r}")
+        if name != self.model or version not in ("", VERSION):
+            await context.abort(grpc.StatusCode.NOT_FOUND, unknown_model(name, version))
 
 
 class Malformed:

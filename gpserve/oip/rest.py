@@ -4,8 +4,9 @@ Served by the same front processes, over the same validation, row cache, batchin
 workers as ``POST /``: a row sent by either protocol batches with, and is answered from
 the cache for, the other. Routes (KServe's REST API, and what Triton's clients and
 ``perf_analyzer`` ask for): server live/ready/metadata, model metadata/ready/config,
-infer, each model route also under ``/versions/{v}``, and Triton's system shared
-memory; one table of them in ``RestApi.router`` (:mod:`.routes`).
+infer, each model route also under ``/versions/{v}``, and Triton's extensions:
+statistics, system shared memory, and CUDA shared memory as a server without GPUs
+answers it; one table of them in ``RestApi.router`` (:mod:`.routes`).
 docs/open-inference-protocol.md.
 """
 from __future__ import annotations
@@ -19,7 +20,9 @@ from gpserve.errors import GraphPipeError, ProtocolError
 from .codec import decode_infer, encode_infer
 from .datatypes import datatype_of
 from .restricted import SHARED_MEMORY
-from .routes import Refused, Router
+from .routes import Handler, Refused, Router
+from .sharedmem import NoSuchRegion, SharedMemoryError
+from .statistics import model_statistics
 
 VERSION = "1"              # the one version of the model a server serves
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorflow": "tensorflow_savedmodel",
@@ -28,7 +31,23 @@ PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorflow": "tensorflow_savedmodel",
 
 def extensions(cfg) -> list[str]:
     """The protocol extensions this server serves (shared memory only when allowed)."""
-    return ["binary_tensor_data"] + (["system_shared_memory"] if cfg.shm_clients else [])
+    return ["binary_tensor_data", "model_configuration", "statistics"] + (
+        ["system_shared_memory"] if cfg.shm_clients else [])
+
+
+def unknown_model(name: str, version: str | None = None) -> str:
+    """Triton's words for a model it does not serve (clients match on them)."""
+    return (f"Request for unknown model: '{name}'"
+            + (f" version {version}" if version else "") + " is not found")
+
+
+def no_cuda_region(name: str) -> NoSuchRegion:
+    return NoSuchRegion(f"no registered CUDA shared memory region {name!r}: this server "
+                        "has no GPU memory for clients and registers none")
+
+
+NO_CUDA = ("CUDA shared memory is not served: this server registers no GPU memory for "
+           "clients; use system shared memory (/v2/systemsharedmemory, with --shm-clients)")
 
 
 def is_v2(path: str) -> bool:
@@ -44,27 +63,33 @@ class RestApi:
         self.metadata = orjson.dumps(model_metadata(spec))
         self.server_metadata = orjson.dumps(
             {"name": "gpserve", "version": __version__, "extensions": extensions(state.cfg)})
-        self.config = orjson.dumps(_triton_config(state.cfg, spec))
-        model = [("POST", "infer", self.infer), ("GET", "", self._model_metadata),
-                 ("GET", "ready", self._model_ready), ("GET", "config", self._model_config)]
-        shm = "/v2/systemsharedmemory"
+        self.config = orjson.dumps(triton_config(state.cfg, spec))
+        model: list[tuple[str, str, Handler]] = [
+            ("POST", "infer", self.infer), ("GET", "", self._model_metadata),
+            ("GET", "ready", self._model_ready), ("GET", "config", self._model_config),
+            ("GET", "stats", self._stats)]
+        shm, cuda = "/v2/systemsharedmemory", "/v2/cudasharedmemory"
+        stats: list[tuple[str, str, Handler]] = [("GET", "/v2/models/stats", self._stats)]
         self.router = Router(
-            [(method, f"{base}/{tail}", handler) for method, tail, handler in model
-             for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")]
+            stats                                 # before /v2/models/{model} takes it
+            + [(method, f"{base}/{tail}", handler) for method, tail, handler in model
+               for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")]
             + [("GET", "/v2", self._server_metadata),
                ("GET", "/v2/health/live", self._live), ("GET", "/v2/health/ready", self._ready),
                ("GET", f"{shm}/status", self._shm_status),
                ("POST", f"{shm}/unregister", self._shm_unregister),
                ("GET", f"{shm}/region/{{region}}/status", self._shm_status),
                ("POST", f"{shm}/region/{{region}}/register", self._shm_register),
-               ("POST", f"{shm}/region/{{region}}/unregister", self._shm_unregister)],
+               ("POST", f"{shm}/region/{{region}}/unregister", self._shm_unregister),
+               ("GET", f"{cuda}/status", self._cuda_status),
+               ("GET", f"{cuda}/region/{{region}}/status", self._cuda_status),
+               ("POST", f"{cuda}/unregister", self._cuda_unregister),
+               ("POST", f"{cuda}/region/{{region}}/unregister", self._cuda_unregister),
+               ("POST", f"{cuda}/region/{{region}}/register", self._cuda_register)],
             not_found="see docs/open-inference-protocol.md")
 
     async def handle(self, scope, receive) -> Answer:
         try:
-            if scope["path"].startswith("/v2/cudasharedmemory"):
-                raise Refused(404, "CUDA shared memory is not served; system shared memory "
-                                   "is (/v2/systemsharedmemory, with --shm-clients)")
             handler, params = self.router.find(scope["method"], scope["path"])
             if "model" in params:
                 self._check_model(params["model"], params.get("version"))
@@ -73,11 +98,8 @@ class RestApi:
             return Answer(e.http_status, _error(e.message), "v2_error", JSON)
 
     def _check_model(self, name: str, version: str | None) -> None:
-        if name != self.model:
-            raise Refused(404, f"unknown model {name!r}; this server serves {self.model!r}")
-        if version is not None and version != VERSION:
-            raise Refused(404, f"model {name!r} has no version {version!r}; it has "
-                               f"{VERSION!r}")
+        if name != self.model or (version is not None and version not in ("", VERSION)):
+            raise Refused(404, unknown_model(name, version))
 
     # -- server and model: metadata and health ------------------------------------------
     async def _server_metadata(self, scope, receive) -> Answer:
@@ -102,6 +124,24 @@ class RestApi:
         ready = self.state.ready
         return Answer(200 if ready else 503, orjson.dumps(
             {"name": self.model, "ready": ready}), "v2_health", JSON)
+
+    # -- Triton's statistics extension -------------------------------------------------
+    async def _stats(self, scope, receive, model: str | None = None,
+                     version: str | None = None) -> Answer:
+        stats = [model_statistics(self.model, VERSION, self.state.counters.statistics())]
+        return Answer(200, orjson.dumps({"model_stats": stats}), "v2_stats", JSON)
+
+    # -- CUDA shared memory, as a server without GPUs answers it -----------------------
+    async def _cuda_status(self, scope, receive, region: str | None = None) -> Answer:
+        if region is not None:
+            raise no_cuda_region(region)
+        return Answer(200, b"[]", "v2_shm", JSON)
+
+    async def _cuda_unregister(self, scope, receive, region: str | None = None) -> Answer:
+        return Answer(200, b"", "v2_shm", JSON)      # none is registered: done already
+
+    async def _cuda_register(self, scope, receive, region: str) -> Answer:
+        raise SharedMemoryError(NO_CUDA)
 
     # -- Triton's system shared-memory extension ---------------------------------------
     def _shm(self, scope):
@@ -214,7 +254,7 @@ def model_metadata(spec) -> dict:
             "inputs": io(spec.inputs), "outputs": io(spec.outputs)}
 
 
-def _triton_config(cfg, spec) -> dict:
+def triton_config(cfg, spec) -> dict:
     """Triton's model configuration (its ``/config`` extension), the part that is true
     here: what ``perf_analyzer`` reads to drive a model (``max_batch_size``; dims without
     the batch dimension when it is > 0)."""
