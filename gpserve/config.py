@@ -49,6 +49,7 @@ class Config:
     shm_mb: int = 0                      # arena size per process; 0: from max_body_mb
     models_dir: str = str(CACHE_HOME / "models")   # downloaded and built models
     model_sha256: str = ""               # the SHA-256 a downloaded --model must have
+    model_name: str = ""                 # "" = the repository's name for it, or the file's
     backend: str = ""                    # "" = tell by the model file; onnx|tensorflow|torch|echo
     signature: str = "serving_default"   # TensorFlow SavedModel signature
     shapes: str = ""                     # TorchScript input shapes: name=d0,d1[:dtype];...
@@ -162,8 +163,12 @@ def _adder(p: argparse.ArgumentParser, group):
 
 def _model_flags(a, d: Config) -> None:
     a("--model", default=d.model,
-      help="model file or directory, http(s) URL (downloaded once), or 'echo'; "
-           "default: the built-in demo model")
+      help="model file, SavedModel directory, a repository folder of one model "
+           "(DIR/NAME/VERSION/model.onnx, as Triton's; its newest version), http(s) URL "
+           "(downloaded once), or 'echo'; default: the built-in demo model")
+    a("--model-name", default=d.model_name,
+      help="the name the model is served by (v2 routes, metadata, metrics); default: "
+           "its repository folder's name, else its file's")
     a("--backend", default=d.backend,
       choices=["", "onnx", "tensorflow", "torch", "echo", "standin"],
       help="which runtime serves the model (default: tell by the file)")
@@ -314,19 +319,20 @@ def from_args(args: argparse.Namespace) -> Config:
         host, _, port = cfg.grpc_listen.rpartition(":")
         if not host or not port.isdigit():
             problems.append(f"--grpc-listen {cfg.grpc_listen!r} is not host:port")
-    for name in ("max_batch", "max_queue", "max_header_kb"):
+    for name in ("max_batch", "max_queue", "max_header_kb", "max_connections"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.max_delay_ms < 0:
         problems.append("--max-delay-ms must not be negative")
+    from gpserve.repository import NAME_RULE, valid_name
+    if cfg.model_name and not valid_name(cfg.model_name):
+        problems.append(f"--model-name {cfg.model_name!r}: {NAME_RULE}")
     if cfg.grpc_inflight_mb < 0:
         problems.append("--grpc-inflight-mb must not be negative (0: --max-body-mb)")
     if cfg.hang_timeout_s < 0:
         problems.append("--hang-timeout-s must not be negative (0: automatic)")
-    for name in ("timeout_ms", "max_body_mb"):
-        if getattr(cfg, name) <= 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive")
-    for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+    for name in ("timeout_ms", "max_body_mb", "header_timeout_s", "body_timeout_s",
+                 "keepalive_timeout_s"):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive")
     try:
@@ -334,8 +340,6 @@ def from_args(args: argparse.Namespace) -> Config:
         Restrictions.parse(cfg.restricted_api, cfg.restricted_api_clients)
     except ValueError as e:
         problems.append(str(e))
-    if cfg.max_connections < 1:
-        problems.append("--max-connections must be at least 1")
     if cfg.max_strings < 0 or cfg.batch_check_every < 0:
         problems.append("--max-strings and --batch-check-every must not be negative")
     if cfg.cache_size_mb < 1:

@@ -118,11 +118,23 @@ class Forbidden(GraphPipeError):
     code, http_status = 19, 403
 
 
+class UnknownModel(GraphPipeError):
+    """A model name (or version) this server does not serve, in Triton's words (clients
+    match on them)."""
+
+    code, http_status = 20, 404
+
+    @classmethod
+    def named(cls, name: str, version: str | None = None) -> "UnknownModel":
+        return cls(f"Request for unknown model: '{name}'"
+                   + (f" version {version}" if version else "") + " is not found")
+
+
 ALL_ERRORS: tuple[type[GraphPipeError], ...] = (
     ProtocolError, UnsupportedRequest, UnknownInput, UnknownOutput, WrongInputCount,
     DtypeMismatch, ShapeMismatch, BodyTooLarge, QueueFull, DeadlineExceeded,
     ModelError, Unavailable, InternalError, BadConfig, TooManyRows, RequestTimeout,
-    InvalidString, UnsupportedEncoding, Forbidden,
+    InvalidString, UnsupportedEncoding, Forbidden, UnknownModel,
 )
 BY_CODE: dict[int, type[GraphPipeError]] = {e.code: e for e in ALL_ERRORS}
 

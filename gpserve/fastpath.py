@@ -3,7 +3,8 @@ head of its responses, the stand-in for uvicorn's request cycle while one is ans
 and the joined writes of the responses uvicorn makes (:class:`OneWrite`). The
 connection that uses them is :class:`gpserve.connections.GuardedProtocol`.
 
-A small ``POST /`` (GraphPipe) or ``POST /v2/models/{name}[/versions/{v}]/infer`` with
+A small GraphPipe ``POST /`` (or ``/models/{name}[/versions/{v}]``) or
+``POST /v2/models/{name}[/versions/{v}]/infer`` with
 the binary extension (an ``Inference-Header-Content-Length``) whose body came whole
 with its headers is answered without ASGI: no request-cycle object, no
 ``receive``/``send`` messages, one write for head and body. JSON-only v2 bodies keep
@@ -18,7 +19,8 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"     # uvicorn's exact bytes (its con
 
 def fast_path_takes(method: bytes, url: bytes, version: str, keep_alive: bool,
                     headers: list, expect_continue: bool, limit: int) -> bool:
-    """Whether a request's headers qualify it for the fast path: ``POST /``, or a v2
+    """Whether a request's headers qualify it for the fast path: GraphPipe's ``POST /``
+    or ``/models/...``, or a v2
     infer URL with an ``Inference-Header-Content-Length`` (binary extension), over
     HTTP/1.1 keep-alive with a Content-Length of at most ``limit`` bytes, no
     ``Transfer-Encoding``, ``Content-Encoding`` or ``Expect``. (Whether its body then
@@ -26,7 +28,7 @@ def fast_path_takes(method: bytes, url: bytes, version: str, keep_alive: bool,
     ``guarded_protocol``; whether a v2 URL names the model served, by the v2 routes.)"""
     if method != b"POST" or version != "1.1" or not keep_alive or expect_continue:
         return False
-    v2 = url != b"/"
+    v2 = url != b"/" and not (url.startswith(b"/models/") and b"?" not in url)
     if v2 and not (url.startswith(b"/v2/models/") and url.endswith(b"/infer")
                    and b"?" not in url):
         return False

@@ -1,6 +1,7 @@
 """An HTTP front process: Starlette on uvicorn, serving the socket the supervisor bound.
 
-``POST /`` (GraphPipe) and ``/v2/...`` (the Open Inference Protocol,
+``POST /`` and ``POST /models/<name>[/versions/<v>]`` (GraphPipe: clients take a URL, so
+any of them reaches a model by name) and ``/v2/...`` (the Open Inference Protocol,
 :mod:`gpserve.oip.rest`) go straight to :class:`gpserve.inflight.FrontState`; the
 metadata JSON and control routes are ordinary Starlette routes. A small ``POST /``
 whose body came whole with its headers skips ASGI altogether: the connection calls
@@ -25,9 +26,10 @@ from . import __version__, heap, metrics
 from . import protocol as P
 from .answer import OCTETS, Answer
 from .config import Config
+from .errors import UnknownModel
 from .inflight import FrontState
 from .modelspec import ModelSpec
-from .oip.rest import RestApi, is_v2
+from .oip.rest import VERSION, RestApi, is_v2
 from .protocol.messages import type_name
 
 log = logging.getLogger("gpserve.front")
@@ -57,7 +59,7 @@ class FrontApp:
             await self.other(scope, receive, send)
             return
         started = time.perf_counter()
-        if scope["method"] == "POST" and scope["path"] == "/":
+        if scope["method"] == "POST" and is_graphpipe(scope["path"]):
             answer = await self.post(scope, receive)
         elif is_v2(scope["path"]):
             answer = await self.v2.handle(scope, receive)
@@ -83,12 +85,11 @@ class FrontApp:
         """A request whose whole body is in hand (the connection's fast path): GraphPipe
         (``POST /``), or a v2 infer with the binary extension."""
         started = time.perf_counter()
-        if url == b"/":
+        path = url.decode("latin-1")
+        if is_graphpipe(path):
             with self.state.request() as request:
-                answer = await self.answer(body, request)
-            path = "/"
+                answer = await self.answer(body, request, path)
         else:
-            path = url.decode("latin-1")
             answer = await self.v2.infer_whole(path, body, {"client": client,
                                                               "headers": headers})
             answer.received = len(body)
@@ -96,24 +97,45 @@ class FrontApp:
         return answer
 
     async def post(self, scope, receive) -> Answer:
-        """``POST /``: a GraphPipe request, its body read here."""
+        """A GraphPipe request, its body read here."""
         with self.state.request() as request:
             try:
+                self.check_model(scope["path"])
                 body = await self.state.body.read(scope, receive, request.regions)
             except Exception as e:
                 return _error(request.fail(e))
             return await self.answer(body, request)
 
-    async def answer(self, body, request) -> Answer:
-        """A GraphPipe body's answer."""
+    async def answer(self, body, request, path: str = "/") -> Answer:
+        """A GraphPipe body's answer (``path``: the URL it was posted to)."""
         state = self.state
         try:
+            if path != "/":
+                self.check_model(path)
             req = P.decode_request(body, *state.string_limit)
             if isinstance(req, P.MetadataRequest):
                 return Answer(200, state.metadata_body, "metadata", received=len(body))
             return Answer(200, await state.infer(req, request), "infer", received=len(body))
         except Exception as e:
             return _error(request.fail(e), len(body))
+
+
+    def check_model(self, path: str) -> None:
+        """UnknownModel unless a GraphPipe URL names the model served (``/``: the
+        default model)."""
+        if path == "/":
+            return
+        parts = path.split("/")            # "", "models", name[, "versions", v]
+        version = parts[4] if len(parts) == 5 and parts[3] == "versions" else None
+        if len(parts) not in (3, 5) or (len(parts) == 5 and version is None):
+            raise UnknownModel(f"no GraphPipe route {path!r}: post to / (the default "
+                               "model) or /models/<name>[/versions/<version>]")
+        if parts[2] != self.state.spec.name or version not in (None, VERSION):
+            raise UnknownModel.named(parts[2], version)
+
+
+def is_graphpipe(path: str) -> bool:
+    return path == "/" or path.startswith("/models/")
 
 
 def _error(failure, received: int = 0) -> Answer:
@@ -145,7 +167,11 @@ def info(state: FrontState) -> dict:
                       "pids": state.counters.pids(state.cfg.workers, state.cfg.fronts),
                       "this_front": os.getpid(), "workers_linked": workers,
                       "connections": state.counters.connections(state.cfg.fronts)},
-        "protocols": {"graphpipe": "POST /", "open_inference_protocol": {
+        "models": [{"name": spec.name, "versions": [VERSION],
+                    "state": "READY" if state.ready else "UNAVAILABLE",
+                    "graphpipe": f"/models/{spec.name}", "v2": f"/v2/models/{spec.name}"}],
+        "protocols": {"graphpipe": "POST / (the default model), POST /models/<name>",
+                      "open_inference_protocol": {
             "rest": "/v2", "grpc": state.cfg.grpc_listen or None,
             "system_shared_memory": state.cfg.shm_clients}},
         "stats": state.counters.snapshot(),

@@ -32,6 +32,22 @@ def resolve(model: str, models_dir: str, sha256: str = "") -> str:
     return model
 
 
+def in_repository(path: str) -> tuple[str, str]:
+    """``--model DIR`` where DIR is a repository of one model (Triton's layout, as
+    KServe's storage initializer leaves it in /mnt/models, or a folder holding one model
+    file): (its newest version's path, the model's name). Any other path: (it, "")."""
+    from gpserve.repository import RepositoryError, single
+    folder = Path(path)
+    if not folder.is_dir() or (folder / "saved_model.pb").exists() \
+            or (folder / "saved_model.pbtxt").exists():
+        return path, ""
+    try:
+        entry = single(folder)
+    except RepositoryError as e:
+        raise SystemExit(f"gpserve: --model {path}: {e}") from None
+    return entry.versions[-1].path, entry.name
+
+
 PROGRESS_FROM = 4 << 20      # bytes: smaller downloads show no progress bar
 
 

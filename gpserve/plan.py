@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import Config
 from .counters import MAX_PROCESSES
-from .model_source import resolve
+from .model_source import in_repository, resolve
 from .modelspec import ModelSpec
 
 log = logging.getLogger("gpserve.supervisor")
@@ -36,9 +36,10 @@ class Plan:
 def make_plan(cfg: Config, run_id: str) -> Plan:
     """Resolve, inspect and place the model (SystemExit with the reason if it cannot be
     served as configured)."""
-    path = resolve(cfg.model, cfg.models_dir, cfg.model_sha256)
+    path, name = in_repository(resolve(cfg.model, cfg.models_dir, cfg.model_sha256))
     cfg = replace(cfg, model_path=path, backend=cfg.backend or _backend_name(path))
     spec = inspect_model(cfg)
+    spec.name = cfg.model_name or name or spec.name     # the name it is served by
     if cfg.cache:
         if not spec.batchable:
             raise SystemExit(
@@ -111,9 +112,10 @@ def announce(plan: Plan) -> None:
     probe = found["checks"]["probe"]
     fields["batch_invariant"] = found["invariant"]
     fields["batch_max_difference"] = found["max_difference"]
-    log.info("serving %s (%s) on %s: devices %s, %d fronts, %d model instances in the "
+    log.info("serving %s (%s, %s) on %s: devices %s, %d fronts, %d model instances in the "
              "%s x %d threads, batching %s (%s: largest difference %.3g; %s), cache %s",
-             spec.name, spec.backend, fields["listen"], ",".join(fields["devices"]),
+             spec.name, spec.backend, cfg.model_path, fields["listen"],
+             ",".join(fields["devices"]),
              cfg.fronts, cfg.workers, cfg.placement, cfg.threads, fields["batching"],
              VERDICTS[found["invariant"]], fields["batch_max_difference"],
              probe.get("note", ""), fields["cache"], extra={"fields": fields})

@@ -122,7 +122,7 @@ def test_model_from_url_downloaded_once(tmp_path, http_models):
     files = list((tmp_path / "downloads").rglob("*.onnx"))
     assert len(files) == 1 and files[0].stat().st_size == 585532
     with Server("--model", url, env=env) as s:
-        assert "download" not in s.output()
+        assert "gpserve: downloaded" not in s.output()
     r = serve("--model", f"{http_models}/missing.onnx", env=env)
     assert r.returncode != 0 and "download failed" in r.stderr and "404" in r.stderr
 

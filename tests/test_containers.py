@@ -213,7 +213,7 @@ def test_compose_up_serves_drains_and_keeps_its_cache(image, tmp_path, graphpipe
     finally:
         logs = sh("podman", "logs", name, check=False)
         compose.run("down", "-v", timeout=120)
-    assert "serving ocr (onnx)" in logs.stdout + logs.stderr
+    assert "serving ocr (onnx, " in logs.stdout + logs.stderr
 
 
 def test_compose_up_with_no_model_file_serves_the_default_model(image, tmp_path):

@@ -111,8 +111,12 @@ def test_server_and_model_routes(echo):
     assert model["name"] == "echo" and model["versions"] == ["1"]
     config = c.get_model_config("echo")
     assert config["max_batch_size"] == 32
-    assert echo.info()["protocols"] == {"graphpipe": "POST /", "open_inference_protocol": {
-        "rest": "/v2", "grpc": None, "system_shared_memory": False}}
+    assert echo.info()["protocols"] == {
+        "graphpipe": "POST / (the default model), POST /models/<name>",
+        "open_inference_protocol": {"rest": "/v2", "grpc": None,
+                                    "system_shared_memory": False}}
+    assert echo.info()["models"] == [{"name": "echo", "versions": ["1"], "state": "READY",
+                                      "graphpipe": "/models/echo", "v2": "/v2/models/echo"}]
 
 
 def test_default_model_metadata_config_and_answers():

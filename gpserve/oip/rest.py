@@ -15,7 +15,7 @@ import orjson
 
 from gpserve import __version__
 from gpserve.answer import JSON, OCTETS, Answer
-from gpserve.errors import GraphPipeError, ProtocolError
+from gpserve.errors import GraphPipeError, ProtocolError, UnknownModel
 
 from .codec import decode_infer, encode_infer
 from .datatypes import datatype_of
@@ -36,9 +36,7 @@ def extensions(cfg) -> list[str]:
 
 
 def unknown_model(name: str, version: str | None = None) -> str:
-    """Triton's words for a model it does not serve (clients match on them)."""
-    return (f"Request for unknown model: '{name}'"
-            + (f" version {version}" if version else "") + " is not found")
+    return UnknownModel.named(name, version).message
 
 
 def no_cuda_region(name: str) -> NoSuchRegion:
