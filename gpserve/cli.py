@@ -6,7 +6,8 @@ import os
 import sys
 
 from . import __version__
-from .config import Config, add_serve_arguments, from_args
+from .config import Config
+from .flags import add_serve_arguments, from_args
 
 
 def main(argv: list[str] | None = None) -> int:

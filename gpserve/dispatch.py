@@ -47,8 +47,11 @@ class Waiting:
 
 class Dispatcher:
     def __init__(self, run_id: str, front_index: int, workers: int, counters: Counters,
-                 segments: Segments, timeout: float):
+                 segments: Segments, timeout: float, scope: str = ""):
+        """``scope``: the prefix of its model's worker names (``m1-``; see
+        Config.scoped)."""
         self.run_id, self.index, self.workers = run_id, front_index, workers
+        self.scope = scope
         self.counters, self.segments, self.timeout = counters, segments, timeout
         self.hello = ipc.Hello("front", front_index, os.getpid())
         self.links: dict[int, ipc.End] = {}       # worker index -> link, once it said Hello
@@ -77,7 +80,8 @@ class Dispatcher:
                 if i not in self.links and i not in self.connecting:
                     try:
                         self.connecting[i] = await ipc.connect(
-                            ipc.worker_address(self.run_id, i), ipc.Link(self, self.hello))
+                            ipc.worker_address(self.run_id, f"{self.scope}worker{i}"),
+                            ipc.Link(self, self.hello))
                     except OSError:
                         pass
             await asyncio.sleep(RECONNECT_S)
@@ -106,7 +110,7 @@ class Dispatcher:
                 w.future.set_exception(Unavailable(
                     f"worker {index} (pid {pid}) exited while holding this request; it is "
                     "being restarted, try again"))
-        self.segments.forget(segment_path(self.run_id, f"worker{index}-{pid}"))
+        self.segments.forget(segment_path(self.run_id, f"{self.scope}worker{index}-{pid}"))
         log.warning("lost worker %d (pid %d); %d requests answered Unavailable", index, pid,
                     failed)
 

@@ -27,9 +27,9 @@ from . import protocol as P
 from .answer import OCTETS, Answer
 from .config import Config
 from .errors import UnknownModel
-from .inflight import FrontState
+from .inflight import FrontState, ModelState
 from .modelspec import ModelSpec
-from .oip.rest import VERSION, RestApi, is_v2
+from .oip.rest import RestApi, is_v2
 from .protocol.messages import type_name
 
 log = logging.getLogger("gpserve.front")
@@ -100,38 +100,34 @@ class FrontApp:
         """A GraphPipe request, its body read here."""
         with self.state.request() as request:
             try:
-                self.check_model(scope["path"])
+                self.model_at(scope["path"])
                 body = await self.state.body.read(scope, receive, request.regions)
             except Exception as e:
                 return _error(request.fail(e))
-            return await self.answer(body, request)
+            return await self.answer(body, request, scope["path"])
 
     async def answer(self, body, request, path: str = "/") -> Answer:
         """A GraphPipe body's answer (``path``: the URL it was posted to)."""
-        state = self.state
         try:
-            if path != "/":
-                self.check_model(path)
-            req = P.decode_request(body, *state.string_limit)
+            model = self.model_at(path)
+            req = P.decode_request(body, *model.string_limit)
             if isinstance(req, P.MetadataRequest):
-                return Answer(200, state.metadata_body, "metadata", received=len(body))
-            return Answer(200, await state.infer(req, request), "infer", received=len(body))
+                return Answer(200, model.metadata_body, "metadata", received=len(body))
+            return Answer(200, await model.infer(req, request), "infer", received=len(body))
         except Exception as e:
             return _error(request.fail(e), len(body))
 
-
-    def check_model(self, path: str) -> None:
-        """UnknownModel unless a GraphPipe URL names the model served (``/``: the
-        default model)."""
+    def model_at(self, path: str) -> ModelState:
+        """The model a GraphPipe URL names (``/``: the default model); UnknownModel if
+        none is served there."""
         if path == "/":
-            return
+            return self.state.model()
         parts = path.split("/")            # "", "models", name[, "versions", v]
         version = parts[4] if len(parts) == 5 and parts[3] == "versions" else None
         if len(parts) not in (3, 5) or (len(parts) == 5 and version is None):
             raise UnknownModel(f"no GraphPipe route {path!r}: post to / (the default "
                                "model) or /models/<name>[/versions/<version>]")
-        if parts[2] != self.state.spec.name or version not in (None, VERSION):
-            raise UnknownModel.named(parts[2], version)
+        return self.state.model(parts[2], version)
 
 
 def is_graphpipe(path: str) -> bool:
@@ -145,9 +141,11 @@ def _error(failure, received: int = 0) -> Answer:
 
 
 def info(state: FrontState) -> dict:
-    """``GET /``: what is served, how, and how it goes."""
-    spec = state.spec
-    workers = state.workers.about()
+    """``GET /``: what is served, how, and how it goes; the top-level model fields are
+    the default model's (or the first's), every model is under ``models``."""
+    first = state.first
+    spec = first.spec
+    workers = first.workers.about()
     io = lambda specs: [{"name": s.name, "shape": s.shape, "type": type_name(s.dtype)}
                         for s in specs]
     return {
@@ -156,29 +154,50 @@ def info(state: FrontState) -> dict:
         "description": workers[0]["runs"] if workers else spec.description,
         "inputs": io(spec.inputs), "outputs": io(spec.outputs),
         "default_inputs": spec.default_inputs, "default_outputs": spec.default_outputs,
-        "batching": {"enabled": spec.batchable and state.cfg.batching != "off",
-                     "max_batch": state.cfg.max_batch,
-                     "max_delay_ms": state.cfg.max_delay_ms,
-                     "batch_sizes": state.cfg.batch_sizes,
-                     "warmed_sizes": state.counters.warmed_sizes(state.cfg.workers),
-                     "max_queue": state.cfg.max_queue, "timeout_ms": state.cfg.timeout_ms,
-                     **verdict(spec.batch_probe, state.counters.batch_checks())},
-        "processes": {"fronts": state.cfg.fronts, "workers": state.cfg.workers,
-                      "pids": state.counters.pids(state.cfg.workers, state.cfg.fronts),
+        "default_model": state.default or None,
+        "batching": _batching(first),
+        "processes": {"fronts": state.cfg.fronts, "workers": first.cfg.workers,
+                      "pids": state.counters.pids(first.cfg.workers, state.cfg.fronts),
                       "this_front": os.getpid(), "workers_linked": workers,
                       "connections": state.counters.connections(state.cfg.fronts)},
-        "models": [{"name": spec.name, "versions": [VERSION],
-                    "state": "READY" if state.ready else "UNAVAILABLE",
-                    "graphpipe": f"/models/{spec.name}", "v2": f"/v2/models/{spec.name}"}],
+        "models": [_model_info(model, io) for model in state.served],
         "protocols": {"graphpipe": "POST / (the default model), POST /models/<name>",
                       "open_inference_protocol": {
             "rest": "/v2", "grpc": state.cfg.grpc_listen or None,
             "system_shared_memory": state.cfg.shm_clients}},
         "stats": state.counters.snapshot(),
-        "cache": None if state.cache is None else {
-            **state.cache.stats(), **state.counters.cache_totals(),
-            "size_mb": state.cfg.cache_size_mb},
+        "cache": _cache(first),
     }
+
+
+def _model_info(model: ModelState, io) -> dict:
+    """One model version's entry of ``GET /``."""
+    spec, cfg = model.spec, model.cfg
+    return {"name": model.name, "version": model.version,
+            "versions": [str(v) for v in sorted(model.front.models[model.name], reverse=True)],
+            "state": "READY" if model.ready else "UNAVAILABLE",
+            "backend": spec.backend, "path": cfg.model_path, "placement": cfg.placement,
+            "workers": cfg.workers, "inputs": io(spec.inputs), "outputs": io(spec.outputs),
+            "graphpipe": f"/models/{model.name}/versions/{model.version}",
+            "v2": f"/v2/models/{model.name}/versions/{model.version}",
+            "batching": _batching(model), "stats": model.counters.snapshot(),
+            "cache": _cache(model)}
+
+
+def _batching(model: ModelState) -> dict:
+    cfg, spec, counters = model.cfg, model.spec, model.counters
+    return {"enabled": spec.batchable and cfg.batching != "off",
+            "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms,
+            "batch_sizes": cfg.batch_sizes, "warmed_sizes": counters.warmed_sizes(cfg.workers),
+            "max_queue": cfg.max_queue, "timeout_ms": cfg.timeout_ms,
+            **verdict(spec.batch_probe, counters.batch_checks())}
+
+
+def _cache(model: ModelState) -> dict | None:
+    if model.cache is None:
+        return None
+    return {**model.cache.stats(), **model.counters.cache_totals(),
+            "size_mb": model.cfg.cache_size_mb}
 
 
 def build_app(state: FrontState) -> FrontApp:
@@ -228,8 +247,10 @@ def _raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
-    """Serve on ``sock``, the listening socket the supervisor holds for every front."""
+def main(cfg: Config, models: Sequence[tuple[Config, ModelSpec]], default: str, index: int,
+         sock) -> None:
+    """Serve ``models`` (see FrontState) on ``sock``, the listening socket the supervisor
+    holds for every front."""
     import uvicorn
 
     from .logs import setup
@@ -237,7 +258,7 @@ def main(cfg: Config, spec: ModelSpec, index: int, sock) -> None:
     from .connections import guarded_protocol
     from .listener import FrontServer
     _raise_file_limit()
-    state = FrontState(cfg, spec, index)
+    state = FrontState(cfg, models, index, default)
     counters = state.counters
     counters.set_connections(index, -1)      # not accepting yet: others need not yield
 

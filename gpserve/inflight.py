@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from .body import BodyReader
 from .config import Config
 from .counters import HEARTBEAT_S, Counters
 from .dispatch import Dispatcher
-from .errors import BadConfig, TooManyRows, from_code
+from .errors import BadConfig, TooManyRows, UnknownModel, from_code
 from .modelspec import ModelSpec
 from .oip.restricted import Restrictions
 from .oip.sharedmem import ClientRegions
@@ -42,54 +43,36 @@ log = logging.getLogger("gpserve.front")
 
 
 class FrontState:
-    """What one front process holds: its arena, its links to the workers, the cache."""
+    """What one front process holds: its arena, the models it serves (each a
+    :class:`ModelState`), the client regions, the access log."""
 
-    def __init__(self, cfg: Config, spec: ModelSpec, index: int):
-        self.cfg, self.spec, self.index = cfg, spec, index
+    def __init__(self, cfg: Config, models: Sequence[tuple[Config, ModelSpec]], index: int,
+                 default: str = ""):
+        """``models``: each model version served, (its config, its spec), the default
+        model's newest first; ``default``: the model ``POST /`` serves ("": none)."""
+        self.cfg, self.index = cfg, index
         self.arena = Arena(segment_path(cfg.run_id, f"front{index}-{os.getpid()}"),
                            cfg.arena_bytes)
         self.segments = Segments()
         self.segments.adopt(self.arena)
-        self.counters = Counters(segment_path(cfg.run_id, "counters"))
+        self.counters = Counters(segment_path(cfg.run_id, "counters"))   # the run's
         self.body = BodyReader(cfg, self.arena)
-        self.workers = Dispatcher(cfg.run_id, index, cfg.workers, self.counters, self.segments,
-                                  cfg.timeout_ms / 1000.0)
-        self.hosted = None
-        if cfg.placement == "fronts":           # this front runs its own model instance
-            from gpserve.workers.worker import Worker
-            self.hosted = Worker(cfg, index, local=True)
-            self.counters.set_pid("worker", index, os.getpid())
-        self.ids = itertools.count(1)
         self.server: Any = None     # the front's uvicorn Server, for draining state
-        self.metadata_body = bytes(P.encode_metadata_response(
-            spec.metadata(server=f"gpserve {__version__}", version=__version__)))
         self.tasks: list[asyncio.Task] = []
-        # String elements a request may hold: each becomes a Python object, so they are
-        # bounded before any is decoded; none at all for a model that takes no String.
-        takes_strings = spec.echo or any(s.dtype == object for s in spec.inputs)
-        self.string_limit = ((cfg.max_strings, "--max-strings") if takes_strings else
-                             (0, f"the model takes no String inputs, only "
-                                 f"{', '.join(s.describe() for s in spec.inputs)}"))
-        if spec.batch_probe:
-            metrics.BATCH_DIFFERENCE.set(spec.batch_probe["max_difference"])
         self.client_regions = ClientRegions(cfg.run_id, cfg.shm_clients)
         self.restrictions = Restrictions.parse(cfg.restricted_api, cfg.restricted_api_clients)
         self.access = AccessLog(cfg.access_log)
-        self.cache: RowCache | None = None
-        if cfg.cache:
-            from gpserve.cache.store import RowCache, environment_path
-            self.cache = RowCache(environment_path(cfg.cache_dir, spec.name, cfg.model_path),
-                                  cfg.cache_size_mb, self.counters, index)
+        self.served = [ModelState(self, model_cfg, spec) for model_cfg, spec in models]
+        self.models: dict[str, dict[int, ModelState]] = {}     # name -> version -> it
+        for model in self.served:
+            self.models.setdefault(model.name, {})[model.cfg.version] = model
+        self.default = default
 
     async def start(self) -> None:
         self._beat()
-        self.tasks.append(asyncio.create_task(self.workers.sweep_abandoned()))
         self.tasks.append(asyncio.create_task(metrics.flush_periodically()))
-        if self.hosted is not None:
-            await self.hosted.start()
-            self.workers.host(self.hosted)
-        else:
-            self.tasks.append(asyncio.create_task(self.workers.keep_connected()))
+        for model in self.served:
+            await model.start()
 
     def _beat(self) -> None:
         """The heartbeat the supervisor watches (see gpserve/supervisor.py: hangs)."""
@@ -103,11 +86,88 @@ class FrontState:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and self.workers.ready
+        """Every model served can take requests (Triton's server readiness)."""
+        return all(model.ready for model in self.served)
+
+    @property
+    def first(self) -> "ModelState":
+        """The model ``GET /`` describes first: the default, or the first by name."""
+        return self.served[0]
+
+    def model(self, name: str | None = None, version: str | None = None) -> "ModelState":
+        """The model version a request names: ``name`` None for the default model, no
+        ``version`` for its newest; UnknownModel if none is served so."""
+        if name is None:
+            if not self.default:
+                raise UnknownModel(
+                    f"this server serves {len(self.models)} models "
+                    f"({', '.join(sorted(self.models))}) and none is the default "
+                    "(--default-model): post to /models/<name>")
+            name = self.default
+        versions = self.models.get(name)
+        if versions is None:
+            raise UnknownModel.named(name, version)
+        if version in (None, ""):
+            return versions[max(versions)]
+        found = versions.get(int(version)) if version.isdigit() else None
+        if found is None:
+            raise UnknownModel.named(name, version)
+        return found
 
     def request(self) -> Request:
         """A new request's memory and accounting; the door holds it in a ``with`` block."""
         return Request(self.arena, self.counters, self.index)
+
+
+class ModelState:
+    """One model version as a front serves it: its links to its workers (or the instance
+    this front hosts), its checks, its row cache and its counters."""
+
+    def __init__(self, front: FrontState, cfg: Config, spec: ModelSpec):
+        self.front, self.cfg, self.spec, self.index = front, cfg, spec, front.index
+        self.name = spec.name
+        self.counters = front.counters if not cfg.slot else Counters(
+            segment_path(cfg.run_id, cfg.scoped("counters")))
+        self.segments = front.segments
+        self.workers = Dispatcher(cfg.run_id, self.index, cfg.workers, self.counters,
+                                  self.segments, cfg.timeout_ms / 1000.0, cfg.scoped(""))
+        self.hosted = None
+        if cfg.placement == "fronts":           # this front runs its own model instance
+            from gpserve.workers.worker import Worker
+            self.hosted = Worker(cfg, self.index, local=True)
+            self.counters.set_pid("worker", self.index, os.getpid())
+        self.ids = itertools.count(1)
+        self.metadata_body = bytes(P.encode_metadata_response(
+            spec.metadata(server=f"gpserve {__version__}", version=__version__)))
+        # String elements a request may hold: each becomes a Python object, so they are
+        # bounded before any is decoded; none at all for a model that takes no String.
+        takes_strings = spec.echo or any(s.dtype == object for s in spec.inputs)
+        self.string_limit = ((cfg.max_strings, "--max-strings") if takes_strings else
+                             (0, f"the model takes no String inputs, only "
+                                 f"{', '.join(s.describe() for s in spec.inputs)}"))
+        if spec.batch_probe and not cfg.slot:
+            metrics.BATCH_DIFFERENCE.set(spec.batch_probe["max_difference"])
+        self.cache: RowCache | None = None
+        if cfg.cache:
+            from gpserve.cache.store import RowCache, environment_path
+            self.cache = RowCache(environment_path(cfg.cache_dir, spec.name, cfg.model_path),
+                                  cfg.cache_size_mb, self.counters, self.index)
+
+    async def start(self) -> None:
+        self.front.tasks.append(asyncio.create_task(self.workers.sweep_abandoned()))
+        if self.hosted is not None:
+            await self.hosted.start()
+            self.workers.host(self.hosted)
+        else:
+            self.front.tasks.append(asyncio.create_task(self.workers.keep_connected()))
+
+    @property
+    def version(self) -> str:
+        return str(self.cfg.version)
+
+    @property
+    def ready(self) -> bool:
+        return not self.front.draining and self.workers.ready
 
     async def infer(self, req: P.InferRequest, request: Request) -> memoryview:
         """A GraphPipe request's response body."""

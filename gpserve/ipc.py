@@ -37,8 +37,10 @@ _LEN = struct.Struct("<I")
 log = logging.getLogger("gpserve.ipc")
 
 
-def worker_address(run_id: str, index: int) -> str:
-    return f"\0gpserve-{run_id}-worker{index}"
+def worker_address(run_id: str, name: str) -> str:
+    """A worker's listening address (``name``: ``worker0``, or ``m1-worker0`` for the
+    run's second model's)."""
+    return f"\0gpserve-{run_id}-{name}"
 
 
 class Hello(NamedTuple):

@@ -20,12 +20,19 @@ from .modelspec import ModelSpec
 
 log = logging.getLogger("gpserve.supervisor")
 CHEAP_ROW_MS = 1.0
+MAX_MODELS = 64             # model versions one run serves (see docs/models.md)
 
 
 @dataclass(frozen=True)
-class Plan:
-    cfg: Config           # the flags, completed: model_path, backend, run_id, placement...
+class ModelPlan:
+    """One model version as served: its flags completed, and its spec."""
+
+    cfg: Config           # model_path, backend, fingerprint, placement, version, slot...
     spec: ModelSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def worker_processes(self) -> int:
@@ -33,26 +40,89 @@ class Plan:
         return self.cfg.workers if self.cfg.placement == "workers" else 0
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The run: its server-wide flags and every model version it serves (the first is
+    the default model's newest version, the one ``GET /`` describes first)."""
+
+    cfg: Config
+    models: tuple[ModelPlan, ...]
+    default: str = ""         # the model POST / serves; "": several, none named
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.models[0].spec
+
+    @property
+    def worker_processes(self) -> int:
+        return sum(m.worker_processes for m in self.models)
+
+
 def make_plan(cfg: Config, run_id: str) -> Plan:
-    """Resolve, inspect and place the model (SystemExit with the reason if it cannot be
-    served as configured)."""
+    """Resolve, inspect and place every model (SystemExit with the reason if one cannot
+    be served as configured)."""
+    cfg = replace(cfg, run_id=run_id)
+    if cfg.model_repository:
+        return _repository_plan(cfg)
     path, name = in_repository(resolve(cfg.model, cfg.models_dir, cfg.model_sha256))
-    cfg = replace(cfg, model_path=path, backend=cfg.backend or _backend_name(path))
+    model = _model_plan(cfg, path, cfg.model_name or name, 1, 0, strict=True)
+    return Plan(model.cfg, (model,), model.name)
+
+
+def _repository_plan(cfg: Config) -> Plan:
+    """``--model-repository``: each version its policy serves is planned (inspected in
+    the newest of each
+    model first, the default model before the others, in the repository's name order."""
+    from gpserve.repository import RepositoryError, VersionPolicy, scan
+    try:
+        entries = scan(cfg.model_repository)
+    except RepositoryError as e:
+        raise SystemExit(f"gpserve: --model-repository {e}") from None
+    policy = VersionPolicy.parse(cfg.version_policy)
+    chosen = [(e.name, v) for e in entries for v in reversed(policy.choose(e.versions))]
+    if not chosen:
+        raise SystemExit(f"gpserve: --model-repository {cfg.model_repository}: no version "
+                         f"of any model matches --version-policy {cfg.version_policy}")
+    names = [e.name for e in entries]
+    default = cfg.default_model or (names[0] if len(names) == 1 else "")
+    if default and default not in names:
+        raise SystemExit(f"gpserve: --default-model {default!r} is not in "
+                         f"{cfg.model_repository} (it holds {', '.join(names)})")
+    chosen.sort(key=lambda c: c[0] != default)           # the default model's first
+    models = tuple(_model_plan(cfg, v.path, name, v.number, slot, strict=False)
+                   for slot, (name, v) in enumerate(chosen))
+    if len(models) > MAX_MODELS:
+        raise SystemExit(f"gpserve: {len(models)} model versions to serve, at most "
+                         f"{MAX_MODELS}: narrow --version-policy or the repository")
+    return Plan(models[0].cfg, models, default)
+
+
+def _model_plan(cfg: Config, path: str, name: str, version: int, slot: int,
+                strict: bool) -> ModelPlan:
+    """One model version: inspected, fingerprinted for the cache, placed. ``strict``:
+    --cache on a model that cannot use it stops the start (one model), else that model
+    runs uncached and a warning says why (a repository)."""
+    cfg = replace(cfg, model_path=path, backend=cfg.backend or _backend_name(path),
+                  version=version, slot=slot)
     spec = inspect_model(cfg)
-    spec.name = cfg.model_name or name or spec.name     # the name it is served by
+    spec.name = name or spec.name                       # the name it is served by
+    cfg = replace(cfg, model_name=spec.name)
+    if cfg.cache and not spec.batchable:
+        why = (f"--cache needs a model whose rows are independent (every input and output "
+               f"batch-first, -1 in dimension 0); {spec.name} has inputs "
+               f"{', '.join(s.describe() for s in spec.inputs)}")
+        if strict:
+            raise SystemExit(f"gpserve: {why}: serve it without --cache")
+        log.warning("%s: served without the row cache", why)
+        cfg = replace(cfg, cache=False)
     if cfg.cache:
-        if not spec.batchable:
-            raise SystemExit(
-                f"gpserve: --cache needs a model whose rows are independent (every input "
-                f"and output batch-first, -1 in dimension 0); {spec.name} has inputs "
-                f"{', '.join(s.describe() for s in spec.inputs)}: serve it without --cache")
         from gpserve.cache.keys import fingerprint
         cfg = replace(cfg, fingerprint=fingerprint(path))
-    cfg = replace(cfg, run_id=run_id).placed(choose_placement(cfg, spec))
+    cfg = cfg.placed(choose_placement(cfg, spec))
     if cfg.workers > MAX_PROCESSES or cfg.fronts > MAX_PROCESSES:
         raise SystemExit(f"gpserve: at most {MAX_PROCESSES} workers and "
                          f"{MAX_PROCESSES} fronts")
-    return Plan(cfg, spec)
+    return ModelPlan(cfg, spec)
 
 
 def _backend_name(path: str) -> str:
@@ -91,6 +161,12 @@ def choose_placement(cfg: Config, spec: ModelSpec) -> str:
 
 
 def announce(plan: Plan) -> None:
+    """A startup line per model version served."""
+    for model in plan.models:
+        announce_model(model)
+
+
+def announce_model(plan: ModelPlan) -> None:
     """The startup line: what is served, where, and how; and a warning if batching
     changes the model's answers."""
     from gpserve.workers.batch_check import VERDICTS, verdict
@@ -98,7 +174,8 @@ def announce(plan: Plan) -> None:
     cfg, spec = plan.cfg, plan.spec
     batching = cfg.batching != "off" and spec.batchable
     fields: dict[str, Any] = {
-        "model": cfg.model_path, "name": spec.name, "backend": spec.backend,
+        "model": cfg.model_path, "name": spec.name, "version": cfg.version,
+        "backend": spec.backend,
         "devices": sorted({worker_device(cfg.device, i) for i in range(cfg.workers)}),
         "fronts": cfg.fronts, "workers": cfg.workers, "threads": cfg.threads,
         "placement": cfg.placement,

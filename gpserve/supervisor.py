@@ -90,8 +90,10 @@ def _child_main(target, args, run_id: str, supervisor_pid: int) -> None:
 
 
 class _Child:
-    def __init__(self, role: str, index: int, target, args):
+    def __init__(self, role: str, index: int, target, args, cfg: Config):
+        """``cfg``: a worker's model's (its memory's names, its counters)."""
         self.role, self.index, self.target, self.args = role, index, target, args
+        self.cfg = cfg
         self.process: BaseProcess = mp.Process()     # replaced, started, by _start
         self.restarts = 0
         self.started = 0.0
@@ -99,7 +101,8 @@ class _Child:
 
     @property
     def name(self) -> str:
-        return f"{self.role}{self.index}"
+        """Its shared memory's name, and how logs call it (``m1-worker0``)."""
+        return self.cfg.scoped(f"{self.role}{self.index}")
 
     def backoff(self, now: float) -> float:
         """Seconds before a child that died now starts again: at once if it had lived
@@ -132,7 +135,9 @@ class Supervisor:
         metrics_dir = segment_path(run_id, "metrics")
         os.makedirs(metrics_dir, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir   # before any child starts
-        self.counters = Counters(segment_path(run_id, "counters"), create=True)
+        self.model_counters = {m.cfg.slot: Counters(segment_path(run_id, m.cfg.scoped(
+            "counters")), create=True) for m in plan.models}
+        self.counters = self.model_counters[0]      # the fronts' and the run's figures
         self.children = self._children(plan, sock)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
@@ -150,11 +155,12 @@ class Supervisor:
         from gpserve.workers import worker
 
         from . import front
-        cfg, spec = plan.cfg, plan.spec
-        return ([_Child("worker", i, worker.main, (cfg, i))
-                 for i in range(plan.worker_processes)]
-                + [_Child("front", i, front.main, (cfg, spec, i, sock))
-                   for i in range(cfg.fronts)])
+        models = tuple((m.cfg, m.spec) for m in plan.models)
+        return ([_Child("worker", i, worker.main, (m.cfg, i), m.cfg)
+                 for m in plan.models for i in range(m.worker_processes)]
+                + [_Child("front", i, front.main, (plan.cfg, models, plan.default, i, sock),
+                          plan.cfg)
+                   for i in range(plan.cfg.fronts)])
 
     def _start(self, child: _Child) -> None:
         child.restart_at = None
@@ -163,7 +169,10 @@ class Supervisor:
             name=f"gpserve-{child.name}", daemon=False)
         child.process.start()
         child.started = time.monotonic()
-        self.counters.set_pid(child.role, child.index, _pid(child))
+        self._counters(child).set_pid(child.role, child.index, _pid(child))
+
+    def _counters(self, child: _Child) -> Counters:
+        return self.model_counters[child.cfg.slot]
 
     def _on_signal(self, signum, frame) -> None:
         if not self.stopping:
@@ -199,9 +208,8 @@ class Supervisor:
         self.counters.count_restart(child.role)
         metrics.RESTARTS.labels(child.role).inc()
         metrics.process_gone(pid)
-        for arena in (child.name, f"worker{child.index}"):      # nobody writes there now
-            with contextlib.suppress(FileNotFoundError):        # (a front's hosted worker)
-                os.unlink(segment_path(self.cfg.run_id, f"{arena}-{pid}"))
+        with contextlib.suppress(FileNotFoundError):            # nobody writes there now
+            os.unlink(segment_path(self.cfg.run_id, f"{child.name}-{pid}"))
 
     def _kill_hung(self, metrics) -> None:
         """A child that makes no progress (stopped, deadlocked, a runtime stuck in a
@@ -221,7 +229,7 @@ class Supervisor:
                 continue
             why, limit = hung
             if child.role == "worker":
-                self.counters.worker_ready(child.index, False)
+                self._counters(child).worker_ready(child.index, False)
             self.counters.count_hang(child.role)
             (metrics.WORKER_HANGS if child.role == "worker" else metrics.FRONT_HANGS).inc()
             log.error("%s (pid %d) is hung: %s, past its limit of %.1f s (--hang-timeout-s); "
@@ -229,9 +237,9 @@ class Supervisor:
             _signal(child, signal.SIGKILL)
 
     def _worker_hung(self, child: _Child, now: float) -> tuple[str, float] | None:
-        if not self.counters.worker_is_ready(child.index):
+        if not self._counters(child).worker_is_ready(child.index):
             return None                              # loading, warming up
-        beat, busy_since, slowest = self.counters.worker_progress(child.index)
+        beat, busy_since, slowest = self._counters(child).worker_progress(child.index)
         limit = hang_limit(self.cfg.hang_timeout_s, slowest)
         why = stalled(now, beat, busy_since, limit)
         return None if why is None else (f"{why} (its slowest batch took {slowest:.3f} s)",

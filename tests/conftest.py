@@ -104,3 +104,10 @@ def ort_session(path):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="session")
+def default_model(tmp_path_factory) -> Path:
+    """The project's own default model, built (no ../shared needed)."""
+    from gpserve.workers.default_model import ensure
+    return ensure(tmp_path_factory.mktemp("models") / "spirals.onnx")

@@ -118,7 +118,7 @@ def test_compose_gpu_service_configuration_is_accepted(models, tmp_path):
     """Without a GPU here, the gpu service's environment must at least parse and load."""
     env = local_env(compose_service("gpserve-gpu"), models, tmp_path, free_port())
     assert env["GP_DEVICE"] == "cuda"
-    r = subprocess.run([sys.executable, "-c", "from gpserve.config import add_serve_arguments, "
+    r = subprocess.run([sys.executable, "-c", "from gpserve.flags import add_serve_arguments, "
                         "from_args; import argparse; p = argparse.ArgumentParser(); "
                         "add_serve_arguments(p); c = from_args(p.parse_args([])); "
                         "print(c.device, c.cache, c.model)"],

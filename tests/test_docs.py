@@ -34,7 +34,7 @@ def shown(default) -> str | None:
 
 
 def test_every_serve_flag_is_in_cli_md_with_its_variable_and_default(monkeypatch):
-    from gpserve.config import add_serve_arguments
+    from gpserve.flags import add_serve_arguments
     for name in [n for n in os.environ if n.startswith("GP_")]:
         monkeypatch.delenv(name)
     parser = argparse.ArgumentParser()

@@ -115,8 +115,13 @@ def test_server_and_model_routes(echo):
         "graphpipe": "POST / (the default model), POST /models/<name>",
         "open_inference_protocol": {"rest": "/v2", "grpc": None,
                                     "system_shared_memory": False}}
-    assert echo.info()["models"] == [{"name": "echo", "versions": ["1"], "state": "READY",
-                                      "graphpipe": "/models/echo", "v2": "/v2/models/echo"}]
+    [model] = echo.info()["models"]
+    assert {k: model[k] for k in ("name", "version", "versions", "state", "backend",
+                                  "graphpipe", "v2")} == {
+        "name": "echo", "version": "1", "versions": ["1"], "state": "READY",
+        "backend": "echo", "graphpipe": "/models/echo/versions/1",
+        "v2": "/v2/models/echo/versions/1"}
+    assert model["batching"]["max_batch"] == 32 and model["cache"] is None
 
 
 def test_default_model_metadata_config_and_answers():

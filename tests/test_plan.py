@@ -29,7 +29,7 @@ def test_a_model_that_cannot_be_served_as_asked_stops_the_plan_with_the_reason(t
 
 
 def test_a_child_that_keeps_dying_restarts_later_each_time_and_a_steady_one_at_once():
-    child = _Child("worker", 0, None, ())
+    child = _Child("worker", 0, None, (), Config())
     child.started = 100.0
     delays = []
     for _ in range(len(RESTART_BACKOFF_S) + 1):

@@ -81,13 +81,6 @@ def test_single_takes_the_one_model_and_its_policy(tmp_path):
         single(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def default_model(tmp_path_factory):
-    """The project's own default model, built (no ../shared needed)."""
-    from gpserve.workers.default_model import ensure
-    return ensure(tmp_path_factory.mktemp("models") / "spirals.onnx")
-
-
 def test_a_server_on_a_repository_of_one_model(tmp_path, default_model):
     for version in (1, 3):
         touch(tmp_path / "spiral-classifier" / str(version) / "model.onnx", b"")

@@ -56,10 +56,10 @@ class Worker:
         self.segments = Segments()
         self.arena = None                        # local: nothing to share with a front
         if not local:
-            self.arena = Arena(segment_path(cfg.run_id, f"worker{index}-{os.getpid()}"),
+            self.arena = Arena(segment_path(cfg.run_id, cfg.scoped(f"worker{index}-{os.getpid()}")),
                                cfg.arena_bytes)
             self.segments.adopt(self.arena)
-        self.counters = Counters(segment_path(cfg.run_id, "counters"))
+        self.counters = Counters(segment_path(cfg.run_id, cfg.scoped("counters")))
         max_batch = cfg.max_batch if cfg.batching != "off" and spec.batchable else 1
         self.sizes = BatchSizes.parse(cfg.batch_sizes, max_batch,
                                       self.device.startswith("cuda"))
@@ -110,9 +110,9 @@ class Worker:
         await self.start()
         heap.settle()                            # the model and its warm-up stay put
         self.flusher = asyncio.create_task(metrics.flush_periodically())
+        address = ipc.worker_address(self.cfg.run_id, self.cfg.scoped(f"worker{self.index}"))
         server = await self.loop.create_unix_server(
-            lambda: ipc.Link(self, self.hello),
-            sock=ipc.listening_socket(ipc.worker_address(self.cfg.run_id, self.index)))
+            lambda: ipc.Link(self, self.hello), sock=ipc.listening_socket(address))
         async with server:
             await server.serve_forever()
 
@@ -236,7 +236,8 @@ class Worker:
 
 def main(cfg: Config, index: int) -> None:
     from gpserve.logs import setup
-    setup(cfg.verbose, f"worker{index}", cfg.log_format)
+    setup(cfg.verbose, f"worker{index}" + (f"[{cfg.model_name}:{cfg.version}]" if cfg.slot
+                                          else ""), cfg.log_format)
     try:
         import uvloop
         uvloop.install()

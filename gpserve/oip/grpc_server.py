@@ -24,7 +24,8 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from gpserve import __version__
-from gpserve.errors import DtypeMismatch, GraphPipeError, ProtocolError
+from gpserve.errors import DtypeMismatch, GraphPipeError, ProtocolError, UnknownModel
+from gpserve.inflight import ModelState
 
 from .codec import count_strings, from_raw, raw_bytes, request_config, shape_of
 from .datatypes import datatype_of, dtype_of
@@ -32,12 +33,11 @@ from .grpc_messages import METHODS, SERVICE, message
 from .json_tensors import check_range
 from .rest import (
     NO_CUDA,
-    VERSION,
     extensions,
     model_metadata,
     no_cuda_region,
     triton_config,
-    unknown_model,
+    versions,
 )
 from .restricted import SHARED_MEMORY, grpc_peer_host
 from .statistics import model_statistics
@@ -62,8 +62,9 @@ class InferenceService:
     """The service's calls, on a front's :class:`FrontState`."""
 
     def __init__(self, state):
-        self.state, self.model = state, state.spec.name
-        self.metadata = _M["ModelMetadataResponse"](**model_metadata(state.spec))
+        self.state = state
+        self.metadata = {id(m): _M["ModelMetadataResponse"](
+            **model_metadata(m.spec, versions(state, m))) for m in state.served}
         # grpcio reads a whole message before its call runs, and a call holds about 4x
         # its size (protobuf's bytes, shared memory, the output, its serialisation):
         # HTTP bodies are bounded by the arena, gRPC requests by this
@@ -89,25 +90,26 @@ class InferenceService:
                                             extensions=extensions(self.state.cfg))
 
     async def ModelReady(self, request, context):
-        await self._model(request.name, request.version, context)
-        return _M["ModelReadyResponse"](ready=self.state.ready)
+        model = await self._model(request.name, request.version, context)
+        return _M["ModelReadyResponse"](ready=model.ready)
 
     async def ModelMetadata(self, request, context):
-        await self._model(request.name, request.version, context)
-        return self.metadata
+        model = await self._model(request.name, request.version, context)
+        return self.metadata[id(model)]
 
     async def ModelConfig(self, request, context):
-        await self._model(request.name, request.version, context)
-        config = triton_config(self.state.cfg, self.state.spec)
+        model = await self._model(request.name, request.version, context)
+        config = triton_config(model.cfg, model.spec)
         for tensor in config["input"] + config["output"]:     # the enum's number
             tensor["data_type"] = DATA_TYPES.index(tensor["data_type"])
         return json_format.ParseDict({"config": config}, _M["ModelConfigResponse"]())
 
     async def ModelStatistics(self, request, context):
-        if request.name:
-            await self._model(request.name, request.version, context)
-        stats = model_statistics(self.model, VERSION, self.state.counters.statistics())
-        return json_format.ParseDict({"model_stats": [stats]},
+        models = ([await self._model(request.name, request.version, context)]
+                  if request.name else self.state.served)
+        stats = [model_statistics(m.name, m.version, m.counters.statistics())
+                 for m in models]
+        return json_format.ParseDict({"model_stats": stats},
                                      _M["ModelStatisticsResponse"]())
 
     # -- Triton's shared-memory extensions ---------------------------------------------
@@ -150,7 +152,7 @@ class InferenceService:
         return _M["CudaSharedMemoryUnregisterResponse"]()
 
     async def ModelInfer(self, request, context):
-        await self._model(request.model_name, request.model_version, context)
+        model = await self._model(request.model_name, request.model_version, context)
         size = request.ByteSize()
         if self.held and self.held + size > self.budget:
             self._record(context, "ModelInfer", 413, "grpc_error", size, time.perf_counter())
@@ -160,15 +162,15 @@ class InferenceService:
                 "retry later"))
         self.held += size
         try:
-            return await self._infer(request, context, size)
+            return await self._infer(model, request, context, size)
         finally:
             self.held -= size
 
-    async def _infer(self, request, context, size: int):
+    async def _infer(self, model: ModelState, request, context, size: int):
         state, started = self.state, time.perf_counter()
         with state.request() as held:
             try:
-                response = await self._answer(request, context, held)
+                response = await self._answer(model, request, context, held)
             except Exception as e:
                 failure = held.fail(e)
             else:
@@ -180,22 +182,22 @@ class InferenceService:
         await context.abort(STATUS.get(failure.http_status, grpc.StatusCode.INTERNAL),
                             failure.message)
 
-    async def _answer(self, request, context, held):
+    async def _answer(self, model: ModelState, request, context, held):
         """The ModelInferResponse (raises what fails); ``held``: the front's request."""
         state = self.state
         to_regions = {o.name: _region(o.parameters) for o in request.outputs
                       if "shared_memory_region" in o.parameters}
         if to_regions or any("shared_memory_region" in t.parameters for t in request.inputs):
             state.restrictions.check_grpc(SHARED_MEMORY, context)
-        tensors, names = self._inputs(request, held.regions)
+        tensors, names = self._inputs(request, held.regions, model.string_limit)
         params = {k: _value(v) for k, v in request.parameters.items()}
         outputs = [o.name for o in request.outputs]
         pinned = {region: state.client_regions.registration(region)
                   for region, _, _ in to_regions.values()}
-        out_names, arrays = await state.run(tensors, names, outputs, request_config(params),
+        out_names, arrays = await model.run(tensors, names, outputs, request_config(params),
                                             held)
         response = _M["ModelInferResponse"](
-            model_name=self.model, model_version=VERSION, id=request.id)
+            model_name=model.name, model_version=model.version, id=request.id)
         for name, arr in zip(out_names, arrays):
             out = response.outputs.add(name=name, datatype=datatype_of(arr.dtype),
                                        shape=arr.shape)
@@ -211,14 +213,15 @@ class InferenceService:
                 response.raw_output_contents.append(bytes(raw_bytes(arr)))  # 1 copy
         return response
 
-    def _inputs(self, request, regions) -> tuple[list[np.ndarray], list[str]]:
+    def _inputs(self, request, regions, string_limit: tuple[int, str]
+                ) -> tuple[list[np.ndarray], list[str]]:
         raw = request.raw_input_contents
         by_value = [t for t in request.inputs if "shared_memory_region" not in t.parameters]
         if raw and len(raw) != len(by_value):
             raise ProtocolError(f"{len(raw)} raw_input_contents for {len(by_value)} inputs "
                                 "(not counting those in shared memory); send one per "
                                 "input, in order, or none")
-        max_strings, why = self.state.string_limit
+        max_strings, why = string_limit
         left, tensors, names, next_raw = max_strings, [], [], 0
         message_bytes = request.ByteSize()
         if not request.inputs:
@@ -261,9 +264,13 @@ class InferenceService:
         self.state.access.record(grpc_peer_host(context.peer()), "gRPC", f"{SERVICE}/{method}",
                                  status, kind, size, sent, time.perf_counter() - started)
 
-    async def _model(self, name: str, version: str, context) -> None:
-        if name != self.model or version not in ("", VERSION):
-            await context.abort(grpc.StatusCode.NOT_FOUND, unknown_model(name, version))
+    async def _model(self, name: str, version: str, context) -> ModelState:
+        """The model version a call names; NOT_FOUND, worded as Triton's, if none."""
+        try:
+            return self.state.model(name, version)
+        except UnknownModel as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, e.message)
+            raise                                        # abort raises; for the checker
 
 
 class Malformed:

@@ -11,6 +11,8 @@ docs/open-inference-protocol.md.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import orjson
 
 from gpserve import __version__
@@ -24,7 +26,9 @@ from .routes import Handler, Refused, Router
 from .sharedmem import NoSuchRegion, SharedMemoryError
 from .statistics import model_statistics
 
-VERSION = "1"              # the one version of the model a server serves
+if TYPE_CHECKING:
+    from gpserve.inflight import ModelState
+
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorflow": "tensorflow_savedmodel",
              "torch": "pytorch_libtorch"}
 
@@ -33,6 +37,11 @@ def extensions(cfg) -> list[str]:
     """The protocol extensions this server serves (shared memory only when allowed)."""
     return ["binary_tensor_data", "model_configuration", "statistics"] + (
         ["system_shared_memory"] if cfg.shm_clients else [])
+
+
+def versions(state, model) -> list[str]:
+    """The versions served of ``model``'s model, oldest first."""
+    return [str(v) for v in sorted(state.models[model.name])]
 
 
 def unknown_model(name: str, version: str | None = None) -> str:
@@ -56,12 +65,14 @@ class RestApi:
     """``handle(scope, receive)`` -> the Answer for a /v2 path."""
 
     def __init__(self, state):
-        self.state, spec = state, state.spec
-        self.model = spec.name
-        self.metadata = orjson.dumps(model_metadata(spec))
+        self.state = state
         self.server_metadata = orjson.dumps(
             {"name": "gpserve", "version": __version__, "extensions": extensions(state.cfg)})
-        self.config = orjson.dumps(triton_config(state.cfg, spec))
+        # each model version's metadata and configuration, serialized once
+        self.metadata = {id(m): orjson.dumps(model_metadata(m.spec, versions(state, m)))
+                         for m in state.served}
+        self.config = {id(m): orjson.dumps(triton_config(m.cfg, m.spec))
+                       for m in state.served}
         model: list[tuple[str, str, Handler]] = [
             ("POST", "infer", self.infer), ("GET", "", self._model_metadata),
             ("GET", "ready", self._model_ready), ("GET", "config", self._model_config),
@@ -90,14 +101,10 @@ class RestApi:
         try:
             handler, params = self.router.find(scope["method"], scope["path"])
             if "model" in params:
-                self._check_model(params["model"], params.get("version"))
+                params["model"] = self.state.model(params["model"], params.pop("version", None))
             return await handler(scope, receive, **params)
         except (GraphPipeError, Refused) as e:
             return Answer(e.http_status, _error(e.message), "v2_error", JSON)
-
-    def _check_model(self, name: str, version: str | None) -> None:
-        if name != self.model or (version is not None and version not in ("", VERSION)):
-            raise Refused(404, unknown_model(name, version))
 
     # -- server and model: metadata and health ------------------------------------------
     async def _server_metadata(self, scope, receive) -> Answer:
@@ -111,22 +118,23 @@ class RestApi:
         up = self.state.ready
         return Answer(200 if up else 503, orjson.dumps({"ready": up}), "v2_health", JSON)
 
-    async def _model_metadata(self, scope, receive, **model) -> Answer:
-        return Answer(200, self.metadata, "v2_metadata", JSON)
+    async def _model_metadata(self, scope, receive, model: ModelState) -> Answer:
+        return Answer(200, self.metadata[id(model)], "v2_metadata", JSON)
 
-    async def _model_config(self, scope, receive, **model) -> Answer:
-        return Answer(200, self.config, "v2_metadata", JSON)
+    async def _model_config(self, scope, receive, model: ModelState) -> Answer:
+        return Answer(200, self.config[id(model)], "v2_metadata", JSON)
 
-    async def _model_ready(self, scope, receive, **model) -> Answer:
+    async def _model_ready(self, scope, receive, model: ModelState) -> Answer:
         """The status for Triton's clients, the body KServe's."""
-        ready = self.state.ready
+        ready = model.ready
         return Answer(200 if ready else 503, orjson.dumps(
-            {"name": self.model, "ready": ready}), "v2_health", JSON)
+            {"name": model.name, "ready": ready}), "v2_health", JSON)
 
     # -- Triton's statistics extension -------------------------------------------------
-    async def _stats(self, scope, receive, model: str | None = None,
-                     version: str | None = None) -> Answer:
-        stats = [model_statistics(self.model, VERSION, self.state.counters.statistics())]
+    async def _stats(self, scope, receive, model: ModelState | None = None) -> Answer:
+        """One model version's statistics, or (``/v2/models/stats``) every one's."""
+        stats = [model_statistics(m.name, m.version, m.counters.statistics())
+                 for m in ([model] if model is not None else self.state.served)]
         return Answer(200, orjson.dumps({"model_stats": stats}), "v2_stats", JSON)
 
     # -- CUDA shared memory, as a server without GPUs answers it -----------------------
@@ -172,13 +180,13 @@ class RestApi:
         return Answer(200, b"", "v2_shm", JSON, len(body))
 
     # -- inference ---------------------------------------------------------------------
-    async def infer(self, scope, receive, **model) -> Answer:
+    async def infer(self, scope, receive, model: ModelState) -> Answer:
         with self.state.request() as request:
             try:
                 header_length = _header_length(scope)
                 body = await self.state.body.read(scope, receive, request.regions,
                                                   align_at=header_length)
-                return await self._infer(body, header_length, scope, request)
+                return await self._infer(model, body, header_length, scope, request)
             except Exception as e:
                 return _failed(request, e)
 
@@ -188,16 +196,17 @@ class RestApi:
         :meth:`handle` would give."""
         try:
             _, params = self.router.find("POST", path)
-            self._check_model(params["model"], params.get("version"))
-        except Refused as e:
+            model = self.state.model(params["model"], params.get("version"))
+        except (GraphPipeError, Refused) as e:
             return Answer(e.http_status, _error(e.message), "v2_error", JSON)
         with self.state.request() as request:
             try:
-                return await self._infer(body, _header_length(scope), scope, request)
+                return await self._infer(model, body, _header_length(scope), scope, request)
             except Exception as e:
                 return _failed(request, e)
 
-    async def _infer(self, body, header_length: int | None, scope, request) -> Answer:
+    async def _infer(self, model: ModelState, body, header_length: int | None, scope,
+                     request) -> Answer:
         state, shm = self.state, self.state.client_regions
 
         def read_region(name, offset, nbytes, where):     # into the arena, for the worker
@@ -206,14 +215,15 @@ class RestApi:
 
         def write_region(name, offset, nbytes, data, where):   # the registration decoded
             shm.write(name, offset, nbytes, data, where, pinned[name])
-        max_strings, why = state.string_limit
+        max_strings, why = model.string_limit
         call = decode_infer(body, header_length, max_strings, why, read_region)
         if call.to_regions:
             state.restrictions.check_http(SHARED_MEMORY, scope)
         pinned = {region: shm.registration(region) for region, _, _ in call.to_regions.values()}
-        names, arrays = await state.run(call.tensors, call.input_names, call.output_names,
+        names, arrays = await model.run(call.tensors, call.input_names, call.output_names,
                                         call.config, request)
-        out, json_length = encode_infer(self.model, VERSION, call, names, arrays, write_region)
+        out, json_length = encode_infer(model.name, model.version, call, names, arrays,
+                                        write_region)
         if json_length is None:
             return Answer(200, out, "v2_infer", JSON, len(body))
         return Answer(200, out, "v2_infer", OCTETS + (
@@ -244,11 +254,12 @@ def platform(spec) -> str:
     return PLATFORMS.get(spec.backend, f"gpserve_{spec.backend}")
 
 
-def model_metadata(spec) -> dict:
-    """The protocol's model metadata (REST's JSON; gRPC's message has the same fields)."""
+def model_metadata(spec, versions: list[str]) -> dict:
+    """The protocol's model metadata (REST's JSON; gRPC's message has the same fields);
+    ``versions``: the model's versions served."""
     io = lambda specs: [{"name": s.name, "datatype": datatype_of(s.dtype), "shape": s.shape}
                         for s in specs]
-    return {"name": spec.name, "versions": [VERSION], "platform": platform(spec),
+    return {"name": spec.name, "versions": versions, "platform": platform(spec),
             "inputs": io(spec.inputs), "outputs": io(spec.outputs)}
 
 

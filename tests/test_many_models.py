@@ -1,0 +1,163 @@
+"""Several models, and several versions of one, served by one server from a repository
+folder (``--model-repository``): each reached by name over GraphPipe (by URL, with the
+unmodified graphpipe 1.0.4) and over v2 (REST and gRPC, tritonclient), each with its
+own workers, batching, counters and row cache, and no model's rows answered for
+another."""
+import shutil
+
+import numpy as np
+import pytest
+import tritonclient.grpc as gc
+import tritonclient.http as hc
+from conftest import MODELS, need_shared, ort_session
+
+from gpserve import protocol as P
+from gpserve.client import Client
+from gpserve.testing import Server, free_port
+
+FIXTURES = MODELS / "fixtures"
+
+
+def v2_infer(client, model, x, version=""):
+    inp = hc.InferInput("point", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer(model, [inp], model_version=version)
+    return result.as_numpy(result.get_response()["outputs"][0]["name"])
+
+
+def cache_hits(client, model, version=""):
+    [stats] = client.get_inference_statistics(model, version)["model_stats"]
+    return int(stats["inference_stats"]["cache_hit"]["count"])
+
+
+@pytest.fixture
+def spirals_repository(tmp_path, default_model):
+    """spirals versions 1 and 2 (Triton's layout) and a flat file of another name."""
+    for version in (1, 2):
+        (tmp_path / "spirals" / str(version)).mkdir(parents=True)
+        shutil.copyfile(default_model, tmp_path / "spirals" / str(version) / "model.onnx")
+    shutil.copyfile(default_model, tmp_path / "twin.onnx")
+    return tmp_path
+
+
+def test_models_and_versions_by_name_over_every_protocol(spirals_repository, graphpipe,
+                                                          tmp_path_factory):
+    x = np.array([[0.2, 0.3], [-0.5, 0.9], [0.1, -0.7]], np.float32)
+    grpc_port = free_port()
+    with Server("--model-repository", str(spirals_repository), "--version-policy", "all",
+                "--fronts", "1", "--cache", "--cache-dir",
+                str(tmp_path_factory.mktemp("rows")),
+                "--grpc-listen", f"127.0.0.1:{grpc_port}") as s:
+        info = s.info()
+        assert [(m["name"], m["version"], m["state"]) for m in info["models"]] == [
+            ("spirals", "2", "READY"), ("spirals", "1", "READY"), ("twin", "1", "READY")]
+        assert info["default_model"] is None
+        assert all(m["versions"] == (["2", "1"] if m["name"] == "spirals" else ["1"])
+                   for m in info["models"])
+        with Client(s.url + "/models/spirals") as c:
+            want = c.execute(x)
+        # GraphPipe by URL: every model and version, with graphpipe 1.0.4 unchanged
+        for path in ("/models/spirals", "/models/spirals/versions/1",
+                     "/models/spirals/versions/2", "/models/twin"):
+            np.testing.assert_array_equal(graphpipe.one("execute", s.url + path, x), want)
+        # POST / with several models and no --default-model: a GraphPipe error naming them
+        got = graphpipe.one("execute", s.url + "/", x)
+        err = P.decode_response(got["body"])
+        assert got["status"] == 404 and "2 models (spirals, twin)" in err.errors[0].message
+        # v2 over REST: the newest version without one, any served version by number
+        rest = hc.InferenceServerClient(s.url.removeprefix("http://"))
+        for version in ("", "1", "2"):
+            np.testing.assert_array_equal(v2_infer(rest, "spirals", x, version), want)
+        assert rest.get_model_metadata("spirals")["versions"] == ["1", "2"]
+        assert rest.is_model_ready("spirals", "1") and not rest.is_model_ready("spirals", "3")
+        with pytest.raises(Exception, match="'spirals' version 3 is not found"):
+            v2_infer(rest, "spirals", x, "3")
+        # and over gRPC
+        grpc = gc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert grpc.get_model_metadata("twin").name == "twin"
+        inp = gc.InferInput("point", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        result = grpc.infer("spirals", [inp], model_version="1")
+        assert result.get_response().model_version == "1"
+        np.testing.assert_array_equal(result.as_numpy(result.get_response().outputs[0].name),
+                                      want)
+        # the row cache: each version answers only the rows it computed itself. Every
+        # call above computed x once per model version, so all were hits but the first.
+        y = np.array([[0.9, 0.9]], np.float32)
+        v2_infer(rest, "spirals", y, "1")
+        hits_before = {v: cache_hits(rest, "spirals", v) for v in ("1", "2")}
+        twin_before = cache_hits(rest, "twin")
+        v2_infer(rest, "spirals", y, "1")                     # a hit on version 1 ...
+        v2_infer(rest, "spirals", y, "2")                     # ... a miss on version 2
+        v2_infer(rest, "twin", y)                             # ... and on the other model
+        assert cache_hits(rest, "spirals", "1") == hits_before["1"] + 1
+        assert cache_hits(rest, "spirals", "2") == hits_before["2"]
+        assert cache_hits(rest, "twin") == twin_before
+        # statistics: one entry per model version served
+        every = rest.get_inference_statistics()["model_stats"]
+        assert sorted((m["name"], m["version"]) for m in every) == [
+            ("spirals", "1"), ("spirals", "2"), ("twin", "1")]
+
+
+def test_the_default_model_and_the_flags_that_name_models(spirals_repository):
+    import subprocess
+    import sys
+    x = np.array([[0.2, 0.3]], np.float32)
+    with Server("--model-repository", str(spirals_repository), "--default-model", "twin",
+                "--fronts", "1") as s:
+        info = s.info()
+        assert info["name"] == "twin" and info["default_model"] == "twin"
+        assert [(m["name"], m["version"]) for m in info["models"]] == [
+            ("twin", "1"), ("spirals", "2")]                 # latest only, by default
+        with Client(s.url) as c, Client(s.url + "/models/twin") as twin:
+            np.testing.assert_array_equal(c.execute(x), twin.execute(x))
+            assert c.metadata().name == "twin"
+    for args, words in (
+            (["--default-model", "resnet"], "--default-model 'resnet' is not in"),
+            (["--version-policy", "specific:7"], "no version of any model matches"),
+            (["--version-policy", "newest"], "--version-policy: version policy 'newest'"),
+            (["--model", "echo"], "drop --model and --model-name")):
+        r = subprocess.run([sys.executable, "-m", "gpserve", "serve", "--listen",
+                            "127.0.0.1:1", "--model-repository", str(spirals_repository),
+                            *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and words in r.stderr, r.stderr
+
+
+def test_ocr_minilm_and_the_default_model_on_one_server(tmp_path, default_model, graphpipe,
+                                                         minilm_path):
+    """The issue's three models at once: the OCR classifier (Triton's layout, in the
+    fronts), MiniLM (a flat .onnx.gz, in a worker process: it costs more than a hop)
+    and the project's default model, each answering as it does alone."""
+    cls = need_shared(MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx")
+    (tmp_path / "ocr" / "1").mkdir(parents=True)
+    (tmp_path / "ocr" / "1" / "model.onnx").symlink_to(cls)
+    (tmp_path / "minilm.onnx.gz").symlink_to(MODELS / "all-MiniLM-L6-v2_int8.onnx.gz")
+    (tmp_path / "spirals.onnx").symlink_to(default_model)
+    images = np.load(FIXTURES / "ocr_cls_input.npy")
+    ref = np.load(FIXTURES / "minilm_reference.npz")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    feed = [ref[n] for n in names]
+    emb = ort_session(minilm_path).run(None, dict(zip(names, feed)))[1]
+    with Server("--model-repository", str(tmp_path), "--default-model", "spirals",
+                "--fronts", "2") as s:
+        placements = {m["name"]: (m["placement"], m["state"]) for m in s.info()["models"]}
+        assert placements == {"spirals": ("fronts", "READY"), "ocr": ("fronts", "READY"),
+                              "minilm": ("workers", "READY")}
+        probs = graphpipe.one("execute", s.url + "/models/ocr", images)
+        assert list(probs.argmax(1)) == [0, 0, 0, 1, 1, 1]
+        got = graphpipe.one("execute_multi", s.url + "/models/minilm", feed, names,
+                            ["sentence_embedding"], None)
+        np.testing.assert_allclose(got[0], emb, atol=1e-5)
+        rest = hc.InferenceServerClient(s.url.removeprefix("http://"))
+        inp = hc.InferInput("x", list(images.shape), "FP32")
+        inp.set_data_from_numpy(images)
+        result = rest.infer("ocr", [inp])
+        np.testing.assert_allclose(result.as_numpy(result.get_response()["outputs"][0][
+            "name"]), probs, atol=1e-6)
+        with Client(s.url) as c:
+            assert c.metadata().name == "spirals"
+            assert c.execute(np.zeros((1, 2), np.float32)).shape == (1, 3)
+        # each model counted its own rows: batching and statistics are per model
+        stats = {m["name"]: m["inference_stats"]["success"]["count"]
+                 for m in rest.get_inference_statistics()["model_stats"]}
+        assert stats == {"spirals": 1, "ocr": 2, "minilm": 1}
