@@ -8,7 +8,8 @@ from pathlib import Path
 import lmdb
 
 from . import integrity
-from .store import GENERATIONS, environment_stats, open_environment
+from .environment import environment_stats, open_environment
+from .store import GENERATIONS
 
 
 def environments(cache_dir: str) -> list[Path]:

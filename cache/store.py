@@ -41,27 +41,13 @@ import numpy as np
 from gpserve import metrics
 
 from . import integrity
+from .environment import environment_stats, open_environment, pages
 from .values import CORRUPT, merged, rows_of
 
 log = logging.getLogger("gpserve.cache")
 WATCH_EVERY_S = 1.0           # the writer checks the file against the map when idle
 ROTATE_AT = 0.4               # of the map size, for the current generation
 GENERATIONS = (b"gen0", b"gen1")
-
-
-def environment_path(cache_dir: str, model_name: str, model_path: str) -> Path:
-    """One environment per model: named after the model and (a hash of) where it lives."""
-    import blake3
-    where = blake3.blake3(os.path.abspath(model_path).encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"{model_name}-{where}"
-
-
-def open_environment(path: Path, size_mb: int, readonly: bool = False) -> lmdb.Environment:
-    if not readonly:
-        path.mkdir(parents=True, exist_ok=True)
-    return lmdb.open(str(path), map_size=size_mb << 20, max_dbs=4, subdir=True,
-                     readonly=readonly, lock=not readonly, readahead=False, sync=False,
-                     metasync=False, max_readers=512, create=not readonly)
 
 
 class Handles(NamedTuple):
@@ -196,8 +182,9 @@ class RowCache:
                 continue
             while not self._queue.empty() and len(items) < 256:
                 items.append(self._queue.get())
-            flushes = [payload for kind, payload in items if kind == "flush"]
-            items = [item for item in items if item[0] != "flush"]
+            flushes = [payload for kind, payload in items if kind in ("flush", "close")]
+            closing = any(kind == "close" for kind, _ in items)
+            items = [item for item in items if item[0] == "rows"]
             for group in self._groups(items):
                 if not self.enabled:
                     break
@@ -205,8 +192,14 @@ class RowCache:
                     self._write_with_room(group)
                 except Exception as e:        # never let the writer die: count, say, go on
                     self._failed(f"{type(e).__name__}: {e}")
+            if closing:                       # the rows queued before are written
+                self.enabled = False
+                self.env.close()
+                os.close(self._mapped)
             for done in flushes:
                 done.set()
+            if closing:
+                return
 
     def _watch_file(self) -> None:
         """The mapped file cut short while serving (another process truncated it): stop
@@ -296,7 +289,7 @@ class RowCache:
                     txn.put(key, merged(txn.get(key, db=db), list(outputs),
                                         [a[i] for a in arrays]), db=db)
                     written += 1
-            used = _pages(txn.stat(db)) * txn.stat(db)["psize"]
+            used = pages(txn.stat(db)) * txn.stat(db)["psize"]
             rotate = used > ROTATE_AT * (self.size_mb << 20)
         self.counters.add_cache(self.front_index, writes=written)
         metrics.CACHE_BYTES.set(used)
@@ -341,17 +334,9 @@ class RowCache:
         self._queue.put(("flush", done))
         return done.wait(timeout)
 
-
-def _pages(stat) -> int:
-    return stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
-
-
-def environment_stats(env: lmdb.Environment, dbs) -> dict:
-    out = {"entries": 0, "used_bytes": 0}
-    with env.begin() as txn:
-        for db in dbs:
-            st = txn.stat(db)
-            out["entries"] += st["entries"]
-            out["used_bytes"] += _pages(st) * st["psize"]
-    out["file_bytes"] = (Path(env.path()) / "data.mdb").stat().st_size
-    return out
+    def close(self) -> None:
+        """Write what is queued, then close the environment (its model was retired: the
+        environment may be opened again, and LMDB allows one handle per process). No
+        lookup may follow; returns without waiting."""
+        if self.enabled:
+            self._queue.put(("close", threading.Event()))

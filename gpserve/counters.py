@@ -16,7 +16,8 @@ import numpy as np
 MAX_PROCESSES = 64          # workers, and fronts: each has a block of its own
 HISTOGRAM_BINS = 64         # batch sizes 1..63, and 64 or more
 
-SERVER_FIELDS = ("worker_restarts", "front_restarts", "worker_hangs", "front_hangs")
+SERVER_FIELDS = ("worker_restarts", "front_restarts", "worker_hangs", "front_hangs",
+                 "models_generation")
 WARMED_SIZES = 16          # batch sizes a worker ran before traffic, as many as are shown
 WORKER_FIELDS = ("pid", "ready", "queued_rows", "batches", "rows", "padded_rows",
                  "max_batch_rows", "rejected_queue_full",
@@ -25,7 +26,7 @@ WORKER_FIELDS = ("pid", "ready", "queued_rows", "batches", "rows", "padded_rows"
                  *(f"warmed{i}" for i in range(WARMED_SIZES)))
 CACHE_FIELDS = ("cache_hits", "cache_misses", "cache_writes", "cache_evictions",
                 "cache_errors", "cache_rotations", "cache_corrupt")
-FRONT_FIELDS = ("pid", *CACHE_FIELDS, "connections", "heartbeat_ms")
+FRONT_FIELDS = ("pid", *CACHE_FIELDS, "connections", "heartbeat_ms", "models_applied")
 ERROR_CODES = 32
 # Triton's statistics extension (gpserve/oip/statistics.py): durations in ns, written
 # through a memoryview (an int64 slot updated in ~50 ns, numpy's scalar path ~110 ns)
@@ -80,6 +81,17 @@ class Counters:
                 self._workers[index, self._w[field]] = 0
         else:
             self._fronts[index, self._f["heartbeat_ms"]] = 0
+
+    def publish_models(self, generation: int) -> None:
+        """The set of models served moved to ``generation`` (see gpserve/served.py)."""
+        self._server[SERVER_FIELDS.index("models_generation")] = generation
+
+    def models_generation(self) -> int:
+        return int(self._server[SERVER_FIELDS.index("models_generation")])
+
+    def models_applied(self, index: int) -> int:
+        """The generation of the model set front ``index`` serves."""
+        return int(self._fronts[index, self._f["models_applied"]])
 
     def pids(self, workers: int, fronts: int) -> dict:
         return {"supervisor": int(self.path.rsplit("gpserve-", 1)[1].split("-")[0]),
@@ -215,6 +227,11 @@ class Counters:
     def front_heartbeat(self, index: int) -> float:
         """The front's last heartbeat, in seconds (0: it has not beaten yet)."""
         return self._fronts[index, self._f["heartbeat_ms"]] / 1e3
+
+    def apply_models(self, index: int, generation: int) -> None:
+        """Front ``index`` serves the model set of ``generation``: its new models are
+        ready and its retired ones hold no request."""
+        self._fronts[index, self._f["models_applied"]] = generation
 
     def set_connections(self, index: int, count: int) -> None:
         """How many client connections front ``index`` holds now; -1: it is not

@@ -65,6 +65,7 @@ class Dispatcher:
         self.turn = front_index
         self.linked = asyncio.Event()                # set while any worker is linked
         self.hosted: Any = None                      # the worker in this process, if any
+        self.closed = False
         # its event loop, looked up once: Python 3.11's asyncio.get_running_loop() makes
         # a getpid() system call each time (docs/benchmarks.md: design figures)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -92,8 +93,16 @@ class Dispatcher:
         self.links[index] = link
         self.linked.set()
 
+    def close(self) -> None:
+        """Its model was retired (no request waits here): drop the links, quietly."""
+        self.closed = True
+        for link in [*self.links.values(), *self.connecting.values()]:
+            transport = getattr(link, "transport", None)    # a LocalEnd has none
+            if transport is not None:
+                transport.close()
+
     def on_lost(self, link: ipc.Link) -> None:
-        if link.peer is None:
+        if link.peer is None or self.closed:
             return
         index, pid = link.peer.index, link.peer.pid
         if self.links.get(index) is link:

@@ -72,6 +72,12 @@ def _model_flags(a, d: Config) -> None:
     a("--version-policy", default=d.version_policy,
       help="which versions of each model serve: latest, latest:N, all, or specific:1,3 "
            "(requests without a version get the newest)")
+    a("--model-control", default=d.model_control, choices=["none", "poll"],
+      help="'poll': read --model-repository again every --repository-poll-s and follow "
+           "it (a new version is loaded, warmed and swapped in without a failed request; "
+           "a removed one is drained); 'none': the models found at start serve")
+    a("--repository-poll-s", type=float, default=d.repository_poll_s,
+      help="with --model-control poll, seconds between reads of the repository")
     a("--model-name", default=d.model_name,
       help="the name the model is served by (v2 routes, metadata, metrics); default: "
            "its repository folder's name, else its file's")
@@ -230,19 +236,7 @@ def from_args(args: argparse.Namespace) -> Config:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.max_delay_ms < 0:
         problems.append("--max-delay-ms must not be negative")
-    from gpserve.repository import NAME_RULE, valid_name
-    if cfg.model_name and not valid_name(cfg.model_name):
-        problems.append(f"--model-name {cfg.model_name!r}: {NAME_RULE}")
-    if cfg.model_repository and (cfg.model or cfg.model_name):
-        problems.append("--model-repository serves every model of its folder, by the "
-                        "folder's names: drop --model and --model-name")
-    if cfg.default_model and not cfg.model_repository:
-        problems.append("--default-model names one model of --model-repository")
-    try:
-        from gpserve.repository import VersionPolicy
-        VersionPolicy.parse(cfg.version_policy)
-    except ValueError as e:
-        problems.append(f"--version-policy: {e}")
+    problems += _model_problems(cfg)
     if cfg.grpc_inflight_mb < 0:
         problems.append("--grpc-inflight-mb must not be negative (0: --max-body-mb)")
     if cfg.hang_timeout_s < 0:
@@ -273,3 +267,25 @@ def from_args(args: argparse.Namespace) -> Config:
     if problems:
         raise SystemExit("gpserve: " + "; ".join(problems))
     return cfg.settle()
+
+
+def _model_problems(cfg: Config) -> list[str]:
+    """What is wrong with the flags that name the models served."""
+    from gpserve.repository import NAME_RULE, VersionPolicy, valid_name
+    problems = []
+    if cfg.model_name and not valid_name(cfg.model_name):
+        problems.append(f"--model-name {cfg.model_name!r}: {NAME_RULE}")
+    if cfg.model_repository and (cfg.model or cfg.model_name):
+        problems.append("--model-repository serves every model of its folder, by the "
+                        "folder's names: drop --model and --model-name")
+    if cfg.model_control != "none" and not cfg.model_repository:
+        problems.append(f"--model-control {cfg.model_control} follows --model-repository")
+    if cfg.repository_poll_s <= 0:
+        problems.append("--repository-poll-s must be positive")
+    if cfg.default_model and not cfg.model_repository:
+        problems.append("--default-model names one model of --model-repository")
+    try:
+        VersionPolicy.parse(cfg.version_policy)
+    except ValueError as e:
+        problems.append(f"--version-policy: {e}")
+    return problems

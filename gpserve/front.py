@@ -27,8 +27,8 @@ from . import protocol as P
 from .answer import OCTETS, Answer
 from .config import Config
 from .errors import UnknownModel
-from .inflight import FrontState, ModelState
-from .modelspec import ModelSpec
+from .front_state import FrontState
+from .inflight import ModelState
 from .oip.rest import RestApi, is_v2
 from .protocol.messages import type_name
 
@@ -247,10 +247,9 @@ def _raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def main(cfg: Config, models: Sequence[tuple[Config, ModelSpec]], default: str, index: int,
-         sock) -> None:
-    """Serve ``models`` (see FrontState) on ``sock``, the listening socket the supervisor
-    holds for every front."""
+def main(cfg: Config, index: int, sock) -> None:
+    """Serve the models the supervisor published (gpserve/served.py) on ``sock``, the
+    listening socket it holds for every front."""
     import uvicorn
 
     from .logs import setup
@@ -258,7 +257,7 @@ def main(cfg: Config, models: Sequence[tuple[Config, ModelSpec]], default: str, 
     from .connections import guarded_protocol
     from .listener import FrontServer
     _raise_file_limit()
-    state = FrontState(cfg, models, index, default)
+    state = FrontState(cfg, index)
     counters = state.counters
     counters.set_connections(index, -1)      # not accepting yet: others need not yield
 

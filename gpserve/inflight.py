@@ -1,4 +1,5 @@
-"""A front's requests in flight: validation, the row cache, a worker's answer, the response.
+"""One model as a front serves it, and its requests in flight: validation, the row cache,
+a worker's answer, the response.
 
 Per request: the body (see :mod:`gpserve.body`) is decoded, validated against the
 model, its tensors placed in shared memory when a worker needs them (0 copies if they
@@ -14,8 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,107 +23,30 @@ from gpserve.cache.keys import row_keys
 
 from . import __version__, metrics
 from . import protocol as P
-from .access import AccessLog
-from .body import BodyReader
 from .config import Config
-from .counters import HEARTBEAT_S, Counters
+from .counters import Counters
 from .dispatch import Dispatcher
-from .errors import BadConfig, TooManyRows, UnknownModel, from_code
+from .errors import BadConfig, TooManyRows, from_code
 from .modelspec import ModelSpec
-from .oip.restricted import Restrictions
-from .oip.sharedmem import ClientRegions
 from .regions import Regions
 from .request import Request
-from .shm import Arena, Segments, segment_path
+from .shm import segment_path
 
 if TYPE_CHECKING:                       # lmdb is imported only with --cache
     from gpserve.cache.store import RowCache
 
+    from .front_state import FrontState
+
 log = logging.getLogger("gpserve.front")
-
-
-class FrontState:
-    """What one front process holds: its arena, the models it serves (each a
-    :class:`ModelState`), the client regions, the access log."""
-
-    def __init__(self, cfg: Config, models: Sequence[tuple[Config, ModelSpec]], index: int,
-                 default: str = ""):
-        """``models``: each model version served, (its config, its spec), the default
-        model's newest first; ``default``: the model ``POST /`` serves ("": none)."""
-        self.cfg, self.index = cfg, index
-        self.arena = Arena(segment_path(cfg.run_id, f"front{index}-{os.getpid()}"),
-                           cfg.arena_bytes)
-        self.segments = Segments()
-        self.segments.adopt(self.arena)
-        self.counters = Counters(segment_path(cfg.run_id, "counters"))   # the run's
-        self.body = BodyReader(cfg, self.arena)
-        self.server: Any = None     # the front's uvicorn Server, for draining state
-        self.tasks: list[asyncio.Task] = []
-        self.client_regions = ClientRegions(cfg.run_id, cfg.shm_clients)
-        self.restrictions = Restrictions.parse(cfg.restricted_api, cfg.restricted_api_clients)
-        self.access = AccessLog(cfg.access_log)
-        self.served = [ModelState(self, model_cfg, spec) for model_cfg, spec in models]
-        self.models: dict[str, dict[int, ModelState]] = {}     # name -> version -> it
-        for model in self.served:
-            self.models.setdefault(model.name, {})[model.cfg.version] = model
-        self.default = default
-
-    async def start(self) -> None:
-        self._beat()
-        self.tasks.append(asyncio.create_task(metrics.flush_periodically()))
-        for model in self.served:
-            await model.start()
-
-    def _beat(self) -> None:
-        """The heartbeat the supervisor watches (see gpserve/supervisor.py: hangs)."""
-        self.counters.front_beat(self.index, time.monotonic())
-        asyncio.get_running_loop().call_later(HEARTBEAT_S, self._beat)
-
-    @property
-    def draining(self) -> bool:
-        """Stopping: answering what it holds, taking no new work."""
-        return self.server is not None and self.server.should_exit
-
-    @property
-    def ready(self) -> bool:
-        """Every model served can take requests (Triton's server readiness)."""
-        return all(model.ready for model in self.served)
-
-    @property
-    def first(self) -> "ModelState":
-        """The model ``GET /`` describes first: the default, or the first by name."""
-        return self.served[0]
-
-    def model(self, name: str | None = None, version: str | None = None) -> "ModelState":
-        """The model version a request names: ``name`` None for the default model, no
-        ``version`` for its newest; UnknownModel if none is served so."""
-        if name is None:
-            if not self.default:
-                raise UnknownModel(
-                    f"this server serves {len(self.models)} models "
-                    f"({', '.join(sorted(self.models))}) and none is the default "
-                    "(--default-model): post to /models/<name>")
-            name = self.default
-        versions = self.models.get(name)
-        if versions is None:
-            raise UnknownModel.named(name, version)
-        if version in (None, ""):
-            return versions[max(versions)]
-        found = versions.get(int(version)) if version.isdigit() else None
-        if found is None:
-            raise UnknownModel.named(name, version)
-        return found
-
-    def request(self) -> Request:
-        """A new request's memory and accounting; the door holds it in a ``with`` block."""
-        return Request(self.arena, self.counters, self.index)
 
 
 class ModelState:
     """One model version as a front serves it: its links to its workers (or the instance
     this front hosts), its checks, its row cache and its counters."""
 
-    def __init__(self, front: FrontState, cfg: Config, spec: ModelSpec):
+    def __init__(self, front: FrontState, cfg: Config, spec: ModelSpec, hosted=None):
+        """``hosted``: this front's instance of the model, loaded already (a model that
+        runs in the fronts, added while serving: loaded off the event loop)."""
         self.front, self.cfg, self.spec, self.index = front, cfg, spec, front.index
         self.name = spec.name
         self.counters = front.counters if not cfg.slot else Counters(
@@ -131,11 +54,12 @@ class ModelState:
         self.segments = front.segments
         self.workers = Dispatcher(cfg.run_id, self.index, cfg.workers, self.counters,
                                   self.segments, cfg.timeout_ms / 1000.0, cfg.scoped(""))
-        self.hosted = None
+        self.hosted = hosted
         if cfg.placement == "fronts":           # this front runs its own model instance
-            from gpserve.workers.worker import Worker
-            self.hosted = Worker(cfg, self.index, local=True)
+            if hosted is None:
+                self.hosted = hosted_instance(cfg, self.index)
             self.counters.set_pid("worker", self.index, os.getpid())
+        self.tasks: list[asyncio.Task] = []
         self.ids = itertools.count(1)
         self.metadata_body = bytes(P.encode_metadata_response(
             spec.metadata(server=f"gpserve {__version__}", version=__version__)))
@@ -149,17 +73,28 @@ class ModelState:
             metrics.BATCH_DIFFERENCE.set(spec.batch_probe["max_difference"])
         self.cache: RowCache | None = None
         if cfg.cache:
-            from gpserve.cache.store import RowCache, environment_path
+            from gpserve.cache.environment import environment_path
+            from gpserve.cache.store import RowCache
             self.cache = RowCache(environment_path(cfg.cache_dir, spec.name, cfg.model_path),
                                   cfg.cache_size_mb, self.counters, self.index)
 
     async def start(self) -> None:
-        self.front.tasks.append(asyncio.create_task(self.workers.sweep_abandoned()))
+        self.tasks.append(asyncio.create_task(self.workers.sweep_abandoned()))
         if self.hosted is not None:
             await self.hosted.start()
             self.workers.host(self.hosted)
         else:
-            self.front.tasks.append(asyncio.create_task(self.workers.keep_connected()))
+            self.tasks.append(asyncio.create_task(self.workers.keep_connected()))
+
+    def close(self) -> None:
+        """Retired (no request holds it any more): its links, tasks and instance go."""
+        for task in self.tasks:
+            task.cancel()
+        self.workers.close()
+        if self.hosted is not None:
+            self.hosted.compute_thread.shutdown(wait=False)
+        if self.cache is not None:
+            self.cache.close()
 
     @property
     def version(self) -> str:
@@ -274,6 +209,12 @@ class ModelState:
             arr = sl.ref if local else self.segments.view(sl.ref)
             arrays.append(arr if sl.stop is None else arr[sl.start:sl.stop])
         return arrays
+
+
+def hosted_instance(cfg: Config, index: int):
+    """This front's own instance of a model that runs in the fronts (loaded here)."""
+    from gpserve.workers.worker import Worker
+    return Worker(cfg, index, local=True)
 
 
 def _layout(ref) -> tuple:

@@ -65,7 +65,7 @@ def make_plan(cfg: Config, run_id: str) -> Plan:
     if cfg.model_repository:
         return _repository_plan(cfg)
     path, name = in_repository(resolve(cfg.model, cfg.models_dir, cfg.model_sha256))
-    model = _model_plan(cfg, path, cfg.model_name or name, 1, 0, strict=True)
+    model = model_plan(cfg, path, cfg.model_name or name, 1, 0, strict=True)
     return Plan(model.cfg, (model,), model.name)
 
 
@@ -89,7 +89,7 @@ def _repository_plan(cfg: Config) -> Plan:
         raise SystemExit(f"gpserve: --default-model {default!r} is not in "
                          f"{cfg.model_repository} (it holds {', '.join(names)})")
     chosen.sort(key=lambda c: c[0] != default)           # the default model's first
-    models = tuple(_model_plan(cfg, v.path, name, v.number, slot, strict=False)
+    models = tuple(model_plan(cfg, v.path, name, v.number, slot, strict=False)
                    for slot, (name, v) in enumerate(chosen))
     if len(models) > MAX_MODELS:
         raise SystemExit(f"gpserve: {len(models)} model versions to serve, at most "
@@ -97,7 +97,7 @@ def _repository_plan(cfg: Config) -> Plan:
     return Plan(models[0].cfg, models, default)
 
 
-def _model_plan(cfg: Config, path: str, name: str, version: int, slot: int,
+def model_plan(cfg: Config, path: str, name: str, version: int, slot: int,
                 strict: bool) -> ModelPlan:
     """One model version: inspected, fingerprinted for the cache, placed. ``strict``:
     --cache on a model that cannot use it stops the start (one model), else that model

@@ -28,18 +28,27 @@ from .shm import Arena
 log = logging.getLogger("gpserve.front")
 
 
-class Request:
-    __slots__ = ("regions", "_lease", "_counters", "_front")
+_NO_EPOCH = [0]
 
-    def __init__(self, arena: Arena, counters: Counters, front: int):
+
+class Request:
+    __slots__ = ("regions", "_lease", "_counters", "_front", "_epoch")
+
+    def __init__(self, arena: Arena, counters: Counters, front: int,
+                 epoch: list[int] = _NO_EPOCH):
+        """``epoch``: the front's count of open requests this one is counted in, until
+        it closes (a retired model waits for the requests opened before it was)."""
         self.regions = Regions(arena)
         self._lease: tuple | None = None        # (link, token): the worker's answer
         self._counters, self._front = counters, front
+        self._epoch = epoch
+        epoch[0] += 1
 
     def __enter__(self) -> Request:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._epoch[0] -= 1
         self.close()
 
     def answered(self, link, token: int | None) -> None:

@@ -29,7 +29,8 @@ from typing import Any
 from . import sockets
 from .config import Config
 from .counters import Counters
-from .plan import Plan, announce, make_plan
+from .model_control import ModelControl
+from .plan import ModelPlan, Plan, announce, make_plan
 from .shm import (
     SHM_DIR,
     hold_run_lock,
@@ -118,6 +119,7 @@ class Supervisor:
         self.ctx = mp.get_context("spawn")
         self.children: list[_Child] = []
         self.stopping = False
+        self.leaving: list[_Child] = []        # workers of removed models, stopping
 
     def run(self) -> int:
         removed, foreign = remove_stale_segments()
@@ -135,10 +137,14 @@ class Supervisor:
         metrics_dir = segment_path(run_id, "metrics")
         os.makedirs(metrics_dir, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir   # before any child starts
-        self.model_counters = {m.cfg.slot: Counters(segment_path(run_id, m.cfg.scoped(
-            "counters")), create=True) for m in plan.models}
+        self.model_counters: dict[int, Counters] = {}
+        for model in plan.models:
+            self._model_counters(model)
         self.counters = self.model_counters[0]      # the fronts' and the run's figures
-        self.children = self._children(plan, sock)
+        self.models = ModelControl(plan, self.counters, self._start_model,
+                                   self._stop_model, self._fronts_applied)
+        self.children = [child for model in plan.models for child in self._workers(model)]
+        self.children += self._fronts(plan, sock)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         try:
@@ -150,17 +156,44 @@ class Supervisor:
             self._stop(sock)
         return 0
 
-    @staticmethod
-    def _children(plan: Plan, sock: socket.socket) -> list[_Child]:
-        from gpserve.workers import worker
+    def _model_counters(self, model: ModelPlan) -> None:
+        self.model_counters[model.cfg.slot] = Counters(
+            segment_path(model.cfg.run_id, model.cfg.scoped("counters")), create=True)
 
+    @staticmethod
+    def _workers(model: ModelPlan) -> list[_Child]:
+        from gpserve.workers import worker
+        return [_Child("worker", i, worker.main, (model.cfg, i), model.cfg)
+                for i in range(model.worker_processes)]
+
+    @staticmethod
+    def _fronts(plan: Plan, sock: socket.socket) -> list[_Child]:
         from . import front
-        models = tuple((m.cfg, m.spec) for m in plan.models)
-        return ([_Child("worker", i, worker.main, (m.cfg, i), m.cfg)
-                 for m in plan.models for i in range(m.worker_processes)]
-                + [_Child("front", i, front.main, (plan.cfg, models, plan.default, i, sock),
-                          plan.cfg)
-                   for i in range(plan.cfg.fronts)])
+        return [_Child("front", i, front.main, (plan.cfg, i, sock), plan.cfg)
+                for i in range(plan.cfg.fronts)]
+
+    # -- models added and removed while serving (gpserve/model_control.py) -------------
+    def _start_model(self, model: ModelPlan) -> None:
+        self._model_counters(model)
+        for child in self._workers(model):
+            self.children.append(child)
+            self._start(child)
+
+    def _stop_model(self, model: ModelPlan) -> None:
+        """Its fronts let go of it: its workers stop (and are not restarted)."""
+        stopping = [c for c in self.children if c.role == "worker"
+                    and c.cfg.slot == model.cfg.slot]
+        self.children = [c for c in self.children if c not in stopping]
+        for child in stopping:
+            if child.restart_at is None:
+                _signal(child, STOP_SIGNAL)
+        self.leaving += stopping
+
+    def _fronts_applied(self, generation: int) -> bool:
+        """Every running front serves model set ``generation`` (or a later one)."""
+        return all(self.counters.models_applied(c.index) >= generation
+                   for c in self.children if c.role == "front" and c.restart_at is None
+                   and c.process.is_alive())
 
     def _start(self, child: _Child) -> None:
         child.restart_at = None
@@ -187,6 +220,8 @@ class Supervisor:
                 if child.restart_at is not None and child.restart_at <= now:
                     self._start(child)
             self._kill_hung(metrics)
+            self.models.tick(now)
+            self.leaving = [c for c in self.leaving if c.process.is_alive()]   # reaped
             running: dict[Any, _Child] = {      # sentinel -> child
                 c.process.sentinel: c for c in self.children if c.restart_at is None}
             due = [c.restart_at - now for c in self.children if c.restart_at is not None]
@@ -256,7 +291,7 @@ class Supervisor:
         """Stop listening, drain the fronts, then stop the workers; remove the run's
         shared memory."""
         self.stopping = True
-        started = [c for c in self.children
+        started = [c for c in self.children + self.leaving
                    if c.process.pid is not None and c.restart_at is None]
         fronts = [c for c in started if c.role == "front"]
         sockets.stop_listening(sock, lambda: any(c.process.is_alive() for c in fronts))

@@ -111,3 +111,18 @@ def default_model(tmp_path_factory) -> Path:
     """The project's own default model, built (no ../shared needed)."""
     from gpserve.workers.default_model import ensure
     return ensure(tmp_path_factory.mktemp("models") / "spirals.onnx")
+
+
+def scale_model(path: Path, factor: float, width: int = 4) -> Path:
+    """y = x * factor, z = x + factor: two outputs, float32 [N,width]."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"]), helper.make_node("Add", ["x", "k"], ["z"])],
+        "scale", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", width])],
+        initializer=[helper.make_tensor("k", TensorProto.FLOAT, [], [factor])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path

@@ -2,11 +2,10 @@
 import asyncio
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODELS, need_shared
+from conftest import MODELS, need_shared, scale_model
 
 from gpserve.client import AsyncClient, Client
 from gpserve.errors import BadConfig
@@ -14,21 +13,6 @@ from gpserve.testing import Server, eventually
 
 CLS = MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 VAD = MODELS / "silero_vad_16k_op15.onnx"
-
-
-def scale_model(path: Path, factor: float, width: int = 4) -> Path:
-    """y = x * factor, z = x + factor: two outputs, float32 [N,width]."""
-    from onnx import TensorProto, helper
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "k"], ["y"]), helper.make_node("Add", ["x", "k"], ["z"])],
-        "scale", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", width])],
-        initializer=[helper.make_tensor("k", TensorProto.FLOAT, [], [factor])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.write_bytes(model.SerializeToString())
-    return path
 
 
 def computed_since(server, before: int, expected: int | None = None) -> int:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as gc
 import tritonclient.http as hc
-from conftest import MODELS, need_shared, ort_session
+from conftest import MODELS, need_shared, ort_session, scale_model
 
 from gpserve import protocol as P
 from gpserve.client import Client
-from gpserve.testing import Server, free_port
+from gpserve.testing import Server, eventually, free_port
 
 FIXTURES = MODELS / "fixtures"
 
@@ -161,3 +161,80 @@ def test_ocr_minilm_and_the_default_model_on_one_server(tmp_path, default_model,
         stats = {m["name"]: m["inference_stats"]["success"]["count"]
                  for m in rest.get_inference_statistics()["model_stats"]}
         assert stats == {"spirals": 1, "ocr": 2, "minilm": 1}
+
+
+class Load:
+    """Clients sending GraphPipe requests to a model by URL without pause, in threads,
+    keeping every answer's factor (y / x) and every failure."""
+
+    def __init__(self, url: str, clients: int = 4):
+        import threading
+        self.url, self.stop = url, threading.Event()
+        self.factors: list[float] = []
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run, daemon=True)
+                        for _ in range(clients)]
+
+    def _run(self) -> None:
+        x = np.ones((2, 4), np.float32)
+        with Client(self.url) as c:
+            while not self.stop.is_set():
+                try:
+                    y, _ = c.execute_multi([x], ["x"], ["y", "z"])
+                    self.factors.append(float(y[0, 0]))
+                except Exception as e:          # any failure counts: none is allowed
+                    self.failures.append(repr(e))
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def drop_version(repo, name: str, version: int, factor: float | None) -> None:
+    """Put a version in the repository as an operator should: written beside it under
+    a hidden name, then renamed in (a half-written file is never seen). ``factor``
+    None: a file that is not a model."""
+    staged = repo / f".{name}-{version}"
+    staged.mkdir()
+    if factor is None:
+        (staged / "model.onnx").write_bytes(b"not a model")
+    else:
+        scale_model(staged / "model.onnx", factor)
+    staged.rename(repo / name / str(version))
+
+
+@pytest.mark.parametrize("placement", ["fronts", "workers"])
+def test_a_new_version_is_swapped_in_under_load_without_a_failed_request(tmp_path,
+                                                                        placement):
+    (tmp_path / "scale" / "1").mkdir(parents=True)
+    scale_model(tmp_path / "scale" / "1" / "model.onnx", 1.0)
+    with Server("--model-repository", str(tmp_path), "--model-control", "poll",
+                "--repository-poll-s", "0.2", "--fronts", "2", "--workers", "1",
+                "--placement", placement) as s:
+        processes = len(s.children())
+        with Load(s.url + "/models/scale") as load:
+            eventually(lambda: len(load.factors) > 50, what="the load running")
+            drop_version(tmp_path, "scale", 2, 2.0)
+            eventually(lambda: [m["version"] for m in s.info()["models"]] == ["2"],
+                       what="version 2 alone served")
+            served = len(load.factors)
+            eventually(lambda: len(load.factors) > served + 50, what="more answers")
+            # a version that cannot be loaded: said why, and version 2 serves on
+            drop_version(tmp_path, "scale", 3, None)
+            eventually(lambda: "scale/3/model.onnx" in s.output(), what="the failed load")
+            served = len(load.factors)
+            eventually(lambda: len(load.factors) > served + 50, what="more answers")
+        assert load.failures == []
+        assert set(load.factors) == {1.0, 2.0}
+        switched = load.factors.index(2.0)
+        assert load.factors[-50:] == [2.0] * 50 and switched > 0
+        assert [m["version"] for m in s.info()["models"]] == ["2"]
+        assert "cannot load model" in s.output()
+        eventually(lambda: len(s.children()) == processes,
+                   what="the old version's workers gone")

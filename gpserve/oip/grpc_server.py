@@ -63,8 +63,6 @@ class InferenceService:
 
     def __init__(self, state):
         self.state = state
-        self.metadata = {id(m): _M["ModelMetadataResponse"](
-            **model_metadata(m.spec, versions(state, m))) for m in state.served}
         # grpcio reads a whole message before its call runs, and a call holds about 4x
         # its size (protobuf's bytes, shared memory, the output, its serialisation):
         # HTTP bodies are bounded by the arena, gRPC requests by this
@@ -95,7 +93,8 @@ class InferenceService:
 
     async def ModelMetadata(self, request, context):
         model = await self._model(request.name, request.version, context)
-        return self.metadata[id(model)]
+        return _M["ModelMetadataResponse"](**model_metadata(model.spec,
+                                                             versions(self.state, model)))
 
     async def ModelConfig(self, request, context):
         model = await self._model(request.name, request.version, context)

@@ -68,11 +68,7 @@ class RestApi:
         self.state = state
         self.server_metadata = orjson.dumps(
             {"name": "gpserve", "version": __version__, "extensions": extensions(state.cfg)})
-        # each model version's metadata and configuration, serialized once
-        self.metadata = {id(m): orjson.dumps(model_metadata(m.spec, versions(state, m)))
-                         for m in state.served}
-        self.config = {id(m): orjson.dumps(triton_config(m.cfg, m.spec))
-                       for m in state.served}
+
         model: list[tuple[str, str, Handler]] = [
             ("POST", "infer", self.infer), ("GET", "", self._model_metadata),
             ("GET", "ready", self._model_ready), ("GET", "config", self._model_config),
@@ -119,10 +115,12 @@ class RestApi:
         return Answer(200 if up else 503, orjson.dumps({"ready": up}), "v2_health", JSON)
 
     async def _model_metadata(self, scope, receive, model: ModelState) -> Answer:
-        return Answer(200, self.metadata[id(model)], "v2_metadata", JSON)
+        return Answer(200, orjson.dumps(model_metadata(model.spec, versions(self.state, model))),
+                      "v2_metadata", JSON)
 
     async def _model_config(self, scope, receive, model: ModelState) -> Answer:
-        return Answer(200, self.config[id(model)], "v2_metadata", JSON)
+        return Answer(200, orjson.dumps(triton_config(model.cfg, model.spec)), "v2_metadata",
+                      JSON)
 
     async def _model_ready(self, scope, receive, model: ModelState) -> Answer:
         """The status for Triton's clients, the body KServe's."""
