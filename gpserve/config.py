@@ -19,7 +19,8 @@ class Config:
     model_repository: str = ""           # a folder of models, every one served by name
     default_model: str = ""              # what POST / serves; "": the only model
     version_policy: str = "latest"       # which versions serve: latest[:N] | all | specific:..
-    model_control: str = "none"          # none | poll: the repository read again while serving
+    model_control: str = "none"          # none | poll | explicit (the repository API)
+    load_models: str = ""                # explicit: the models loaded at start (*: all)
     repository_poll_s: float = 5.0       # poll: how often
     listen: str = "127.0.0.1:9000"
     grpc_listen: str = ""                # host:port of the Open Inference Protocol's gRPC

@@ -118,6 +118,13 @@ class Forbidden(GraphPipeError):
     code, http_status = 19, 403
 
 
+class ModelControlFailed(GraphPipeError):
+    """A repository API call (load, unload) that could not be done: the message says
+    why (the model's load error, a control mode that takes no such call)."""
+
+    code, http_status = 21, 400
+
+
 class UnknownModel(GraphPipeError):
     """A model name (or version) this server does not serve, in Triton's words (clients
     match on them)."""

@@ -72,10 +72,15 @@ def _model_flags(a, d: Config) -> None:
     a("--version-policy", default=d.version_policy,
       help="which versions of each model serve: latest, latest:N, all, or specific:1,3 "
            "(requests without a version get the newest)")
-    a("--model-control", default=d.model_control, choices=["none", "poll"],
+    a("--model-control", default=d.model_control, choices=["none", "poll", "explicit"],
       help="'poll': read --model-repository again every --repository-poll-s and follow "
            "it (a new version is loaded, warmed and swapped in without a failed request; "
-           "a removed one is drained); 'none': the models found at start serve")
+           "a removed one is drained); 'explicit': models are loaded and unloaded by the "
+           "repository API (/v2/repository, restricted); 'none': the models found at "
+           "start serve")
+    a("--load-models", default=d.load_models, metavar="NAMES",
+      help="with --model-control explicit, the models loaded at start (comma-separated, "
+           "or '*' for all; default: none)")
     a("--repository-poll-s", type=float, default=d.repository_poll_s,
       help="with --model-control poll, seconds between reads of the repository")
     a("--model-name", default=d.model_name,
@@ -278,6 +283,9 @@ def _model_problems(cfg: Config) -> list[str]:
     if cfg.model_repository and (cfg.model or cfg.model_name):
         problems.append("--model-repository serves every model of its folder, by the "
                         "folder's names: drop --model and --model-name")
+    if cfg.load_models and cfg.model_control != "explicit":
+        problems.append("--load-models names the models --model-control explicit loads "
+                        "at start")
     if cfg.model_control != "none" and not cfg.model_repository:
         problems.append(f"--model-control {cfg.model_control} follows --model-repository")
     if cfg.repository_poll_s <= 0:

@@ -142,42 +142,56 @@ def _error(failure, received: int = 0) -> Answer:
 
 def info(state: FrontState) -> dict:
     """``GET /``: what is served, how, and how it goes; the top-level model fields are
-    the default model's (or the first's), every model is under ``models``."""
+    the default model's (or the first's; none while no model is loaded), every model is
+    under ``models``."""
     first = state.first
-    spec = first.spec
-    workers = first.workers.about()
-    io = lambda specs: [{"name": s.name, "shape": s.shape, "type": type_name(s.dtype)}
-                        for s in specs]
+    pids = state.counters.pids(0, state.cfg.fronts)
+    if first is not None:
+        pids["workers"] = first.counters.pids(first.cfg.workers, 0)["workers"]
     return {
-        "name": spec.name, "version": __version__, "server": f"gpserve {__version__}",
-        "backend": spec.backend,
-        "description": workers[0]["runs"] if workers else spec.description,
-        "inputs": io(spec.inputs), "outputs": io(spec.outputs),
-        "default_inputs": spec.default_inputs, "default_outputs": spec.default_outputs,
+        **_first_model(first), "version": __version__, "server": f"gpserve {__version__}",
         "default_model": state.default or None,
-        "batching": _batching(first),
-        "processes": {"fronts": state.cfg.fronts, "workers": first.cfg.workers,
-                      "pids": state.counters.pids(first.cfg.workers, state.cfg.fronts),
-                      "this_front": os.getpid(), "workers_linked": workers,
+        "processes": {"fronts": state.cfg.fronts,
+                      "workers": first.cfg.workers if first else 0, "pids": pids,
+                      "this_front": os.getpid(),
+                      "workers_linked": first.workers.about() if first else [],
                       "connections": state.counters.connections(state.cfg.fronts)},
-        "models": [_model_info(model, io) for model in state.served],
+        "models": [_model_info(model) for model in state.served],
         "protocols": {"graphpipe": "POST / (the default model), POST /models/<name>",
                       "open_inference_protocol": {
             "rest": "/v2", "grpc": state.cfg.grpc_listen or None,
             "system_shared_memory": state.cfg.shm_clients}},
         "stats": state.counters.snapshot(),
-        "cache": _cache(first),
+        "cache": _cache(first) if first else None,
     }
 
 
-def _model_info(model: ModelState, io) -> dict:
+def _io(specs) -> list[dict]:
+    return [{"name": s.name, "shape": s.shape, "type": type_name(s.dtype)} for s in specs]
+
+
+def _first_model(model: ModelState | None) -> dict:
+    """``GET /``'s top-level fields of one model (as with one model per server)."""
+    if model is None:
+        return {"name": None, "backend": None, "description": "no model loaded",
+                "inputs": [], "outputs": [], "default_inputs": [], "default_outputs": [],
+                "batching": None}
+    spec, workers = model.spec, model.workers.about()
+    return {"name": spec.name, "backend": spec.backend,
+            "description": workers[0]["runs"] if workers else spec.description,
+            "inputs": _io(spec.inputs), "outputs": _io(spec.outputs),
+            "default_inputs": spec.default_inputs, "default_outputs": spec.default_outputs,
+            "batching": _batching(model)}
+
+
+def _model_info(model: ModelState) -> dict:
     """One model version's entry of ``GET /``."""
     spec, cfg = model.spec, model.cfg
     return {"name": model.name, "version": model.version,
             "versions": [str(v) for v in sorted(model.front.models[model.name], reverse=True)],
             "state": "READY" if model.ready else "UNAVAILABLE",
             "backend": spec.backend, "path": cfg.model_path, "placement": cfg.placement,
-            "workers": cfg.workers, "inputs": io(spec.inputs), "outputs": io(spec.outputs),
+            "workers": cfg.workers, "inputs": _io(spec.inputs), "outputs": _io(spec.outputs),
             "graphpipe": f"/models/{model.name}/versions/{model.version}",
             "v2": f"/v2/models/{model.name}/versions/{model.version}",
             "batching": _batching(model), "stats": model.counters.snapshot(),

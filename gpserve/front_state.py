@@ -86,9 +86,12 @@ class FrontState:
         return all(model.ready for model in self.served)
 
     @property
-    def first(self) -> ModelState:
+    def first(self) -> ModelState | None:
         """The model ``GET /`` describes first: the default, or the first by name."""
-        return self.served[0]
+        versions = self.models.get(self.default)
+        if versions:
+            return versions[max(versions)]
+        return self.served[0] if self.served else None
 
     def model(self, name: str | None = None, version: str | None = None) -> ModelState:
         """The model version a request names: ``name`` None for the default model, no

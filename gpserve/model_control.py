@@ -28,6 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from .control import Call
 from .counters import Counters
 from .plan import MAX_MODELS, ModelPlan, Plan, announce_model, model_plan
 from .served import Served, publish
@@ -58,10 +59,12 @@ class ModelControl:
         self.models = list(plan.models)
         self.default = plan.default
         self.generation = 0
-        self.next_slot = max(m.cfg.slot for m in self.models) + 1
+        self.next_slot = max((m.cfg.slot for m in self.models), default=0) + 1
         self.failed: dict[str, tuple] = {}       # path -> its file's (mtime, size) then
         self.loading: Future | None = None
         self.swap: _Swap | None = None
+        self.calls: list[Call] = []              # load/unload requests, in order
+        self.call: Call | None = None            # the one under way
         self.poll_at = time.monotonic() + self.cfg.repository_poll_s
         self.planner = ThreadPoolExecutor(1, thread_name_prefix="model-planner")
         self._publish(self.models)
@@ -80,23 +83,76 @@ class ModelControl:
         elif self.loading is not None:
             if self.loading.done():
                 self._loaded(self.loading, now)
+        elif self.calls:
+            self._take(self.calls.pop(0), now)
         elif self.cfg.model_control == "poll" and now >= self.poll_at:
             self.poll_at = now + self.cfg.repository_poll_s
-            self._poll(now)
+            self._follow(None, now)
 
-    def _poll(self, now: float) -> None:
+    # -- the repository API (--model-control explicit) ----------------------------------
+    def handle(self, call: Call) -> None:
+        """A front's load or unload (gpserve/control.py): answered once done; one change
+        at a time, in order."""
+        from gpserve.repository import valid_name
+        op, name = call.message.get("op"), call.message.get("name")
+        if self.cfg.model_control != "explicit":
+            call.answer(False, "models are loaded and unloaded through the API only with "
+                               f"--model-control explicit (this server: "
+                               f"{self.cfg.model_control})")
+        elif op not in ("load", "unload") or not isinstance(name, str) or not valid_name(name):
+            call.answer(False, f"a control request must be load or unload of a model name, "
+                               f"not {op!r} of {name!r}")
+        else:
+            self.calls.append(call)
+
+    def _take(self, call: Call, now: float) -> None:
+        self.call = call
+        name = call.message["name"]
+        if call.message["op"] == "unload":
+            gone = [m for m in self.models if m.name == name]
+            log.info("unloading %s", name)
+            if gone:
+                self._remove(gone)
+            else:
+                self._finish(True)
+        else:
+            self._follow({name}, now)
+
+    def _finish(self, ok: bool, error: str = "") -> None:
+        """The change under way is done: answer the call that asked for it, if any."""
+        call, self.call = self.call, None
+        if call is not None:
+            call.answer(ok, error)
+
+    def close(self) -> None:
+        """The server stops: every request waiting is answered so."""
+        for call in [*filter(None, [self.call]), *self.calls]:
+            call.answer(False, "the server is stopping")
+        self.call, self.calls = None, []
+        self.planner.shutdown(wait=False, cancel_futures=True)
+
+    # -- following the repository -------------------------------------------------------
+    def _follow(self, names: set[str] | None, now: float) -> None:
+        """Load what the repository and the version policy serve (of ``names``, or of
+        every model) and is not served yet; remove what they no longer serve."""
         from gpserve.repository import RepositoryError, VersionPolicy, scan
         try:
-            entries = scan(self.cfg.model_repository)
+            entries = [e for e in scan(self.cfg.model_repository)
+                       if names is None or e.name in names]
         except RepositoryError as e:
             log.warning("--model-repository: %s; serving what serves", e)
-            return
+            return self._finish(False, str(e))
+        if names is not None and not entries:
+            return self._finish(False, f"no model {', '.join(sorted(names))} in "
+                                       f"{self.cfg.model_repository}")
         policy = VersionPolicy.parse(self.cfg.version_policy)
         wanted = {(e.name, v.number): v.path for e in entries for v in policy.choose(e.versions)}
-        served = {(m.name, m.cfg.version) for m in self.models}
+        served = {(m.name, m.cfg.version) for m in self.models
+                  if names is None or m.name in names}
         new = [(name, number, path) for (name, number), path in sorted(wanted.items())
                if (name, number) not in served and self.failed.get(path) != _signature(path)]
-        gone = [m for m in self.models if (m.name, m.cfg.version) not in wanted]
+        gone = [m for m in self.models if (m.name, m.cfg.version) not in wanted
+                and (names is None or m.name in names)]
         if len(self.models) + len(new) > MAX_MODELS:
             log.error("the repository asks for %d model versions, at most %d: not loading "
                       "%s", len(self.models) + len(new), MAX_MODELS,
@@ -109,6 +165,8 @@ class ModelControl:
             self.loading = self.planner.submit(self._plan_all, list(zip(new, slots)))
         elif gone:
             self._begin(now, [], gone)
+        else:
+            self._finish(True)                         # served as it is: nothing to do
 
     def _plan_all(self, new) -> list[ModelPlan | tuple[str, str]]:
         """Each new version's plan, or (its path, why it cannot be served)."""
@@ -122,17 +180,20 @@ class ModelControl:
 
     def _loaded(self, loading: Future, now: float) -> None:
         self.loading = None
-        added = []
+        added, failures = [], []
         for plan in loading.result():
             if isinstance(plan, tuple):
                 path, why = plan
                 self.failed[path] = _signature(path)
+                failures.append(why.removeprefix("gpserve: "))
                 log.error("%s (the versions serving go on; tried again once the file "
                           "changes)", why)
             else:
                 added.append(plan)
+        if failures and self.call is not None:
+            added = []            # a load asked for is all or nothing: it says why
         if not added:
-            return
+            return self._finish(False, "; ".join(failures))
         names = {m.name for m in added}
         policy_gone = [m for m in self.models if m.name in names
                        and not self._still_wanted(m, added)]
@@ -169,16 +230,21 @@ class ModelControl:
                 self.swap = None
                 self.models = [*self.models, *swap.added]
                 self._remove(swap.added)
+                self._finish(False, f"not ready in every front after {READY_S:.0f} s")
             return
         if swap.draining:
             for model in swap.removing:
                 self.stop_model(model)
                 log.info("stopped %s version %d", model.name, model.cfg.version)
             self.swap = None
+            self._finish(True)
             return
         self.models = [*self.models, *swap.added]
         self.swap = None
-        self._remove(swap.removing)
+        if swap.removing:
+            self._remove(swap.removing)
+        else:
+            self._finish(True)
 
     def _remove(self, removing: list[ModelPlan]) -> None:
         """Step 3: publish the set without ``removing``; stop them once fronts let go."""

@@ -70,20 +70,28 @@ def make_plan(cfg: Config, run_id: str) -> Plan:
 
 
 def _repository_plan(cfg: Config) -> Plan:
-    """``--model-repository``: each version its policy serves is planned (inspected in
-    the newest of each
-    model first, the default model before the others, in the repository's name order."""
+    """``--model-repository``: each version its policy serves is planned, the newest of
+    each model first, the default model before the others, in the repository's name
+    order (``--model-control explicit``: only the models of ``--load-models``)."""
     from gpserve.repository import RepositoryError, VersionPolicy, scan
     try:
         entries = scan(cfg.model_repository)
     except RepositoryError as e:
         raise SystemExit(f"gpserve: --model-repository {e}") from None
+    names = [e.name for e in entries]
+    if cfg.model_control == "explicit":
+        load = set(filter(None, (n.strip() for n in cfg.load_models.split(","))))
+        if load - set(names) - {"*"}:
+            raise SystemExit(f"gpserve: --load-models {', '.join(sorted(load - set(names)))}:"
+                             f" not in {cfg.model_repository} (it holds {', '.join(names)})")
+        entries = [e for e in entries if "*" in load or e.name in load]
     policy = VersionPolicy.parse(cfg.version_policy)
     chosen = [(e.name, v) for e in entries for v in reversed(policy.choose(e.versions))]
+    if not chosen and cfg.model_control == "explicit":
+        return Plan(cfg, (), cfg.default_model)          # models come through the API
     if not chosen:
         raise SystemExit(f"gpserve: --model-repository {cfg.model_repository}: no version "
                          f"of any model matches --version-policy {cfg.version_policy}")
-    names = [e.name for e in entries]
     default = cfg.default_model or (names[0] if len(names) == 1 else "")
     if default and default not in names:
         raise SystemExit(f"gpserve: --default-model {default!r} is not in "
@@ -164,6 +172,9 @@ def announce(plan: Plan) -> None:
     """A startup line per model version served."""
     for model in plan.models:
         announce_model(model)
+    if not plan.models:
+        log.info("serving no model yet on http://%s (--model-control explicit: load them "
+                 "with POST /v2/repository/models/<name>/load)", plan.cfg.listen)
 
 
 def announce_model(plan: ModelPlan) -> None:

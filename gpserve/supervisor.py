@@ -26,7 +26,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import sockets
+from . import control, sockets
 from .config import Config
 from .counters import Counters
 from .model_control import ModelControl
@@ -137,12 +137,15 @@ class Supervisor:
         metrics_dir = segment_path(run_id, "metrics")
         os.makedirs(metrics_dir, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir   # before any child starts
-        self.model_counters: dict[int, Counters] = {}
+        # the run's figures (fronts, restarts), in the segment of the model in slot 0
+        self.counters = Counters(segment_path(run_id, "counters"), create=True)
+        self.model_counters: dict[int, Counters] = {0: self.counters}
         for model in plan.models:
-            self._model_counters(model)
-        self.counters = self.model_counters[0]      # the fronts' and the run's figures
+            if model.cfg.slot not in self.model_counters:
+                self._model_counters(model)
         self.models = ModelControl(plan, self.counters, self._start_model,
                                    self._stop_model, self._fronts_applied)
+        self.control = control.listen(run_id)      # fronts' load and unload requests
         self.children = [child for model in plan.models for child in self._workers(model)]
         self.children += self._fronts(plan, sock)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -225,10 +228,16 @@ class Supervisor:
             running: dict[Any, _Child] = {      # sentinel -> child
                 c.process.sentinel: c for c in self.children if c.restart_at is None}
             due = [c.restart_at - now for c in self.children if c.restart_at is not None]
-            for ready in wait(list(running), timeout=max(0.0, min([WATCH_S, *due]))):
+            for ready in wait([*running, self.control],
+                              timeout=max(0.0, min([WATCH_S, *due]))):
                 if self.stopping:
                     break
-                self._died(running[ready], metrics)
+                if ready is self.control:
+                    call = control.accept(self.control)
+                    if call is not None:
+                        self.models.handle(call)
+                else:
+                    self._died(running[ready], metrics)
 
     def _died(self, child: _Child, metrics) -> None:
         """Say why, clean up after it, and set when it starts again."""
@@ -291,6 +300,7 @@ class Supervisor:
         """Stop listening, drain the fronts, then stop the workers; remove the run's
         shared memory."""
         self.stopping = True
+        self.models.close()                     # a load under way is answered: stopping
         started = [c for c in self.children + self.leaving
                    if c.process.pid is not None and c.restart_at is None]
         fronts = [c for c in started if c.role == "front"]

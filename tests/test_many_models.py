@@ -238,3 +238,76 @@ def test_a_new_version_is_swapped_in_under_load_without_a_failed_request(tmp_pat
         assert "cannot load model" in s.output()
         eventually(lambda: len(s.children()) == processes,
                    what="the old version's workers gone")
+
+
+def test_the_repository_api_loads_and_unloads_under_load(tmp_path):
+    """--model-control explicit: tritonclient's load/unload/index (REST and gRPC), a
+    new version loaded by the API while clients run on the old one (none fails), and
+    what the API refuses."""
+    for name, factor in (("a", 2.0), ("b", 3.0)):
+        (tmp_path / name / "1").mkdir(parents=True)
+        scale_model(tmp_path / name / "1" / "model.onnx", factor)
+    grpc_port = free_port()
+    with Server("--model-repository", str(tmp_path), "--model-control", "explicit",
+                "--load-models", "a", "--fronts", "2",
+                "--grpc-listen", f"127.0.0.1:{grpc_port}") as s:
+        rest = hc.InferenceServerClient(s.url.removeprefix("http://"))
+        grpc = gc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert rest.get_model_repository_index() == [
+            {"name": "a", "version": "1", "state": "READY", "reason": ""},
+            {"name": "b", "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}]
+        assert "model_repository" in rest.get_server_metadata()["extensions"]
+        x = np.ones((1, 4), np.float32)
+
+        def factor(model):
+            inp = hc.InferInput("x", [1, 4], "FP32")
+            inp.set_data_from_numpy(x)
+            result = rest.infer(model, [inp], outputs=[hc.InferRequestedOutput("y")])
+            return float(result.as_numpy("y")[0, 0])
+        with pytest.raises(Exception, match="Request for unknown model: 'b'"):
+            factor("b")
+        rest.load_model("b")                               # REST
+        assert factor("b") == 3.0 and rest.is_model_ready("b")
+        # a new version of a, loaded by the API while clients run on version 1
+        with Load(s.url + "/models/a") as load:
+            eventually(lambda: len(load.factors) > 50, what="the load running")
+            drop_version(tmp_path, "a", 2, 5.0)
+            grpc.load_model("a")                           # gRPC; returns once swapped
+            assert factor("a") == 5.0
+            served = len(load.factors)
+            eventually(lambda: len(load.factors) > served + 50, what="more answers")
+        assert load.failures == [] and set(load.factors) == {2.0, 5.0}
+        assert load.factors[-50:] == [5.0] * 50
+        grpc.unload_model("b")
+        with pytest.raises(Exception, match="unknown model: 'b'"):
+            factor("b")
+        index = {(m.name, m.version, m.state) for m in grpc.get_model_repository_index().models}
+        assert index == {("a", "2", "READY"), ("b", "", "UNAVAILABLE")}
+        # refused: a model not in the repository, a version that cannot load, files sent
+        with pytest.raises(Exception, match="no model zzz in"):
+            rest.load_model("zzz")
+        drop_version(tmp_path, "a", 3, None)
+        with pytest.raises(Exception, match="load of 'a' failed: .*cannot load model"):
+            rest.load_model("a")
+        assert factor("a") == 5.0                           # version 2 serves on
+        with pytest.raises(Exception, match="load parameter 'file:1/model.onnx' refused"):
+            rest.load_model("b", files={"file:1/model.onnx": b"\x08"})
+    shutil.rmtree(tmp_path / "a" / "3")       # at start, a version that fails stops it
+    with Server("--model-repository", str(tmp_path), "--fronts", "1") as s:
+        rest = hc.InferenceServerClient(s.url.removeprefix("http://"))
+        with pytest.raises(Exception, match="only with --model-control explicit"):
+            rest.unload_model("a")
+
+
+def test_the_repository_api_is_restricted(tmp_path):
+    scale_model(tmp_path / "a.onnx", 2.0)
+    with Server("--model-repository", str(tmp_path), "--model-control", "explicit",
+                "--restricted-api", "model-repository:admin-key=s3cret",
+                "--fronts", "1") as s:
+        rest = hc.InferenceServerClient(s.url.removeprefix("http://"))
+        with pytest.raises(Exception, match="calls need the header 'admin-key'"):
+            rest.load_model("a")
+        assert rest.get_model_repository_index(headers={"admin-key": "s3cret"}) == [
+            {"name": "a", "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}]
+        rest.load_model("a", headers={"admin-key": "s3cret"})
+        assert rest.is_model_ready("a")

@@ -6,7 +6,7 @@ compiled at build time, no generated code tied to one protobuf release, and no c
 with clients (tritonclient) that register their own ``inference.*`` messages in the
 default pool of the same process. Only what gpserve serves is here: the health,
 metadata and infer calls (KServe's ``grpc_predict_v2``), and Triton's statistics, model
-configuration and shared-memory calls (Triton's service is a superset with the same
+configuration, shared-memory and repository calls (Triton's service is a superset with the same
 numbers, so its clients work unchanged; of its model configuration, the fields gpserve
 fills in).
 """
@@ -130,13 +130,32 @@ MESSAGES: dict[str, list[tuple]] = {
     "CudaSharedMemoryRegisterResponse": [],
     "CudaSharedMemoryUnregisterRequest": [("name", 1, "string", "")],
     "CudaSharedMemoryUnregisterResponse": [],
+    # the repository extension
+    "RepositoryIndexRequest": [("repository_name", 1, "string", ""), ("ready", 2, "bool", "")],
+    "RepositoryIndexResponse.ModelIndex": [
+        ("name", 1, "string", ""), ("version", 2, "string", ""), ("state", 3, "string", ""),
+        ("reason", 4, "string", "")],
+    "RepositoryIndexResponse": [("models", 1, "RepositoryIndexResponse.ModelIndex",
+                                 "repeated")],
+    "ModelRepositoryParameter": [
+        ("bool_param", 1, "bool", "oneof"), ("int64_param", 2, "int64", "oneof"),
+        ("string_param", 3, "string", "oneof"), ("bytes_param", 4, "bytes", "oneof")],
+    "RepositoryModelLoadRequest": [
+        ("repository_name", 1, "string", ""), ("model_name", 2, "string", ""),
+        ("parameters", 3, "ModelRepositoryParameter", "map")],
+    "RepositoryModelLoadResponse": [],
+    "RepositoryModelUnloadRequest": [
+        ("repository_name", 1, "string", ""), ("model_name", 2, "string", ""),
+        ("parameters", 3, "ModelRepositoryParameter", "map")],
+    "RepositoryModelUnloadResponse": [],
 }
 # rpc: (request, response)
 METHODS = {name: (f"{name}Request", f"{name}Response") for name in (
     "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
     "ModelInfer", "ModelStatistics", "ModelConfig", "SystemSharedMemoryStatus",
     "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
-    "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister")}
+    "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "RepositoryIndex",
+    "RepositoryModelLoad", "RepositoryModelUnload")}
 
 
 def _build() -> descriptor_pool.DescriptorPool:

@@ -15,6 +15,7 @@ extension, which streams into shared memory.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 
@@ -27,6 +28,7 @@ from gpserve import __version__
 from gpserve.errors import DtypeMismatch, GraphPipeError, ProtocolError, UnknownModel
 from gpserve.inflight import ModelState
 
+from . import repository_api
 from .codec import count_strings, from_raw, raw_bytes, request_config, shape_of
 from .datatypes import datatype_of, dtype_of
 from .grpc_messages import METHODS, SERVICE, message
@@ -39,7 +41,7 @@ from .rest import (
     triton_config,
     versions,
 )
-from .restricted import SHARED_MEMORY, grpc_peer_host
+from .restricted import MODEL_REPOSITORY, SHARED_MEMORY, grpc_peer_host
 from .statistics import model_statistics
 
 STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 403: grpc.StatusCode.PERMISSION_DENIED,
@@ -129,15 +131,38 @@ class InferenceService:
         return _M["SystemSharedMemoryUnregisterResponse"]()
 
     async def _shm(self, context, call):
-        """``call(ClientRegions)``, behind the API restriction; an error aborts the call."""
+        """``call(ClientRegions)``, behind the API restriction (once shared memory is on)."""
         regions = self.state.client_regions
+        group = SHARED_MEMORY if regions.enabled else None
+        return await self._restricted(context, lambda: call(regions), group)
+
+    async def _restricted(self, context, action, group: str | None = MODEL_REPOSITORY):
+        """``action()`` (awaited if a coroutine) behind the restriction of API ``group``;
+        an error aborts the call with its message."""
         try:
-            if regions.enabled:
-                self.state.restrictions.check_grpc(SHARED_MEMORY, context)
-            return call(regions)
+            if group is not None:
+                self.state.restrictions.check_grpc(group, context)
+            result = action()
+            return await result if inspect.isawaitable(result) else result
         except GraphPipeError as e:
             await context.abort(STATUS.get(e.http_status, grpc.StatusCode.INTERNAL),
                                 e.message)
+
+    # -- the repository extension (repository_api.py) ---------------------------------
+    async def RepositoryIndex(self, request, context):
+        models = await self._restricted(
+            context, lambda: repository_api.index(self.state, request.ready))
+        return json_format.ParseDict({"models": models}, _M["RepositoryIndexResponse"]())
+
+    async def RepositoryModelLoad(self, request, context):
+        await self._restricted(context, lambda: repository_api.load(
+            self.state, request.model_name, request.parameters))
+        return _M["RepositoryModelLoadResponse"]()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self._restricted(context, lambda: repository_api.change(
+            self.state, "unload", request.model_name))
+        return _M["RepositoryModelUnloadResponse"]()
 
     async def CudaSharedMemoryStatus(self, request, context):
         if request.name:          # as a server without GPUs answers: none is registered

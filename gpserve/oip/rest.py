@@ -19,9 +19,10 @@ from gpserve import __version__
 from gpserve.answer import JSON, OCTETS, Answer
 from gpserve.errors import GraphPipeError, ProtocolError, UnknownModel
 
+from . import repository_api
 from .codec import decode_infer, encode_infer
 from .datatypes import datatype_of
-from .restricted import SHARED_MEMORY
+from .restricted import MODEL_REPOSITORY, SHARED_MEMORY
 from .routes import Handler, Refused, Router
 from .sharedmem import NoSuchRegion, SharedMemoryError
 from .statistics import model_statistics
@@ -36,7 +37,8 @@ PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorflow": "tensorflow_savedmodel",
 def extensions(cfg) -> list[str]:
     """The protocol extensions this server serves (shared memory only when allowed)."""
     return ["binary_tensor_data", "model_configuration", "statistics"] + (
-        ["system_shared_memory"] if cfg.shm_clients else [])
+        ["system_shared_memory"] if cfg.shm_clients else []) + (
+        ["model_repository"] if cfg.model_repository else [])
 
 
 def versions(state, model) -> list[str]:
@@ -90,7 +92,10 @@ class RestApi:
                ("GET", f"{cuda}/region/{{region}}/status", self._cuda_status),
                ("POST", f"{cuda}/unregister", self._cuda_unregister),
                ("POST", f"{cuda}/region/{{region}}/unregister", self._cuda_unregister),
-               ("POST", f"{cuda}/region/{{region}}/register", self._cuda_register)],
+               ("POST", f"{cuda}/region/{{region}}/register", self._cuda_register),
+               ("POST", "/v2/repository/index", self._repository_index),
+               ("POST", "/v2/repository/models/{name}/load", self._repository_load),
+               ("POST", "/v2/repository/models/{name}/unload", self._repository_unload)],
             not_found="see docs/open-inference-protocol.md")
 
     async def handle(self, scope, receive) -> Answer:
@@ -163,19 +168,50 @@ class RestApi:
 
     async def _shm_register(self, scope, receive, region: str) -> Answer:
         regions = self._shm(scope)
+        args, size = await self._json_object(scope, receive, "the register request",
+                                             "'key', 'offset' and 'byte_size'")
+        regions.register(region, args.get("key"), args.get("offset", 0),
+                         args.get("byte_size"))
+        return Answer(200, b"", "v2_shm", JSON, size)
+
+    async def _json_object(self, scope, receive, what: str, fields: str,
+                           empty_ok: bool = False) -> tuple[dict, int]:
+        """A small request body read as a JSON object (and its size)."""
         with self.state.request() as held:
             body = await self.state.body.read(scope, receive, held.regions)
+            if empty_ok and not len(body):
+                return {}, 0
             try:
                 args = orjson.loads(body)
             except orjson.JSONDecodeError as e:
-                raise ProtocolError(f"the register request's JSON is malformed: {e}") \
-                    from None
-            if not isinstance(args, dict):
-                raise ProtocolError("the register request must be a JSON object with "
-                                    "'key', 'offset' and 'byte_size'")
-            regions.register(region, args.get("key"), args.get("offset", 0),
-                             args.get("byte_size"))
-        return Answer(200, b"", "v2_shm", JSON, len(body))
+                raise ProtocolError(f"{what}'s JSON is malformed: {e}") from None
+        if not isinstance(args, dict):
+            raise ProtocolError(f"{what} must be a JSON object with {fields}")
+        return args, len(body)
+
+    # -- the repository extension (gpserve/oip/repository_api.py) ----------------------
+    async def _repository_index(self, scope, receive) -> Answer:
+        self.state.restrictions.check_http(MODEL_REPOSITORY, scope)
+        args, size = await self._json_object(scope, receive, "the index request",
+                                             "'ready'", empty_ok=True)
+        return Answer(200, orjson.dumps(repository_api.index(self.state, bool(
+            args.get("ready")))), "v2_repository", JSON, size)
+
+    async def _repository_load(self, scope, receive, name: str) -> Answer:
+        return await self._repository_change(scope, receive, "load", name)
+
+    async def _repository_unload(self, scope, receive, name: str) -> Answer:
+        return await self._repository_change(scope, receive, "unload", name)
+
+    async def _repository_change(self, scope, receive, op: str, name: str) -> Answer:
+        self.state.restrictions.check_http(MODEL_REPOSITORY, scope)
+        args, size = await self._json_object(scope, receive, f"the {op} request",
+                                             "'parameters'", empty_ok=True)
+        if op == "load":
+            await repository_api.load(self.state, name, args.get("parameters") or {})
+        else:
+            await repository_api.change(self.state, op, name)
+        return Answer(200, b"", "v2_repository", JSON, size)
 
     # -- inference ---------------------------------------------------------------------
     async def infer(self, scope, receive, model: ModelState) -> Answer:

@@ -3,10 +3,11 @@
 System shared memory lets a caller name files on this host for the server to read and
 write: anyone who could reach the port could otherwise read (through an ordinary infer
 call) or overwrite another program's file of the server's user, or take over another
-client's regions. So the groups here (``shared-memory`` now: registering, listing and
-unregistering regions, and any infer call that reads or writes one) are, by default,
-taken from clients on this host only (a loopback address: shared memory only works
-between processes of one host anyway), and an operator may require a header as well,
+client's regions; and the model repository API loads and unloads models. So the groups
+here (``shared-memory``: registering, listing and unregistering regions, and any infer
+call that reads or writes one; ``model-repository``: its index, load and unload) are,
+by default, taken from clients on this host only (a loopback address: shared memory only
+works between processes of one host anyway), and an operator may require a header as well,
 as Triton's ``--http-restricted-api`` and ``--grpc-restricted-protocol`` do:
 
     --restricted-api "shared-memory:admin-key=s3cret"      (REST header, gRPC metadata)
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from gpserve.errors import Forbidden
 
 SHARED_MEMORY = "shared-memory"
-GROUPS = (SHARED_MEMORY,)
+MODEL_REPOSITORY = "model-repository"       # the repository extension: index, load, unload
+GROUPS = (SHARED_MEMORY, MODEL_REPOSITORY)
 FROM = ("loopback", "any")
 
 
