@@ -249,3 +249,66 @@ def test_json_logs_with_access_lines():
     assert grpc_line["client"] == "127.0.0.1" and grpc_line["bytes_in"] > 16
     summary = next(e for e in lines if e["message"].startswith("serving echo"))
     assert summary["fronts"] >= 1 and summary["listen"] == f"{s.url}, grpc://127.0.0.1:{port}"
+
+
+KSERVE = K8S / "kserve"
+
+
+def kserve_problems(kserve_python, text: str) -> list[str]:
+    """What KServe's schema (its SDK's generated models) finds wrong in ``text``."""
+    r = subprocess.run([str(kserve_python), str(ROOT / "tests" / "kserve_schema.py")],
+                       input=text, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    version, *problems = r.stdout.splitlines()
+    assert version == "kserve 0.21.0"
+    return [p for p in problems if p]
+
+
+def test_kserve_runtime_and_inference_service_follow_kserves_schema(kserve_python):
+    for manifest in ("cluster-serving-runtime.yaml", "inference-service.yaml"):
+        assert kserve_problems(kserve_python, (KSERVE / manifest).read_text()) == [], manifest
+    bad = (KSERVE / "inference-service.yaml").read_text().replace(
+        "protocolVersion: v2", "protocolVersion: v2\n      replicas: 3")
+    assert kserve_problems(kserve_python, bad) == [
+        "InferenceService.spec.predictor.model.replicas: not a field of V1beta1ModelSpec"]
+
+
+def test_kserve_runtime_serves_a_repository_as_kserve_mounts_it(default_model, tmp_path):
+    """The runtime's own arguments: what KServe needs of them, and a server started with
+    them on a repository laid out as the storage initializer leaves /mnt/models."""
+    import argparse
+
+    import tritonclient.http as hc
+
+    from gpserve.flags import add_serve_arguments, from_args
+    runtime = yaml.safe_load((KSERVE / "cluster-serving-runtime.yaml").read_text())["spec"]
+    isvc = yaml.safe_load((KSERVE / "inference-service.yaml").read_text())["spec"]
+    [container] = runtime["containers"]
+    assert container["name"] == "kserve-container"
+    assert runtime["protocolVersions"] == ["v2", "grpc-v2"]
+    assert {f["name"] for f in runtime["supportedModelFormats"]} == {"onnx", "tensorflow",
+                                                                      "pytorch"}
+    assert container["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
+    uid = re.search(r"useradd .*--uid (\d+)", (ROOT / "Dockerfile").read_text()).group(1)
+    assert container["securityContext"]["runAsNonRoot"] and \
+        container["securityContext"]["runAsUser"] == int(uid)
+    assert runtime["annotations"]["prometheus.kserve.io/port"] == "8080"
+    shm = next(v for v in runtime["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert isvc["predictor"]["model"]["runtime"] == "gpserve"
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    cfg = from_args(parser.parse_args(container["args"][1:]))
+    assert (cfg.model_repository, cfg.port, cfg.grpc_listen) == ("/mnt/models", 8080,
+                                                                 "0.0.0.0:9000")
+    (tmp_path / "spirals" / "1").mkdir(parents=True)
+    shutil.copyfile(default_model, tmp_path / "spirals" / "1" / "model.onnx")
+    args = [a for a in container["args"][1:] if "listen" not in a]
+    args = [f"--model-repository={tmp_path}" if a.startswith("--model-repository") else a
+            for a in args]
+    with Server(*args, "--fronts", "1") as s:
+        client = hc.InferenceServerClient(s.url.removeprefix("http://"))
+        assert client.is_model_ready("spirals")
+        inp = hc.InferInput("point", [1, 2], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 2), np.float32))
+        assert client.infer("spirals", [inp]).as_numpy("probabilities").shape == (1, 3)
