@@ -146,22 +146,24 @@ class ModelControl:
             return self._finish(False, f"no model {', '.join(sorted(names))} in "
                                        f"{self.cfg.model_repository}")
         policy = VersionPolicy.parse(self.cfg.version_policy)
-        wanted = {(e.name, v.number): v.path for e in entries for v in policy.choose(e.versions)}
+        wanted = {(e.name, v.number): (v.path, e.settings)
+                  for e in entries for v in policy.choose(e.versions)}
         served = {(m.name, m.cfg.version) for m in self.models
                   if names is None or m.name in names}
-        new = [(name, number, path) for (name, number), path in sorted(wanted.items())
+        new = [(name, number, path, settings)
+               for (name, number), (path, settings) in sorted(wanted.items())
                if (name, number) not in served and self.failed.get(path) != _signature(path)]
         gone = [m for m in self.models if (m.name, m.cfg.version) not in wanted
                 and (names is None or m.name in names)]
         if len(self.models) + len(new) > MAX_MODELS:
             log.error("the repository asks for %d model versions, at most %d: not loading "
                       "%s", len(self.models) + len(new), MAX_MODELS,
-                      ", ".join(f"{n}:{v}" for n, v, _ in new))
+                      ", ".join(f"{n}:{v}" for n, v, _, _ in new))
             new = []
         if new:
             slots = range(self.next_slot, self.next_slot + len(new))
             self.next_slot += len(new)
-            log.info("loading %s", ", ".join(f"{n} version {v}" for n, v, _ in new))
+            log.info("loading %s", ", ".join(f"{n} version {v}" for n, v, _, _ in new))
             self.loading = self.planner.submit(self._plan_all, list(zip(new, slots)))
         elif gone:
             self._begin(now, [], gone)
@@ -171,9 +173,10 @@ class ModelControl:
     def _plan_all(self, new) -> list[ModelPlan | tuple[str, str]]:
         """Each new version's plan, or (its path, why it cannot be served)."""
         plans: list[ModelPlan | tuple[str, str]] = []
-        for (name, number, path), slot in new:
+        for (name, number, path, settings), slot in new:
             try:
-                plans.append(model_plan(self.cfg, path, name, number, slot, strict=False))
+                plans.append(model_plan(self.cfg, path, name, number, slot, strict=False,
+                                        settings=settings))
             except SystemExit as e:
                 plans.append((path, str(e.code)))
         return plans

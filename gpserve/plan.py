@@ -86,7 +86,8 @@ def _repository_plan(cfg: Config) -> Plan:
                              f" not in {cfg.model_repository} (it holds {', '.join(names)})")
         entries = [e for e in entries if "*" in load or e.name in load]
     policy = VersionPolicy.parse(cfg.version_policy)
-    chosen = [(e.name, v) for e in entries for v in reversed(policy.choose(e.versions))]
+    chosen = [(e.name, v, e.settings) for e in entries
+              for v in reversed(policy.choose(e.versions))]
     if not chosen and cfg.model_control == "explicit":
         return Plan(cfg, (), cfg.default_model)          # models come through the API
     if not chosen:
@@ -97,8 +98,9 @@ def _repository_plan(cfg: Config) -> Plan:
         raise SystemExit(f"gpserve: --default-model {default!r} is not in "
                          f"{cfg.model_repository} (it holds {', '.join(names)})")
     chosen.sort(key=lambda c: c[0] != default)           # the default model's first
-    models = tuple(model_plan(cfg, v.path, name, v.number, slot, strict=False)
-                   for slot, (name, v) in enumerate(chosen))
+    models = tuple(model_plan(cfg, v.path, name, v.number, slot, strict=False,
+                              settings=settings)
+                   for slot, (name, v, settings) in enumerate(chosen))
     if len(models) > MAX_MODELS:
         raise SystemExit(f"gpserve: {len(models)} model versions to serve, at most "
                          f"{MAX_MODELS}: narrow --version-policy or the repository")
@@ -106,11 +108,13 @@ def _repository_plan(cfg: Config) -> Plan:
 
 
 def model_plan(cfg: Config, path: str, name: str, version: int, slot: int,
-                strict: bool) -> ModelPlan:
-    """One model version: inspected, fingerprinted for the cache, placed. ``strict``:
-    --cache on a model that cannot use it stops the start (one model), else that model
-    runs uncached and a warning says why (a repository)."""
-    cfg = replace(cfg, model_path=path, backend=cfg.backend or _backend_name(path),
+               strict: bool, settings: tuple[str, ...] = ()) -> ModelPlan:
+    """One model version: its own settings put over the flags (``settings``: their
+    files), inspected, fingerprinted for the cache, placed. ``strict``: --cache on a
+    model that cannot use it stops the start (one model), else that model runs uncached
+    and a warning says why (a repository)."""
+    from .model_settings import apply
+    cfg = replace(apply(cfg, settings), model_path=path, backend=cfg.backend or _backend_name(path),
                   version=version, slot=slot)
     spec = inspect_model(cfg)
     spec.name = name or spec.name                       # the name it is served by

@@ -8,6 +8,9 @@ Two layouts, so a team can point gpserve at the folder it already has:
 - **Flat**: ``DIR/<file>`` (``resnet.onnx``: the model ``resnet``, version 1), or a
   SavedModel folder (``DIR/<name>/saved_model.pb``).
 
+Beside a model, its own settings (:mod:`gpserve.model_settings`): ``gpserve.toml`` or
+Triton's ``config.pbtxt`` in its folder, ``<name>.toml`` beside a flat file.
+
 A version policy picks which versions serve, as Triton's and TF Serving's do: the
 latest N (default 1), all, or specific ones. Only reading here: no process, no model is
 loaded (what is loaded, and when, is the server's).
@@ -36,10 +39,12 @@ class Version:
 
 @dataclass(frozen=True)
 class Entry:
-    """One model of the repository: its name and its versions, oldest first."""
+    """One model of the repository: its name, its versions (oldest first), and the
+    files of its own settings found beside it (gpserve/model_settings.py)."""
 
     name: str
     versions: tuple[Version, ...]
+    settings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ def single(folder: str | os.PathLike, policy: VersionPolicy = VersionPolicy()) -
         raise RepositoryError(f"{folder}: model {entry.name!r} has versions "
                               f"{[v.number for v in entry.versions]}, none of them "
                               f"{list(policy.numbers)}")
-    return Entry(entry.name, chosen)
+    return Entry(entry.name, chosen, entry.settings)
 
 
 def _entry(path: Path) -> Entry | None:
@@ -127,9 +132,13 @@ def _entry(path: Path) -> Entry | None:
     (a README beside the models)."""
     if path.is_file():
         name = _model_name(path.name)
-        return None if name is None else Entry(_checked(name, path), (Version(1, str(path)),))
+        if name is None:
+            return None
+        return Entry(_checked(name, path), (Version(1, str(path)),),
+                     _existing(path.with_name(f"{name}.toml")))
     if _saved_model(path):
-        return Entry(_checked(path.name, path), (Version(1, str(path)),))
+        return Entry(_checked(path.name, path), (Version(1, str(path)),),
+                     _existing(path / "gpserve.toml"))
     versions = []
     for sub in path.iterdir():
         if sub.is_dir() and sub.name.isdigit():
@@ -139,7 +148,12 @@ def _entry(path: Path) -> Entry | None:
     if not versions:
         raise RepositoryError(f"{path}: no version folder with a model (expected "
                               f"{path.name}/1/model.onnx, or another numbered folder)")
-    return Entry(_checked(path.name, path), tuple(sorted(versions, key=lambda v: v.number)))
+    return Entry(_checked(path.name, path), tuple(sorted(versions, key=lambda v: v.number)),
+                 _existing(path / "config.pbtxt", path / "gpserve.toml"))
+
+
+def _existing(*paths: Path) -> tuple[str, ...]:
+    return tuple(str(p) for p in paths if p.is_file())
 
 
 def _version_model(folder: Path) -> Path | None:

@@ -311,3 +311,54 @@ def test_the_repository_api_is_restricted(tmp_path):
             {"name": "a", "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}]
         rest.load_model("a", headers={"admin-key": "s3cret"})
         assert rest.is_model_ready("a")
+
+
+def test_each_model_takes_its_own_settings_over_the_flags(tmp_path):
+    """gpserve.toml (Triton's layout), <name>.toml (a flat file) and Triton's
+    config.pbtxt set a model's batching, workers and placement; the flags stay the
+    defaults of everything else."""
+    for name in ("toml", "triton", "plain"):
+        (tmp_path / name / "1").mkdir(parents=True)
+        scale_model(tmp_path / name / "1" / "model.onnx", 1.0)
+    (tmp_path / "toml" / "gpserve.toml").write_text(
+        'max-batch = 4\nmax-delay-ms = 0.5\nplacement = "workers"\nworkers = 2\n')
+    (tmp_path / "triton" / "config.pbtxt").write_text(
+        'name: "triton"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+        'dynamic_batching { max_queue_delay_microseconds: 3000 preferred_batch_size: [2, 4] }\n'
+        'instance_group [ { count: 1 kind: KIND_CPU } ]\n'
+        'model_warmup [ { name: "w" batch_size: 1 } ]\n')       # read and ignored
+    scale_model(tmp_path / "flat.onnx", 1.0)
+    (tmp_path / "flat.toml").write_text("batching = 'off'\n")
+    with Server("--model-repository", str(tmp_path), "--fronts", "1", "--max-batch", "16",
+                "--max-delay-ms", "1") as s:
+        got = {m["name"]: (m["batching"]["max_batch"], m["batching"]["max_delay_ms"],
+                           m["batching"]["enabled"], m["placement"], m["workers"])
+               for m in s.info()["models"]}
+        assert got == {"toml": (4, 0.5, True, "workers", 2),
+                       "triton": (8, 3.0, True, "fronts", 1),
+                       "plain": (16, 1.0, True, "fronts", 1),
+                       "flat": (16, 1.0, False, "fronts", 1)}, got
+        triton = hc.InferenceServerClient(s.url.removeprefix("http://")).get_model_config(
+            "triton")
+        assert triton["max_batch_size"] == 8
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("gpserve.toml", "max-batch = 0\n", "--max-batch must be at least 1"),
+    ("gpserve.toml", "listen = '0.0.0.0:1'\n", "'listen' is not a per-model setting"),
+    ("gpserve.toml", "placement = 'gpu'\n", "argument --placement: invalid choice: 'gpu'"),
+    ("config.pbtxt", "sequence_batching { }\n", "sequence batching (stateful models)"),
+    ("config.pbtxt", "max_batch_size: banana\n", "not a Triton model configuration"),
+])
+def test_settings_that_cannot_be_honoured_stop_the_start_saying_where(tmp_path, name, text,
+                                                                       words):
+    import subprocess
+    import sys
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    scale_model(tmp_path / "m" / "1" / "model.onnx", 1.0)
+    (tmp_path / "m" / name).write_text(text)
+    r = subprocess.run([sys.executable, "-m", "gpserve", "serve", "--listen", "127.0.0.1:1",
+                        "--model-repository", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and words in r.stderr and str(tmp_path / "m" / name) in \
+        r.stderr, r.stderr
