@@ -66,9 +66,11 @@ def _current(txn, meta) -> int:
 class RowCache:
     """A front's handle on the shared row cache, with its own writer thread."""
 
-    def __init__(self, path: Path, size_mb: int, counters, front_index: int):
+    def __init__(self, path: Path, size_mb: int, counters, front_index: int,
+                 model_metrics: metrics.ModelMetrics | None = None):
         self.path, self.size_mb = path, size_mb
         self.counters, self.front_index = counters, front_index
+        self.measured = model_metrics or metrics.ModelMetrics.of("", 1)
         self.enabled = False
         self._told = False                 # the "disabled" error is logged once
         self._told_corrupt = False         # and the first row that failed its checksum
@@ -118,7 +120,7 @@ class RowCache:
         """Every cache failure: GET / (errors, last_error) and /metrics."""
         self.last_error = why
         self.counters.add_cache(self.front_index, errors=1)
-        metrics.CACHE_ERRORS.inc()
+        self.measured.cache_errors.inc()
 
     # -- reads (request path) ----------------------------------------------------------
     def lookup(self, keys: list[bytes], outputs: list[str]) -> list[list[np.ndarray] | None]:
@@ -159,7 +161,7 @@ class RowCache:
 
     def _corrupt(self, rows: int) -> None:
         self.counters.add_cache(self.front_index, corrupt=rows)
-        metrics.CACHE_CORRUPT.inc(rows)
+        self.measured.cache_corrupt.inc(rows)
         if not self._told_corrupt:
             self._told_corrupt = True
             log.error("row cache %s: a stored row failed its checksum (a damaged file?); "
@@ -292,7 +294,7 @@ class RowCache:
             used = pages(txn.stat(db)) * txn.stat(db)["psize"]
             rotate = used > ROTATE_AT * (self.size_mb << 20)
         self.counters.add_cache(self.front_index, writes=written)
-        metrics.CACHE_BYTES.set(used)
+        self.measured.cache_bytes.set(used)
         if rotate:
             self._rotate(clear_both=False)
 
@@ -313,7 +315,7 @@ class RowCache:
         with env.begin(write=True) as txn:
             txn.put(b"rotated", str(old).encode(), db=meta)
         self.counters.add_cache(self.front_index, evictions=evicted, rotations=1)
-        metrics.CACHE_EVICTIONS.inc(evicted)
+        self.measured.cache_evictions.inc(evicted)
         log.info("row cache: cleared the old generation%s", " and the current" if clear_both
                  else "")
 

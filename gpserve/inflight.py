@@ -69,14 +69,16 @@ class ModelState:
         self.string_limit = ((cfg.max_strings, "--max-strings") if takes_strings else
                              (0, f"the model takes no String inputs, only "
                                  f"{', '.join(s.describe() for s in spec.inputs)}"))
-        if spec.batch_probe and not cfg.slot:
-            metrics.BATCH_DIFFERENCE.set(spec.batch_probe["max_difference"])
+        self.model_metrics = metrics.ModelMetrics.of(spec.name, cfg.version)
+        if spec.batch_probe:
+            self.model_metrics.batch_difference.set(spec.batch_probe["max_difference"])
         self.cache: RowCache | None = None
         if cfg.cache:
             from gpserve.cache.environment import environment_path
             from gpserve.cache.store import RowCache
             self.cache = RowCache(environment_path(cfg.cache_dir, spec.name, cfg.model_path),
-                                  cfg.cache_size_mb, self.counters, self.index)
+                                  cfg.cache_size_mb, self.counters, self.index,
+                                  self.model_metrics)
 
     async def start(self) -> None:
         self.tasks.append(asyncio.create_task(self.workers.sweep_abandoned()))
@@ -151,7 +153,7 @@ class ModelState:
         keys = row_keys(self.cfg.fingerprint, config, names, tensors)
         cached = cache.lookup(keys, outputs)
         missing = [i for i, found in enumerate(cached) if found is None]
-        metrics.ROWS.labels("cache").inc(rows - len(missing))
+        self.model_metrics.rows_cache.inc(rows - len(missing))
         looked_up = time.perf_counter_ns() - started
         if not missing:                                   # never reaches a worker
             self.counters.front_cache(self.index, True, looked_up)

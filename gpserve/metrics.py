@@ -145,42 +145,82 @@ REQUESTS = TallyCounter(Counter("gpserve_requests",
 REQUEST_SECONDS = TallyHistogram(Histogram(
     "gpserve_request_seconds", "End-to-end time in a front, from the first body byte to "
     "the response handed to the server", buckets=_TIME))
-QUEUE_WAIT_SECONDS = TallyHistogram(Histogram(
-    "gpserve_queue_wait_seconds", "Time a request waited in a worker's queue before its "
-    "batch ran", buckets=_TIME))
-BATCH_ASSEMBLY_SECONDS = TallyHistogram(Histogram(
-    "gpserve_batch_assembly_seconds", "Worker time gathering a batch's rows into model "
-    "inputs", buckets=_TIME))
-BATCH_HOLD_SECONDS = TallyHistogram(Histogram(
-    "gpserve_batch_hold_seconds", "Time an idle device waited for a fuller batch before "
-    "running it (batches that were held only)", buckets=_TIME))
-MODEL_SECONDS = TallyHistogram(Histogram(
-    "gpserve_model_seconds", "Worker time in the model runtime per batch", buckets=_TIME))
 RESPONSE_BUILD_SECONDS = TallyHistogram(Histogram(
     "gpserve_response_build_seconds", "Front time encoding the response", buckets=_TIME))
-BATCH_ROWS = TallyHistogram(Histogram(
-    "gpserve_batch_rows", "Rows per batch a worker ran",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)))
-QUEUE_ROWS = TallyGauge(Gauge("gpserve_queue_rows", "Rows waiting in a worker's queue",
-                              multiprocess_mode="livemax"))
+# one model version's: labelled by model and version, recorded through ModelMetrics
+_MODEL = ["model", "version"]
+QUEUE_WAIT_SECONDS = Histogram(
+    "gpserve_queue_wait_seconds", "Time a request waited in a worker's queue before its "
+    "batch ran", _MODEL, buckets=_TIME)
+BATCH_ASSEMBLY_SECONDS = Histogram(
+    "gpserve_batch_assembly_seconds", "Worker time gathering a batch's rows into model "
+    "inputs", _MODEL, buckets=_TIME)
+BATCH_HOLD_SECONDS = Histogram(
+    "gpserve_batch_hold_seconds", "Time an idle device waited for a fuller batch before "
+    "running it (batches that were held only)", _MODEL, buckets=_TIME)
+MODEL_SECONDS = Histogram(
+    "gpserve_model_seconds", "Worker time in the model runtime per batch", _MODEL,
+    buckets=_TIME)
+BATCH_ROWS = Histogram(
+    "gpserve_batch_rows", "Rows per batch a worker ran", _MODEL,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+QUEUE_ROWS = Gauge("gpserve_queue_rows", "Rows waiting in a worker's queue", _MODEL,
+                   multiprocess_mode="livemax")
 # written at once: a client that has its answer sees its rows counted (tests rely on it)
 ROWS = Counter("gpserve_rows", "Rows answered, by where they came from (cache or model)",
-               ["source"])
+               ["source", *_MODEL])
 CACHE_EVICTIONS = Counter("gpserve_cache_evictions",
-                          "Rows evicted from the row cache (its old generation cleared)")
+                          "Rows evicted from the row cache (its old generation cleared)",
+                          _MODEL)
 CACHE_ERRORS = Counter("gpserve_cache_errors",
-                       "Row-cache failures (writes dropped, or the cache disabled)")
+                       "Row-cache failures (writes dropped, or the cache disabled)", _MODEL)
 CACHE_CORRUPT = Counter("gpserve_cache_corrupt_rows",
                         "Cached rows that failed their checksum: answered as misses and "
-                        "computed again")
-CACHE_BYTES = Gauge("gpserve_cache_bytes", "Bytes the row cache holds",
+                        "computed again", _MODEL)
+CACHE_BYTES = Gauge("gpserve_cache_bytes", "Bytes the row cache holds", _MODEL,
                     multiprocess_mode="livemax")
 BATCH_CHECKS = Counter("gpserve_batch_checks",
                        "Requests of merged batches re-run alone to see whether batching "
-                       "changes answers, by result (same or changed)", ["result"])
+                       "changes answers, by result (same or changed)", ["result", *_MODEL])
 BATCH_DIFFERENCE = Gauge("gpserve_batch_difference",
                          "Largest difference seen between a row run in a batch and alone "
-                         "(the load probe and live checks)", multiprocess_mode="max")
+                         "(the load probe and live checks)", _MODEL, multiprocess_mode="max")
+MODEL_LOAD_SECONDS = Gauge("gpserve_model_load_seconds", "Time a worker took to load the "
+                           "model", _MODEL, multiprocess_mode="max")
+
+
+class ModelMetrics:
+    """One model version's metrics with their labels bound once: what a worker (or a
+    front's instance of the model, or its row cache) records into. One per model version
+    and process (:meth:`of`)."""
+
+    _made: dict[tuple[str, str], "ModelMetrics"] = {}
+
+    @classmethod
+    def of(cls, name: str, version: int | str) -> "ModelMetrics":
+        key = (name, str(version))
+        if key not in cls._made:
+            cls._made[key] = cls(*key)
+        return cls._made[key]
+
+    def __init__(self, name: str, version: str):
+        v = (name, version)
+        self.queue_wait = TallyHistogram(QUEUE_WAIT_SECONDS.labels(*v))
+        self.batch_assembly = TallyHistogram(BATCH_ASSEMBLY_SECONDS.labels(*v))
+        self.batch_hold = TallyHistogram(BATCH_HOLD_SECONDS.labels(*v))
+        self.model_seconds = TallyHistogram(MODEL_SECONDS.labels(*v))
+        self.batch_rows = TallyHistogram(BATCH_ROWS.labels(*v))
+        self.queue_rows = TallyGauge(QUEUE_ROWS.labels(*v))
+        self.rows_model, self.rows_cache = ROWS.labels("model", *v), ROWS.labels("cache", *v)
+        self.cache_evictions, self.cache_errors = (CACHE_EVICTIONS.labels(*v),
+                                                   CACHE_ERRORS.labels(*v))
+        self.cache_corrupt, self.cache_bytes = CACHE_CORRUPT.labels(*v), CACHE_BYTES.labels(*v)
+        self.checks = {True: BATCH_CHECKS.labels("changed", *v),
+                       False: BATCH_CHECKS.labels("same", *v)}
+        self.batch_difference = BATCH_DIFFERENCE.labels(*v)
+        self.load_seconds = MODEL_LOAD_SECONDS.labels(*v)
+
+
 CONNECTIONS_REFUSED = Counter("gpserve_connections_refused",
                               "Connections or requests a front's guards cut short, by reason "
                               "(header_timeout, header_too_large, request_line_too_long, "
@@ -192,8 +232,6 @@ WORKER_HANGS = Counter("gpserve_worker_hangs", "Workers killed and restarted bec
                        "made no progress for --hang-timeout-s")
 FRONT_HANGS = Counter("gpserve_front_hangs", "Fronts killed and restarted because their "
                       "event loop stopped turning for --hang-timeout-s (default 30 s)")
-MODEL_LOAD_SECONDS = Gauge("gpserve_model_load_seconds", "Time a worker took to load the model",
-                           multiprocess_mode="max")
 
 
 def exposition() -> tuple[bytes, str]:

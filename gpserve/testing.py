@@ -22,17 +22,18 @@ def free_port() -> int:
 
 
 def metric(text: str, name: str, **labels) -> float:
-    """The value of one sample in Prometheus text (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    """The sum of the samples of ``name`` in Prometheus text whose labels include
+    ``labels`` (every model's, unless ``model=`` is given; 0 when none)."""
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    total = 0.0
     for line in text.splitlines():
         if line.startswith("#"):
             continue
         key, _, value = line.rpartition(" ")
         metric_name, _, rest = key.partition("{")
-        got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
-        if metric_name == name and got == want:
-            return float(value)
-    return 0.0
+        if metric_name == name and want <= set(rest.rstrip("}").split(",")) - {""}:
+            total += float(value)
+    return total
 
 
 def eventually(condition, timeout: float = 30, what: str = "the condition") -> None:

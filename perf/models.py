@@ -12,7 +12,7 @@ in all (proportional set size of every process, shared memory included, read fro
 /proc/PID/smaps_rollup while loaded). Targets: one server serves each model at >= 0.9x
 the rows/s of its own server, in <= 1.0x the memory of the separate servers.
 
-    python perf/models.py [--seconds 5] [--repeats 2] [--clients 8] [--json FILE]
+    python perf/models.py [--quick] [--seconds 5] [--repeats 2] [--clients 8] [--json FILE]
 """
 from __future__ import annotations
 
@@ -92,8 +92,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--clients", type=int, default=8, help="clients per model")
+    ap.add_argument("--quick", action="store_true", help="2 s, once")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds, args.repeats = 2.0, 1
     with tempfile.TemporaryDirectory() as tmp:
         found = models(Path(tmp))
         repo = Path(tmp) / "repository"

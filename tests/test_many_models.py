@@ -13,7 +13,7 @@ from conftest import MODELS, need_shared, ort_session, scale_model
 
 from gpserve import protocol as P
 from gpserve.client import Client
-from gpserve.testing import Server, eventually, free_port
+from gpserve.testing import Server, eventually, free_port, metric
 
 FIXTURES = MODELS / "fixtures"
 
@@ -93,6 +93,13 @@ def test_models_and_versions_by_name_over_every_protocol(spirals_repository, gra
         assert cache_hits(rest, "spirals", "1") == hits_before["1"] + 1
         assert cache_hits(rest, "spirals", "2") == hits_before["2"]
         assert cache_hits(rest, "twin") == twin_before
+        # metrics by model and version: twin computed x's 3 rows and y's once, hit none
+        text = s.metrics_text()
+        assert metric(text, "gpserve_rows_total", source="model", model="twin",
+                      version="1") == 4
+        assert metric(text, "gpserve_rows_total", source="cache", model="twin") == 0
+        assert metric(text, "gpserve_rows_total", source="cache", model="spirals",
+                      version="1") >= 7
         # statistics: one entry per model version served
         every = rest.get_inference_statistics()["model_stats"]
         assert sorted((m["name"], m["version"]) for m in every) == [

@@ -104,8 +104,10 @@ class LiveCheck:
     with its rows of the batch: does batching change this model's answers (on this
     device)? Reported in the shared counters, metrics, and once in the log."""
 
-    def __init__(self, every: int, counters: Counters, index: int):
+    def __init__(self, every: int, counters: Counters, index: int,
+                 model_metrics: metrics.ModelMetrics):
         self.every, self.counters, self.index = every, counters, index
+        self.model_metrics = model_metrics
         self.merged = 0
         self.largest_difference = 0.0
         self.told = False
@@ -121,9 +123,9 @@ class LiveCheck:
             return
         d = compare([np.asarray(o)[:item.rows] for o in outputs], alone.outputs or [])
         self.counters.record_check(self.index, d.absolute, d.relative, d.changed)
-        metrics.BATCH_CHECKS.labels("changed" if d.changed else "same").inc()
+        self.model_metrics.checks[d.changed].inc()
         self.largest_difference = max(self.largest_difference, d.absolute)
-        metrics.BATCH_DIFFERENCE.set(self.largest_difference)
+        self.model_metrics.batch_difference.set(self.largest_difference)
         if d.changed and not self.told:
             self.told = True
             log.warning("batching changes this model's answers: a request run alone differs "

@@ -72,10 +72,12 @@ class Batch:
 
 class Gather:
     def __init__(self, arena: Arena | None, segments: Segments, sizes: BatchSizes,
-                 max_batch: int, model_batchable: bool):
+                 max_batch: int, model_batchable: bool,
+                 model_metrics: metrics.ModelMetrics | None = None):
         """``arena`` None: the worker runs in its front, whose requests carry their
         arrays (nothing to share, nothing to release)."""
         self.arena, self.segments, self.sizes = arena, segments, sizes
+        self.assembly = (model_metrics or metrics.ModelMetrics.of("", 1)).batch_assembly
         self.max_batch, self.model_batchable = max_batch, model_batchable
 
     def array(self, ref) -> np.ndarray:
@@ -110,7 +112,7 @@ class Gather:
                 out[row:row + rows] = part                                # the gather: 1 copy
             row += rows
         batch.copied = len(batch.entries)
-        metrics.BATCH_ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
+        self.assembly.observe(time.perf_counter() - started)
         return True
 
     def _allocate(self, batch: Batch, capacity: int) -> bool:
@@ -159,4 +161,4 @@ class Gather:
                 last = next(p for p in reversed(parts) if len(p))[-1:]
                 parts += [last] * (size - rows)
             batch.feed[name] = np.concatenate(parts)     # the gather and padding: 1 copy
-        metrics.BATCH_ASSEMBLY_SECONDS.observe(time.perf_counter() - started)
+        self.assembly.observe(time.perf_counter() - started)

@@ -51,7 +51,8 @@ class Worker:
         started = time.perf_counter()
         self.device = worker_device(cfg.device, index)
         self.backend = backend or load(cfg, self.device, cfg.threads)
-        metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - started)
+        self.model_metrics = metrics.ModelMetrics.of(cfg.model_name, cfg.version)
+        self.model_metrics.load_seconds.set(time.perf_counter() - started)
         spec = self.backend.spec
         self.segments = Segments()
         self.arena = None                        # local: nothing to share with a front
@@ -65,8 +66,9 @@ class Worker:
                                       self.device.startswith("cuda"))
         self.queue = BatchQueue(max_batch, cfg.max_delay_ms / 1000, cfg.max_queue, self.sizes)
         self.pipeline = Pipeline(self.queue)
-        self.gather = Gather(self.arena, self.segments, self.sizes, max_batch, spec.batchable)
-        check = (LiveCheck(cfg.batch_check_every, self.counters, index)
+        self.gather = Gather(self.arena, self.segments, self.sizes, max_batch, spec.batchable,
+                             self.model_metrics)
+        check = (LiveCheck(cfg.batch_check_every, self.counters, index, self.model_metrics)
                  if cfg.batch_check_every else None)
         self.model = Model(self.backend, self.queue.costs, self.gather, check)
         self.leases = Leases()
@@ -79,7 +81,7 @@ class Worker:
         self.staged: Batch | None = None         # gathered, next to run
         self.timer: asyncio.TimerHandle | None = None
         self.pump_scheduled = False
-        self.rows_answered = metrics.ROWS.labels("model")
+        self.rows_answered = self.model_metrics.rows_model
         self.warmed: list[int] = []
 
     # -- start -------------------------------------------------------------------------
@@ -141,7 +143,7 @@ class Worker:
     def _publish_load(self) -> None:
         rows = self.queue.rows + sum(b.rows for b in (self.running, self.staged) if b)
         self.counters.worker_load(self.index, rows)
-        metrics.QUEUE_ROWS.set(self.queue.rows)
+        self.model_metrics.queue_rows.set(self.queue.rows)
 
     # -- the pipeline ------------------------------------------------------------------
     def pump(self) -> None:
@@ -160,7 +162,7 @@ class Worker:
                     f"(--timeout-ms {self.cfg.timeout_ms:g})"))
             if step.take:
                 for q in step.take:
-                    metrics.QUEUE_WAIT_SECONDS.observe(now - q.arrived)
+                    self.model_metrics.queue_wait.observe(now - q.arrived)
                     self.counters.worker_queued(self.index, int((now - q.arrived) * 1e9))
                 waits = self.staged is not None or self.running is not None
                 if self.staged is None:
@@ -169,7 +171,7 @@ class Worker:
                 self.gather.add(self.staged, step.take, copy_now=waits)
                 self.staged.gather_ns += time.perf_counter_ns() - started
             if step.held_s is not None:
-                metrics.BATCH_HOLD_SECONDS.observe(step.held_s)
+                self.model_metrics.batch_hold.observe(step.held_s)
             if step.start:
                 self._start_staged()           # inline: done by now, and this loop goes on
             if step.done:
@@ -207,9 +209,9 @@ class Worker:
         if then_pump:
             self.pump()                      # the device first, then the answers
         self.counters.add_batch(self.index, batch.rows, batch.size)
-        metrics.BATCH_ROWS.observe(batch.rows)
+        self.model_metrics.batch_rows.observe(batch.rows)
         if batch.took is not None:              # tallied here: the event loop's thread
-            metrics.MODEL_SECONDS.observe(batch.took)
+            self.model_metrics.model_seconds.observe(batch.took)
         started = time.perf_counter_ns()
         try:
             self.delivery.deliver(batch)
