@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from gpserve.workers.batch_check import verdict
 
-from . import __version__, heap, metrics
+from . import __version__, heap, metrics, status_page
 from . import protocol as P
 from .answer import OCTETS, Answer
 from .config import Config
@@ -215,8 +215,24 @@ def _cache(model: ModelState) -> dict | None:
 
 
 def build_app(state: FrontState) -> FrontApp:
+    sampler = status_page.StatusSampler(state)
+
     async def get_info(request: Request) -> Response:
+        if status_page.wants_html(request.scope["headers"]):      # a browser: the page
+            return Response((status_page.STATIC / "page.html").read_bytes(),
+                            media_type="text/html; charset=utf-8",
+                            headers=status_page.SECURITY_HEADERS)
         return JSONResponse(info(state))
+
+    async def get_status(request: Request) -> Response:
+        return JSONResponse(sampler.data(), headers={"cache-control": "no-store"})
+
+    async def get_static(request: Request) -> Response:
+        try:
+            body, media_type = status_page.static(request.path_params["name"])
+        except KeyError:
+            return PlainTextResponse("no such file", status_code=404)
+        return Response(body, media_type=media_type, headers=status_page.SECURITY_HEADERS)
 
     async def get_metrics(request: Request) -> Response:
         body, content_type = metrics.exposition()
@@ -248,6 +264,7 @@ def build_app(state: FrontState) -> FrontApp:
 
     return FrontApp(state, Starlette(routes=[
         Route("/", get_info, methods=["GET"]), Route("/metrics", get_metrics),
+        Route("/_status/data", get_status), Route("/_status/{name}", get_static),
         Route("/control/is_ready", is_ready), Route("/control/is_alive", is_alive),
     ], lifespan=lifespan))
 

@@ -243,6 +243,25 @@ def exposition() -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+def request_seconds_buckets() -> dict[float, float]:
+    """``gpserve_request_seconds``' requests per bucket (not cumulative), every process
+    added up: {upper bound in seconds: requests} (the status page's latency)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+    cumulative: dict[float, float] = {}
+    collector = MultiProcessCollector(CollectorRegistry(), path=os.environ[ENV])
+    for family in collector.collect():
+        if family.name == "gpserve_request_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    bound = float(sample.labels["le"])
+                    cumulative[bound] = cumulative.get(bound, 0.0) + sample.value
+    out, below = {}, 0.0
+    for bound in sorted(cumulative):
+        out[bound], below = cumulative[bound] - below, cumulative[bound]
+    return out
+
+
 def process_gone(pid: int) -> None:
     """Drop a dead process's live gauges (its counters and histograms stay counted)."""
     from prometheus_client import multiprocess

@@ -6,11 +6,16 @@ script on the same machine. The targets of the data path (docs/architecture.md):
 gpserve >= 0.5 of Go's requests/s at 16 and 64 clients, and p50 at one client <= 3x Go's.
 
     python perf/small.py [--seconds 5] [--repeats 3] [--clients 1,16,64] [--fronts N]
-                         [--placements auto,workers] [--wrk-threads 1]
+                         [--placements auto,workers] [--wrk-threads 1] [--status-page]
 
 ``--placements``: where gpserve runs the model, a row per client count for each:
 ``auto`` (echo runs in the fronts) and ``workers`` (the front -> shared memory ->
 worker hop that every GPU model takes).
+
+``--status-page``: gpserve is also run with its status page open (a poller reading
+``/_status/data`` every 1.5 s, as the page does), alternated with the runs without, and
+the ratio printed (``page_x``; target >= 0.98: the page costs the hot path nothing
+measurable).
 
 Repeats: each point is run ``--repeats`` times, alternating servers, and the median
 reported with the spread (max/min - 1) of gpserve's runs.
@@ -43,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--placements", default="auto",
                     help="comma list of gpserve --placement values, a row each")
     ap.add_argument("--wrk-threads", type=int, default=1)
+    ap.add_argument("--status-page", action="store_true",
+                    help="also run gpserve with its status page open")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     exit_cleanly_on_sigterm()
@@ -60,6 +67,8 @@ def main(argv=None) -> int:
         for placement in args.placements.split(","):
             with Server("--model", "echo", "--placement", placement, *extra) as gp:
                 urls = {"go": f"http://127.0.0.1:{go_port}/", "gpserve": gp.url + "/"}
+                if args.status_page:
+                    urls["gpserve+page"] = gp.url + "/"
                 for c in (int(x) for x in args.clients.split(",")):
                     rows.append(_point(urls, body, c, args, placement))
     finally:
@@ -68,7 +77,7 @@ def main(argv=None) -> int:
           f"{args.seconds:g} s (wrk -t{args.wrk_threads})")
     print_table(rows, [("placement", "s"), ("clients", "d"), ("go_rps", ",.0f"),
                        ("gpserve_rps", ",.0f"), ("ratio", ".2f"), ("go_p50_ms", ".3f"),
-                       ("gp_p50_ms", ".3f"),
+                       ("gp_p50_ms", ".3f"), *([("page_x", ".2f")] if args.status_page else []),
                        ("p50_x", ".1f"), ("gp_p99_ms", ".2f"), ("spread", ".0%"),
                        ("errors", "d")])
     write_json(args.json, rows, benchmark="small", repeats=args.repeats)
@@ -80,8 +89,9 @@ def _point(urls: dict, body: bytes, c: int, args, placement: str) -> dict:
     runs: dict[str, list] = {"go": [], "gpserve": []}
     for _ in range(args.repeats):
         for name, url in urls.items():
-            runs[name].append(loadgen.run_wrk(url, body, c, args.seconds,
-                                              threads=args.wrk_threads))
+            with StatusPoller(url if name == "gpserve+page" else None):
+                runs.setdefault(name, []).append(loadgen.run_wrk(
+                    url, body, c, args.seconds, threads=args.wrk_threads))
     med = {n: sorted(r, key=lambda x: x["rps"])[len(r) // 2] for n, r in runs.items()}
     rps = [r["rps"] for r in runs["gpserve"]]
     return {
@@ -91,7 +101,35 @@ def _point(urls: dict, body: bytes, c: int, args, placement: str) -> dict:
         "p50_x": med["gpserve"]["p50_ms"] / med["go"]["p50_ms"],
         "gp_p99_ms": med["gpserve"]["p99_ms"],
         "spread": max(rps) / min(rps) - 1 if min(rps) > 0 else float("nan"),
-        "errors": sum(r["errors"] for r in runs["gpserve"])}
+        "errors": sum(r["errors"] for r in runs["gpserve"]),
+        **({"page_x": med["gpserve+page"]["rps"] / med["gpserve"]["rps"]}
+           if "gpserve+page" in med else {})}
+
+
+class StatusPoller:
+    """The status page open in a browser, as far as the server can tell: GET
+    /_status/data every 1.5 s (``url`` None: nothing)."""
+
+    def __init__(self, url: str | None):
+        import threading
+        self.url, self.stop = url, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        import urllib.request
+        while not self.stop.wait(1.5):
+            with urllib.request.urlopen(f"{self.url}_status/data", timeout=10) as r:
+                r.read()
+
+    def __enter__(self):
+        if self.url is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.url is not None:
+            self.thread.join(15)
 
 
 if __name__ == "__main__":
