@@ -186,7 +186,7 @@ class RowCache:
                 items.append(self._queue.get())
             flushes = [payload for kind, payload in items if kind in ("flush", "close")]
             closing = any(kind == "close" for kind, _ in items)
-            items = [item for item in items if item[0] == "rows"]
+            items = [item for item in items if item[0] in ("rows", "raw")]
             for group in self._groups(items):
                 if not self.enabled:
                     break

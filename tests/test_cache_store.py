@@ -183,3 +183,18 @@ def test_a_file_cut_short_while_serving_is_moved_aside_before_it_is_read(tmp_pat
     assert cache.lookup(keys, ["y"]) == [None] * len(keys)         # the fresh file, no fault
     fill(cache, 0, 4)
     assert cache.flush() and all(f is not None for f in cache.lookup(keys[:4], ["y"]))
+
+
+def test_a_hit_in_the_old_generation_is_copied_forward_and_survives_the_next_rotation(
+        tmp_path, counters):
+    """The LRU approximation: a row read from the old generation is written to the
+    current one, so the rotation that clears the old one keeps it."""
+    cache = RowCache(tmp_path / "env", 4, counters, 0)
+    keys = fill(cache, 0, 2)
+    assert cache.flush()
+    cache._rotate(clear_both=False)               # the rows are in the old generation now
+    assert all(f is not None for f in cache.lookup(keys, ["y"]))        # found there ...
+    assert cache.flush()                           # ... and copied forward
+    cache._rotate(clear_both=False)                # the old generation (first copy) cleared
+    found = cache.lookup(keys, ["y"])
+    assert [float(f[0][0]) for f in found] == [0.0, 1.0]
