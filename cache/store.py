@@ -67,7 +67,10 @@ class RowCache:
     """A front's handle on the shared row cache, with its own writer thread."""
 
     def __init__(self, path: Path, size_mb: int, counters, front_index: int,
-                 model_metrics: metrics.ModelMetrics | None = None):
+                 model_metrics: metrics.ModelMetrics | None = None, shared=None):
+        """``shared``: the shared tier (cache/shared.py) the rows computed here are
+        written to as well, after LMDB."""
+        self.shared = shared
         self.path, self.size_mb = path, size_mb
         self.counters, self.front_index = counters, front_index
         self.measured = model_metrics or metrics.ModelMetrics.of("", 1)
@@ -279,7 +282,7 @@ class RowCache:
         env, meta, gens = self.db
         with env.begin(write=True) as txn:
             db = gens[_current(txn, meta)]
-            written = 0
+            written, computed = 0, []
             for kind, payload in items:
                 if kind == "raw":
                     for key, value in payload:
@@ -288,13 +291,16 @@ class RowCache:
                     continue
                 keys, outputs, arrays = payload
                 for i, key in enumerate(keys):
-                    txn.put(key, merged(txn.get(key, db=db), list(outputs),
-                                        [a[i] for a in arrays]), db=db)
+                    value = merged(txn.get(key, db=db), list(outputs), [a[i] for a in arrays])
+                    txn.put(key, value, db=db)
+                    computed.append((key, value))
                     written += 1
             used = pages(txn.stat(db)) * txn.stat(db)["psize"]
             rotate = used > ROTATE_AT * (self.size_mb << 20)
         self.counters.add_cache(self.front_index, writes=written)
         self.measured.cache_bytes.set(used)
+        if self.shared is not None:
+            self.shared.write(computed)
         if rotate:
             self._rotate(clear_both=False)
 
@@ -329,6 +335,11 @@ class RowCache:
                     **environment_stats(env, gens)}
         except (lmdb.Error, OSError) as e:
             return {"enabled": True, "path": str(self.path), "error": str(e)}
+
+    def put(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        """Sealed values found elsewhere (the shared tier), written as they are."""
+        if self.enabled and pairs:
+            self._queue.put(("raw", pairs))
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every write queued before this call is done (tests, a clean stop)."""

@@ -61,6 +61,9 @@ class Config:
     cache: bool = False                  # the LMDB row cache
     cache_dir: str = str(CACHE_HOME / "rows")
     cache_size_mb: int = 1024
+    cache_shared: str = ""               # redis://, rediss:// or unix:// URL of a shared tier
+    cache_shared_timeout_ms: float = 5.0
+    cache_shared_ttl_s: int = 0          # 0: no expiry (Redis's maxmemory policy evicts)
     verbose: int = 0
     log_format: str = "text"             # text | json
     access_log: str = "debug"            # level of the one line per request: debug|info|off

@@ -200,6 +200,14 @@ def _cache_flags(a, d: Config) -> None:
       help="where the row cache lives, one LMDB environment per model")
     a("--cache-size-mb", type=int, default=d.cache_size_mb,
       help="hard bound on the row cache's disk use, per model")
+    a("--cache-shared", default=d.cache_shared, metavar="URL",
+      help="a shared tier behind the local cache, for every replica: redis://[user:"
+           "password@]host:port/db, rediss:// (TLS) or unix:///path.sock")
+    a("--cache-shared-timeout-ms", type=float, default=d.cache_shared_timeout_ms,
+      help="a shared-tier lookup is given up after this long (the row is computed)")
+    a("--cache-shared-ttl-s", type=int, default=d.cache_shared_ttl_s,
+      help="expiry of rows written to the shared tier (0: none; Redis's maxmemory "
+           "policy evicts)")
 
 
 def _logging_flags(a, d: Config) -> None:
@@ -259,6 +267,13 @@ def from_args(args: argparse.Namespace) -> Config:
         problems.append("--max-strings and --batch-check-every must not be negative")
     if cfg.cache_size_mb < 1:
         problems.append("--cache-size-mb must be at least 1")
+    if cfg.cache_shared and not (cfg.cache and cfg.cache_shared.startswith(
+            ("redis://", "rediss://", "unix://"))):
+        problems.append("--cache-shared takes a redis://, rediss:// or unix:// URL, and "
+                        "needs --cache (the local tier in front of it)")
+    if cfg.cache_shared_timeout_ms <= 0 or cfg.cache_shared_ttl_s < 0:
+        problems.append("--cache-shared-timeout-ms must be positive and "
+                        "--cache-shared-ttl-s not negative")
     if cfg.fronts < 0 or cfg.workers < 0 or cfg.threads < 0:
         problems.append("--fronts, --workers and --threads must not be negative")
     sizes = cfg.batch_sizes

@@ -210,8 +210,10 @@ def _batching(model: ModelState) -> dict:
 def _cache(model: ModelState) -> dict | None:
     if model.cache is None:
         return None
+    shared = model.cache.shared
     return {**model.cache.stats(), **model.counters.cache_totals(),
-            "size_mb": model.cfg.cache_size_mb}
+            "size_mb": model.cfg.cache_size_mb,
+            "shared": shared.stats() if shared is not None else None}
 
 
 def build_app(state: FrontState) -> FrontApp:

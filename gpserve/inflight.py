@@ -76,12 +76,20 @@ class ModelState:
         if cfg.cache:
             from gpserve.cache.environment import environment_path
             from gpserve.cache.store import RowCache
+            shared = None
+            if cfg.cache_shared:
+                from gpserve.cache.shared import SharedTier
+                shared = SharedTier(cfg.cache_shared, cfg.cache_shared_timeout_ms,
+                                    cfg.cache_shared_ttl_s, self.counters, self.index,
+                                    self.model_metrics)
             self.cache = RowCache(environment_path(cfg.cache_dir, spec.name, cfg.model_path),
                                   cfg.cache_size_mb, self.counters, self.index,
-                                  self.model_metrics)
+                                  self.model_metrics, shared)
 
     async def start(self) -> None:
         self.tasks.append(asyncio.create_task(self.workers.sweep_abandoned()))
+        if self.cache is not None and self.cache.shared is not None:
+            self.cache.shared.start()
         if self.hosted is not None:
             await self.hosted.start()
             self.workers.host(self.hosted)
@@ -154,6 +162,13 @@ class ModelState:
         cached = cache.lookup(keys, outputs)
         missing = [i for i, found in enumerate(cached) if found is None]
         self.model_metrics.rows_cache.inc(rows - len(missing))
+        if missing and cache.shared is not None:       # the shared tier: one round trip
+            found, sound = await cache.shared.lookup([keys[i] for i in missing], outputs)
+            for i, rows_i in zip(missing, found):
+                cached[i] = rows_i
+            cache.put(sound)                           # to LMDB, as they are
+            self.model_metrics.rows_shared.inc(len(sound))
+            missing = [i for i in missing if cached[i] is None]
         looked_up = time.perf_counter_ns() - started
         if not missing:                                   # never reaches a worker
             self.counters.front_cache(self.index, True, looked_up)

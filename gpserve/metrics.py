@@ -173,7 +173,9 @@ CACHE_EVICTIONS = Counter("gpserve_cache_evictions",
                           "Rows evicted from the row cache (its old generation cleared)",
                           _MODEL)
 CACHE_ERRORS = Counter("gpserve_cache_errors",
-                       "Row-cache failures (writes dropped, or the cache disabled)", _MODEL)
+                       "Row-cache failures, by tier: local (LMDB: writes dropped, or the "
+                       "cache disabled), shared (Redis: a lookup or write given up)",
+                       ["tier", *_MODEL])
 CACHE_CORRUPT = Counter("gpserve_cache_corrupt_rows",
                         "Cached rows that failed their checksum: answered as misses and "
                         "computed again", _MODEL)
@@ -212,8 +214,10 @@ class ModelMetrics:
         self.batch_rows = TallyHistogram(BATCH_ROWS.labels(*v))
         self.queue_rows = TallyGauge(QUEUE_ROWS.labels(*v))
         self.rows_model, self.rows_cache = ROWS.labels("model", *v), ROWS.labels("cache", *v)
-        self.cache_evictions, self.cache_errors = (CACHE_EVICTIONS.labels(*v),
-                                                   CACHE_ERRORS.labels(*v))
+        self.rows_shared = ROWS.labels("shared_cache", *v)
+        self.cache_evictions = CACHE_EVICTIONS.labels(*v)
+        self.cache_errors = CACHE_ERRORS.labels("local", *v)
+        self.shared_errors = CACHE_ERRORS.labels("shared", *v)
         self.cache_corrupt, self.cache_bytes = CACHE_CORRUPT.labels(*v), CACHE_BYTES.labels(*v)
         self.checks = {True: BATCH_CHECKS.labels("changed", *v),
                        False: BATCH_CHECKS.labels("same", *v)}

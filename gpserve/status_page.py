@@ -133,6 +133,13 @@ class StatusSampler:
             cache = [{"tier": "local (LMDB)", "hits": totals["hits"],
                       "misses": totals["misses"],
                       "hit_rate": round(totals["hits"] / looked, 4) if looked else None}]
+            if model.cache.shared is not None:          # looked up for the local misses
+                shared = totals["shared_hits"] + totals["shared_misses"]
+                cache.append({"tier": "shared (Redis)", "hits": totals["shared_hits"],
+                              "misses": totals["shared_misses"],
+                              "errors": totals["shared_errors"],
+                              "hit_rate": round(totals["shared_hits"] / shared, 4)
+                              if shared else None})
         return {
             "name": model.name, "version": model.version, "state":
                 "READY" if model.ready else "UNAVAILABLE",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +128,55 @@ def scale_model(path: Path, factor: float, width: int = 4) -> Path:
     model.ir_version = 8
     path.write_bytes(model.SerializeToString())
     return path
+
+
+def redis_binary() -> str | None:
+    """Debian's redis-server; installed here when missing and we may (CI runs as root)."""
+    found = shutil.which("redis-server")
+    if not found and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get "
+                       "install -y -qq redis-server", shell=True, capture_output=True,
+                       timeout=600)
+        found = shutil.which("redis-server")
+    return found
+
+
+class Redis:
+    """A redis-server of this test, on loopback, its data in memory only."""
+
+    def __init__(self, port: int | None = None, *args: str):
+        binary = redis_binary()
+        if binary is None:
+            pytest.skip("redis-server is not installed and cannot be (needs root and apt)")
+        from gpserve.testing import eventually, free_port
+        self.port = port or free_port()
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--enable-debug-command", "local", *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+        password = args[args.index("--requirepass") + 1] if "--requirepass" in args else None
+        self.client = redis.Redis(port=self.port, password=password)
+        eventually(self._pings, 30, "redis-server up")
+
+    def _pings(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except Exception:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def __enter__(self) -> "Redis":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, Redis
 
 from gpserve.client import Client
 from gpserve.errors import GraphPipeError
@@ -36,6 +36,9 @@ def test_compose_file_follows_the_compose_specification():
         "capabilities"] == ["gpu"]
     assert set(services["nginx"]["profiles"]) == {"lb"} and services["replica"]["deploy"][
         "replicas"] == 2
+    assert services["replica"]["environment"]["GP_CACHE_SHARED"] == "redis://redis:6379/0"
+    assert services["redis"]["profiles"] == ["lb"] and services["redis"]["build"] == {
+        "context": "deploy/redis"}
     assert services["prometheus"]["profiles"] == ["monitoring"]
 
 
@@ -81,11 +84,15 @@ def local_env(service: dict, models: Path, cache: Path, port: int,
     return env
 
 
-def compose_process(name: str, models: Path, cache: Path) -> Server:
-    """A compose service's command and environment, run as a local process."""
+def compose_process(name: str, models: Path, cache: Path,
+                    hosts: dict[str, str] | None = None) -> Server:
+    """A compose service's command and environment, run as a local process (``hosts``:
+    a compose service's address in a variable, and the local one to use instead)."""
     service, port = compose_service(name), free_port()
-    return Server(command=service["command"], env=local_env(service, models, cache, port),
-                  port=port, ready_timeout=120)
+    env = local_env(service, models, cache, port)
+    for there, here in (hosts or {}).items():
+        env = {k: v.replace(there, here) for k, v in env.items()}
+    return Server(command=service["command"], env=env, port=port, ready_timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +149,10 @@ def test_load_balanced_profile_with_nginx(models, tmp_path):
         pytest.skip("nginx is not installed and cannot be installed here (needs root and apt)")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a = compose_process("replica", models, tmp_path / "a")
-    b = compose_process("replica", models, tmp_path / "b")
+    redis = Redis()                             # the compose service's, as a local process
+    hosts = {"redis:6379": f"127.0.0.1:{redis.port}"}
+    a = compose_process("replica", models, tmp_path / "a", hosts)
+    b = compose_process("replica", models, tmp_path / "b", hosts)
     port = free_port()
     conf = (ROOT / "deploy" / "nginx" / "gpserve.conf").read_text()
     conf = re.sub(r"server replica:9000;", f"server 127.0.0.1:{a.port};\n    "
@@ -169,6 +178,8 @@ def test_load_balanced_profile_with_nginx(models, tmp_path):
                     raise
                 time.sleep(0.1)
         points, labels = spiral_request()
+        from gpserve.workers.default_model import spiral_points
+
         from gpserve import protocol as P
         body = bytes(P.encode_request(P.InferRequest([points])))
         upstreams = set()
@@ -179,12 +190,19 @@ def test_load_balanced_profile_with_nginx(models, tmp_path):
                 probs = P.decode_response(r.read()).outputs[0]
             assert (probs.argmax(1) == labels).mean() > 0.9
         assert upstreams == {f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"}
-        assert a.stats()["batched_rows"] > 0 and b.stats()["batched_rows"] > 0
+        # the shared tier: rows one replica computed are hits on the other
+        fresh = bytes(P.encode_request(P.InferRequest([spiral_points(5, seed=11)[0]])))
+        held = redis.client.dbsize()
+        urllib.request.urlopen(urllib.request.Request(a.url, data=fresh), timeout=10).read()
+        eventually(lambda: redis.client.dbsize() > held, what="a's rows in Redis")
+        urllib.request.urlopen(urllib.request.Request(b.url, data=fresh), timeout=10).read()
+        assert b.info()["cache"]["shared_hits"] == 15
     finally:
         proc.send_signal(signal.SIGQUIT)
         proc.wait(10)
         a.stop()
         b.stop()
+        redis.__exit__()
 
 
 def test_metrics_count_known_traffic(tmp_path):
