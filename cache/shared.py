@@ -11,9 +11,11 @@ One round trip a request: ``MGET`` of its missing rows, on the front's event loo
 (``redis.asyncio`` with hiredis), bounded by ``--cache-shared-timeout-ms``; writes are
 pipelined ``SET`` with ``--cache-shared-ttl-s``, from the writer thread. A slow, absent
 or refusing Redis never makes a request wait past that bound: the lookup is given up,
-counted (``gpserve_cache_errors_total{tier="shared"}``), logged once, and the tier is
-skipped until a connection made in the background (every ``RETRY_S``) works again: no
-request waits for a connection, at start or after an outage. Eviction is
+counted (``gpserve_cache_errors_total{tier="shared"}``). A lookup that timed out only
+sends its request on to the model; a refused connection, a wrong password or
+``STALLED_AFTER`` timeouts in a row take the tier down: logged once, skipped until a
+connection made in the background (every ``RETRY_S``) works again. No request waits for
+a connection, at start or after an outage. Eviction is
 Redis's own (``maxmemory`` with an LRU or LFU policy: docs/cache.md).
 """
 from __future__ import annotations
@@ -23,12 +25,15 @@ import logging
 import time
 from typing import cast
 
+from redis.exceptions import TimeoutError as RedisTimeout
+
 from .values import CORRUPT, rows_of
 
 log = logging.getLogger("gpserve.cache")
 RETRY_S = 1.0                 # after a failure, the tier is skipped this long
 CONNECT_S = 1.0               # a (re)connection in the background may take this long
-MAX_PENDING_WRITES = 64       # write batches queued for Redis; more are dropped, counted
+WRITE_S = 1.0                 # a write (the writer thread's, off the request path)
+STALLED_AFTER = 3             # lookups timed out in a row: the tier counts as down
 
 
 class SharedTier:
@@ -40,11 +45,12 @@ class SharedTier:
         import redis.asyncio as aioredis
         self.url, self.timeout = _redacted(url), timeout_ms / 1000
         self.ttl = ttl_s or None
-        options: dict = dict(socket_timeout=max(self.timeout, 0.05),
-                             socket_connect_timeout=max(self.timeout, 0.05),
-                             retry_on_timeout=False, health_check_interval=0)
-        self.reader = aioredis.Redis.from_url(url, **options)
-        self.writer = redis.Redis.from_url(url, **options)      # the LMDB writer thread's
+        options: dict = dict(socket_connect_timeout=CONNECT_S, retry_on_timeout=False,
+                             health_check_interval=0)
+        self.reader = aioredis.Redis.from_url(url, socket_timeout=CONNECT_S, **options)
+        self.writer = redis.Redis.from_url(url, socket_timeout=WRITE_S,   # the LMDB writer
+                                           **options)                   # thread's
+        self.timeouts = 0               # lookups timed out in a row
         self.counters, self.front_index, self.measured = counters, front_index, model_metrics
         self.ready = False              # connected, and its last call worked
         self.down_until = 0.0           # no new connection attempt before then
@@ -83,9 +89,15 @@ class SharedTier:
         started = time.perf_counter_ns()
         try:
             values = await asyncio.wait_for(self.reader.mget(keys), self.timeout)
-        except Exception as e:                  # down, slow, refusing, wrong password
+        except (TimeoutError, RedisTimeout):    # slow: this request goes on to the model
+            self.timeouts += 1
+            self._failed(f"lookup: no answer within {self.timeout * 1e3:g} ms "
+                         "(--cache-shared-timeout-ms)", down=self.timeouts >= STALLED_AFTER)
+            return found, []
+        except Exception as e:                  # down, refusing, wrong password
             self._failed(f"lookup: {type(e).__name__}: {e}")
             return found, []
+        self.timeouts = 0
         sound, corrupt = [], 0
         for i, value in enumerate(values):
             if value is None:
@@ -115,16 +127,21 @@ class SharedTier:
                 for key, value in pairs:
                     pipe.set(key, value, ex=self.ttl)
                 pipe.execute()
-        except Exception as e:
-            self._failed(f"write: {type(e).__name__}: {e}")
+        except Exception as e:                  # timed out: counted; else down too
+            self._failed(f"write: {type(e).__name__}: {e}",
+                         down=not isinstance(e, (TimeoutError, RedisTimeout)))
 
     # -- state ---------------------------------------------------------------------------
-    def _failed(self, why: str) -> None:
-        self.ready = False
-        self.down_until = time.monotonic() + RETRY_S
+    def _failed(self, why: str, down: bool = True) -> None:
+        """Counted; ``down``: skip the tier until a background connection works."""
         self.counters.add_cache(self.front_index, shared_errors=1)
         self.measured.shared_errors.inc()
         self.last_error = why
+        if not down:
+            return
+        self.ready = False
+        self.timeouts = 0
+        self.down_until = time.monotonic() + RETRY_S
         if self.down_since is None:
             self.down_since = time.monotonic()
             log.error("the shared row cache (%s) failed: %s; serving without it, trying "

@@ -62,7 +62,7 @@ class Config:
     cache_dir: str = str(CACHE_HOME / "rows")
     cache_size_mb: int = 1024
     cache_shared: str = ""               # redis://, rediss:// or unix:// URL of a shared tier
-    cache_shared_timeout_ms: float = 5.0
+    cache_shared_timeout_ms: float = 10.0
     cache_shared_ttl_s: int = 0          # 0: no expiry (Redis's maxmemory policy evicts)
     verbose: int = 0
     log_format: str = "text"             # text | json

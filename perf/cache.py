@@ -16,7 +16,10 @@ Targets: with 100% repeated rows, >= 10x the uncached rows/s of the OCR classifi
 >= 0.9x the echo model's requests/s and >= 0.8x the floor's; with 0% repeated rows,
 >= 0.95x the rows/s with the cache off.
 
-    python perf/cache.py [--quick] [--json FILE] [--png FILE]
+The shared tier (Redis) next to replicas with their own LMDB: ``perf/cache_shared.py``
+(``--parts shared``).
+
+    python perf/cache.py [--quick] [--json FILE] [--png FILE] [--parts local,shared]
 """
 from __future__ import annotations
 
@@ -169,8 +172,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--png", metavar="FILE", default="perf/results/cache.png")
+    ap.add_argument("--parts", default="local,shared",
+                    help="local: the LMDB cache off and on; shared: the Redis tier "
+                         "(perf/cache_shared.py)")
     args = ap.parse_args(argv)
     exit_cleanly_on_sigterm()
+    if "shared" in args.parts.split(","):
+        import cache_shared
+        cache_shared.main(["--rows", "300" if args.quick else "800"])
+    if "local" not in args.parts.split(","):
+        return 0
     if not MODELS.exists():
         print(f"skipped: {MODELS} is absent (this benchmark needs ../shared/models)")
         return 0
