@@ -133,13 +133,17 @@ def test_the_default_model_and_the_flags_that_name_models(spirals_repository):
 def test_ocr_minilm_and_the_default_model_on_one_server(tmp_path, default_model, graphpipe,
                                                          minilm_path):
     """The issue's three models at once: the OCR classifier (Triton's layout, in the
-    fronts), MiniLM (a flat .onnx.gz, in a worker process: it costs more than a hop)
-    and the project's default model, each answering as it does alone."""
+    fronts), MiniLM (a flat .onnx.gz, in a worker process of its own) and the project's
+    default model, each answering as it does alone."""
     cls = need_shared(MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx")
     (tmp_path / "ocr" / "1").mkdir(parents=True)
     (tmp_path / "ocr" / "1" / "model.onnx").symlink_to(cls)
     (tmp_path / "minilm.onnx.gz").symlink_to(MODELS / "all-MiniLM-L6-v2_int8.onnx.gz")
     (tmp_path / "spirals.onnx").symlink_to(default_model)
+    # where each runs, set (auto decides by a timing, which a loaded machine moves)
+    (tmp_path / "ocr" / "gpserve.toml").write_text('placement = "fronts"\n')
+    (tmp_path / "minilm.toml").write_text('placement = "workers"\n')
+    (tmp_path / "spirals.toml").write_text('placement = "fronts"\n')
     images = np.load(FIXTURES / "ocr_cls_input.npy")
     ref = np.load(FIXTURES / "minilm_reference.npz")
     names = ["input_ids", "attention_mask", "token_type_ids"]
@@ -337,7 +341,7 @@ def test_each_model_takes_its_own_settings_over_the_flags(tmp_path):
     scale_model(tmp_path / "flat.onnx", 1.0)
     (tmp_path / "flat.toml").write_text("batching = 'off'\n")
     with Server("--model-repository", str(tmp_path), "--fronts", "1", "--max-batch", "16",
-                "--max-delay-ms", "1") as s:
+                "--max-delay-ms", "1", "--placement", "fronts") as s:
         got = {m["name"]: (m["batching"]["max_batch"], m["batching"]["max_delay_ms"],
                            m["batching"]["enabled"], m["placement"], m["workers"])
                for m in s.info()["models"]}
