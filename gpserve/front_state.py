@@ -97,6 +97,8 @@ class FrontState:
         """The model version a request names: ``name`` None for the default model, no
         ``version`` for its newest; UnknownModel if none is served so."""
         if name is None:
+            if not self.default and len(self.models) == 1:
+                return self.model(next(iter(self.models)), version)    # the only one
             if not self.default:
                 raise UnknownModel(
                     f"this server serves {len(self.models)} models "
