@@ -78,9 +78,11 @@ class SharedTier:
             self.probing = None
 
     # -- reads (request path) ----------------------------------------------------------
-    async def lookup(self, keys: list[bytes], outputs: list[str]):
+    async def lookup(self, keys: list[bytes], outputs: list[str], compute_s: float = 0.0):
         """(for each key the rows of ``outputs`` or None, the (key, value) pairs found
-        sound, for LMDB). Never raises; never waits past the timeout."""
+        sound, for LMDB). Never raises; waits at most the timeout, or ``compute_s`` (what
+        computing the rows takes now) when that is longer: a loaded front answers
+        lookups late, and computing would not be sooner."""
         found: list = [None] * len(keys)
         if not self.ready:                      # down, or not connected yet: the model
             if time.monotonic() >= self.down_until:
@@ -88,11 +90,13 @@ class SharedTier:
             return found, []
         started = time.perf_counter_ns()
         try:
-            values = await asyncio.wait_for(self.reader.mget(keys), self.timeout)
+            values = await asyncio.wait_for(self.reader.mget(keys),
+                                            max(self.timeout, compute_s))
         except (TimeoutError, RedisTimeout):    # slow: this request goes on to the model
             self.timeouts += 1
-            self._failed(f"lookup: no answer within {self.timeout * 1e3:g} ms "
-                         "(--cache-shared-timeout-ms)", down=self.timeouts >= STALLED_AFTER)
+            self._failed(f"lookup: no answer within {max(self.timeout, compute_s) * 1e3:.1f} "
+                         "ms (--cache-shared-timeout-ms, or the model's time)",
+                         down=self.timeouts >= STALLED_AFTER)
             return found, []
         except Exception as e:                  # down, refusing, wrong password
             self._failed(f"lookup: {type(e).__name__}: {e}")

@@ -73,6 +73,7 @@ class ModelState:
         if spec.batch_probe:
             self.model_metrics.batch_difference.set(spec.batch_probe["max_difference"])
         self.cache: RowCache | None = None
+        self.compute_s = 0.0            # a request's rows computed, lately (cached models)
         if cfg.cache:
             from gpserve.cache.environment import environment_path
             from gpserve.cache.store import RowCache
@@ -163,7 +164,8 @@ class ModelState:
         missing = [i for i, found in enumerate(cached) if found is None]
         self.model_metrics.rows_cache.inc(rows - len(missing))
         if missing and cache.shared is not None:       # the shared tier: one round trip
-            found, sound = await cache.shared.lookup([keys[i] for i in missing], outputs)
+            found, sound = await cache.shared.lookup([keys[i] for i in missing], outputs,
+                                                     self.compute_s)
             for i, rows_i in zip(missing, found):
                 cached[i] = rows_i
             cache.put(sound)                           # to LMDB, as they are
@@ -177,8 +179,11 @@ class ModelState:
         refs = tuple(self._for_worker(request.regions, t,
                                       None if len(missing) == rows else missing)
                      for t in tensors)
+        computing = time.perf_counter()
         computed = await self._compute(refs, names, outputs, config, len(missing), request,
                                        alone)
+        # what computing takes now (a moving average): the shared tier may wait as long
+        self.compute_s += 0.1 * (time.perf_counter() - computing - self.compute_s)
         merged = computed
         if len(missing) < rows:
             hit = [i for i in range(rows) if cached[i] is not None]
