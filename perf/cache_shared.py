@@ -76,12 +76,15 @@ def p50_ms(url: str, name: str, rows: list[np.ndarray]) -> float:
 TIMEOUT_MS = ["10"]          # --cache-shared-timeout-ms, from --timeout-ms
 
 
-def replicas(model: Path, tmp: Path, tag: str, shared: str | None):
-    args = ["--model", str(model), "--fronts", "1", "--cache"]
+def replica(model: Path, tmp: Path, tag: str, shared: str | None) -> Server:
     extra = ["--cache-shared", shared, "--cache-shared-timeout-ms", TIMEOUT_MS[0]] \
         if shared else []
-    return (Server(*args, "--cache-dir", str(tmp / f"{tag}-a"), *extra),
-            Server(*args, "--cache-dir", str(tmp / f"{tag}-b"), *extra))
+    return Server("--model", str(model), "--fronts", "1", "--cache", "--cache-dir",
+                  str(tmp / tag), *extra)
+
+
+def replicas(model: Path, tmp: Path, tag: str, shared: str | None):
+    return replica(model, tmp, f"{tag}-a", shared), replica(model, tmp, f"{tag}-b", shared)
 
 
 def setup_run(model, name, rows, tmp, tag, shared) -> dict:
@@ -155,8 +158,8 @@ def measure_costs(model, name, tmp: Path, url: str) -> tuple[list[dict], float]:
     finally:
         a.stop()
         b.stop()
-    on, off = replicas(model, tmp, "overhead-on", url)[0], replicas(
-        model, tmp, "overhead-off", None)[0]
+    on, off = replica(model, tmp, "overhead-on", url), replica(model, tmp, "overhead-off",
+                                                               None)
     try:
         ratios = []
         for i in range(3):
