@@ -88,7 +88,12 @@ class FrontApp:
         path = url.decode("latin-1")
         if is_graphpipe(path):
             with self.state.request() as request:
-                answer = await self.answer(body, request, path)
+                try:
+                    model = self.model_at(path)
+                except UnknownModel as e:
+                    answer = _error(request.fail(e), len(body))
+                else:
+                    answer = await self.answer(body, request, model)
         else:
             answer = await self.v2.infer_whole(path, body, {"client": client,
                                                               "headers": headers})
@@ -99,17 +104,16 @@ class FrontApp:
     async def post(self, scope, receive) -> Answer:
         """A GraphPipe request, its body read here."""
         with self.state.request() as request:
-            try:
-                self.model_at(scope["path"])
+            try:        # resolved once, before the body: the open request holds it
+                model = self.model_at(scope["path"])
                 body = await self.state.body.read(scope, receive, request.regions)
             except Exception as e:
                 return _error(request.fail(e))
-            return await self.answer(body, request, scope["path"])
+            return await self.answer(body, request, model)
 
-    async def answer(self, body, request, path: str = "/") -> Answer:
-        """A GraphPipe body's answer (``path``: the URL it was posted to)."""
+    async def answer(self, body, request, model: ModelState) -> Answer:
+        """A GraphPipe body's answer from ``model`` (the one its URL names)."""
         try:
-            model = self.model_at(path)
             req = P.decode_request(body, *model.string_limit)
             if isinstance(req, P.MetadataRequest):
                 return Answer(200, model.metadata_body, "metadata", received=len(body))
@@ -221,8 +225,8 @@ def build_app(state: FrontState) -> FrontApp:
 
     async def get_info(request: Request) -> Response:
         if status_page.wants_html(request.scope["headers"]):      # a browser: the page
-            return Response((status_page.STATIC / "page.html").read_bytes(),
-                            media_type="text/html; charset=utf-8",
+            page, media_type = status_page.static("page.html")
+            return Response(page, media_type=media_type,
                             headers=status_page.SECURITY_HEADERS)
         return JSONResponse(info(state))
 

@@ -103,7 +103,7 @@ class ModelState:
             task.cancel()
         self.workers.close()
         if self.hosted is not None:
-            self.hosted.compute_thread.shutdown(wait=False)
+            self.hosted.close()
         if self.cache is not None:
             self.cache.close()
 

@@ -14,6 +14,7 @@ when open. Samples of the last minute give the error counts "in the last minute"
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections import deque
@@ -25,7 +26,8 @@ from . import __version__
 from .protocol.messages import type_name
 
 STATIC = Path(__file__).parent / "status"
-FILES = {"page.js": "text/javascript", "page.css": "text/css", "icon.svg": "image/svg+xml"}
+FILES = {"page.html": "text/html; charset=utf-8", "page.js": "text/javascript",
+         "page.css": "text/css", "icon.svg": "image/svg+xml"}
 # The page runs only its own script and style, and talks only to this server.
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -45,8 +47,10 @@ def wants_html(headers) -> bool:
     return b"text/html" in accept
 
 
+@functools.cache
 def static(name: str) -> tuple[bytes, str]:
-    """One of the page's files and its media type; KeyError for any other name."""
+    """One of the page's files and its media type (read once); KeyError for any other
+    name."""
     return (STATIC / name).read_bytes(), FILES[name]
 
 

@@ -25,23 +25,30 @@ def model(tmp_path):
     return scale_model(tmp_path / "scale.onnx", 3.0)
 
 
-def test_a_row_computed_by_one_replica_is_a_hit_on_the_other(model, tmp_path):
-    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+@pytest.fixture
+def replicas(model, tmp_path):
+    """A redis-server and two replicas of the model sharing it, each its own LMDB."""
     with Redis() as redis, serve(model, redis.url, tmp_path, "a") as a, \
             serve(model, redis.url, tmp_path, "b") as b:
-        with Client(a.url) as ca, Client(b.url) as cb:
-            want = ca.execute(x)
-            eventually(lambda: redis.client.dbsize() == 6, what="6 rows in Redis")
-            computed = b.rows_computed()
-            np.testing.assert_array_equal(cb.execute(x), want)
-            assert b.rows_computed() == computed                    # none computed on b
-            assert (cache(b)["shared_hits"], cache(b)["shared_misses"]) == (6, 0)
-            # found in Redis, written to b's LMDB: next time a local hit
-            eventually(lambda: cache(b)["writes"] == 6, what="b's LMDB has the rows")
-            np.testing.assert_array_equal(cb.execute(x), want)
-            assert cache(b)["hits"] >= 6 and cache(b)["shared_hits"] == 6
-        assert b.metric("gpserve_rows_total", source="shared_cache") == 6
-        assert cache(b)["shared"]["up"] is True
+        yield redis, a, b
+
+
+def test_a_row_computed_by_one_replica_is_a_hit_on_the_other(replicas):
+    redis, a, b = replicas
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    with Client(a.url) as ca, Client(b.url) as cb:
+        want = ca.execute(x)
+        eventually(lambda: redis.client.dbsize() == 6, what="6 rows in Redis")
+        computed = b.rows_computed()
+        np.testing.assert_array_equal(cb.execute(x), want)
+        assert b.rows_computed() == computed                    # none computed on b
+        assert (cache(b)["shared_hits"], cache(b)["shared_misses"]) == (6, 0)
+        # found in Redis, written to b's LMDB: next time a local hit
+        eventually(lambda: cache(b)["writes"] == 6, what="b's LMDB has the rows")
+        np.testing.assert_array_equal(cb.execute(x), want)
+        assert cache(b)["hits"] >= 6 and cache(b)["shared_hits"] == 6
+    assert b.metric("gpserve_rows_total", source="shared_cache") == 6
+    assert cache(b)["shared"]["up"] is True
 
 
 class NewRows:
@@ -76,30 +83,29 @@ class NewRows:
         self.thread.join(30)
 
 
-def test_redis_killed_under_load_then_back(model, tmp_path):
-    with Redis() as redis, serve(model, redis.url, tmp_path, "a") as a, \
-            serve(model, redis.url, tmp_path, "b") as b:
-        port = redis.port
-        with NewRows(a.url) as load:
-            eventually(lambda: load.answered > 50, what="the load running")
-            redis.kill()
-            answered = load.answered
-            eventually(lambda: load.answered > answered + 100, what="answers without Redis")
-            assert cache(a)["shared_errors"] >= 1 and cache(a)["shared"]["up"] is False
-            with Redis(port):                                   # back, empty
-                x = np.full((1, 4), 7.0, np.float32)
+def test_redis_killed_under_load_then_back(replicas):
+    redis, a, b = replicas
+    port = redis.port
+    with NewRows(a.url) as load:
+        eventually(lambda: load.answered > 50, what="the load running")
+        redis.kill()
+        answered = load.answered
+        eventually(lambda: load.answered > answered + 100, what="answers without Redis")
+        assert cache(a)["shared_errors"] >= 1 and cache(a)["shared"]["up"] is False
+        with Redis(port):                                   # back, empty
+            x = np.full((1, 4), 7.0, np.float32)
 
-                def shared_again() -> bool:         # a row a computes is a hit on b
-                    x[0, 0] += 1
-                    with Client(a.url) as ca, Client(b.url) as cb:
-                        ca.execute(x)
-                        before = cache(b)["shared_hits"]
-                        cb.execute(x)
-                        return cache(b)["shared_hits"] > before
-                eventually(shared_again, 30, "the shared tier back")
-        assert load.failures == []
-        assert a.metric("gpserve_cache_errors_total", tier="shared") >= 1
-        assert "the shared row cache (redis://127.0.0.1" in a.output()
+            def shared_again() -> bool:         # a row a computes is a hit on b
+                x[0, 0] += 1
+                with Client(a.url) as ca, Client(b.url) as cb:
+                    ca.execute(x)
+                    before = cache(b)["shared_hits"]
+                    cb.execute(x)
+                    return cache(b)["shared_hits"] > before
+            eventually(shared_again, 30, "the shared tier back")
+    assert load.failures == []
+    assert a.metric("gpserve_cache_errors_total", tier="shared") >= 1
+    assert "the shared row cache (redis://127.0.0.1" in a.output()
 
 
 def test_a_stalled_redis_does_not_hold_requests(model, tmp_path):
@@ -129,23 +135,22 @@ def test_a_wrong_password_serves_without_the_tier_and_never_logs_it(model, tmp_p
             assert "wrong-one" not in str(a.info())
 
 
-def test_a_corrupted_value_is_a_miss_computed_and_rewritten(model, tmp_path):
+def test_a_corrupted_value_is_a_miss_computed_and_rewritten(replicas):
+    redis, a, b = replicas
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    with Redis() as redis, serve(model, redis.url, tmp_path, "a") as a, \
-            serve(model, redis.url, tmp_path, "b") as b:
-        with Client(a.url) as ca, Client(b.url) as cb:
-            want = ca.execute(x)
-            eventually(lambda: redis.client.dbsize() == 2, what="2 rows in Redis")
-            keys = redis.client.keys()
-            for key in keys:
-                value = bytearray(redis.client.get(key))
-                value[-1] ^= 0xFF                              # one bit flipped or more
-                redis.client.set(key, bytes(value))
-            computed = b.rows_computed()
-            np.testing.assert_array_equal(cb.execute(x), want)
-            assert b.rows_computed() == computed + 2            # computed again
-            assert cache(b)["corrupt"] == 2 and cache(b)["shared_hits"] == 0
-            # b wrote the rows it computed to Redis too: sound again for every replica
-            from gpserve.cache.values import rows_of
-            eventually(lambda: all(isinstance(rows_of(redis.client.get(k), ["y", "z"]), list)
-                                   for k in keys), what="the rows rewritten sound")
+    with Client(a.url) as ca, Client(b.url) as cb:
+        want = ca.execute(x)
+        eventually(lambda: redis.client.dbsize() == 2, what="2 rows in Redis")
+        keys = redis.client.keys()
+        for key in keys:
+            value = bytearray(redis.client.get(key))
+            value[-1] ^= 0xFF                              # one bit flipped or more
+            redis.client.set(key, bytes(value))
+        computed = b.rows_computed()
+        np.testing.assert_array_equal(cb.execute(x), want)
+        assert b.rows_computed() == computed + 2            # computed again
+        assert cache(b)["corrupt"] == 2 and cache(b)["shared_hits"] == 0
+        # b wrote the rows it computed to Redis too: sound again for every replica
+        from gpserve.cache.values import rows_of
+        eventually(lambda: all(isinstance(rows_of(redis.client.get(k), ["y", "z"]), list)
+                               for k in keys), what="the rows rewritten sound")

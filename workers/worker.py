@@ -102,6 +102,11 @@ class Worker:
         log.info("worker %d warmed batch sizes %s (fixed cost per batch %.2f ms)",
                  self.index, self.warmed, 1e3 * self.queue.costs.fixed_s)
 
+    def close(self) -> None:
+        """An instance in a front whose model was retired: its compute thread goes (the
+        model with it, once nothing refers to it)."""
+        self.compute_thread.shutdown(wait=False)
+
     def _beat(self) -> None:
         """The heartbeat the supervisor watches (see gpserve/supervisor.py: hangs)."""
         self.counters.worker_beat(self.index, time.monotonic())
