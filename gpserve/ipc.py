@@ -113,13 +113,15 @@ def _rebuild(tag: int, fields: tuple):
     return _MESSAGES[tag]._make(fields)
 
 
-def frame(message) -> bytes:
-    payload = marshal.dumps((_TAGS[type(message)], _plain(message)))
+def frame(*messages) -> bytes:
+    """One frame holding ``messages``: one ``marshal`` call for everything a link sends in
+    an event-loop turn (a frame per message cost each side a call and a length more)."""
+    payload = marshal.dumps([(_TAGS[type(m)], _plain(m)) for m in messages])
     return _LEN.pack(len(payload)) + payload
 
 
 class FrameBuffer:
-    """Accumulates bytes from a stream socket and yields the whole messages in them."""
+    """Accumulates bytes from a stream socket and yields the messages of its whole frames."""
 
     __slots__ = ("_buf",)
 
@@ -135,8 +137,8 @@ class FrameBuffer:
             (size,) = _LEN.unpack_from(buf, pos)
             if end - pos - 4 < size:
                 break
-            tag, fields = marshal.loads(buf[pos + 4:pos + 4 + size])
-            out.append(_rebuild(tag, fields))
+            out += [_rebuild(tag, fields)
+                    for tag, fields in marshal.loads(buf[pos + 4:pos + 4 + size])]
             pos += 4 + size
         if pos:
             del buf[:pos]
@@ -194,7 +196,7 @@ class Link(asyncio.Protocol):
         self.transport: asyncio.WriteTransport | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.peer: Hello | None = None
-        self.outbox: list[bytes] = []
+        self.outbox: list = []               # messages, framed together by flush()
         self.releases: list[int] = []
         self.flush_scheduled = False
 
@@ -227,7 +229,7 @@ class Link(asyncio.Protocol):
 
     def send(self, message) -> None:
         self._schedule_flush()
-        self.outbox.append(frame(message))
+        self.outbox.append(message)
 
     def release(self, token: int) -> None:
         """Tell the peer we are done with one of its output regions (sent this turn)."""
@@ -243,10 +245,10 @@ class Link(asyncio.Protocol):
         """Write everything queued now (it is also done at the end of the turn)."""
         self.flush_scheduled = False
         if self.releases:
-            self.outbox.append(frame(Release(tuple(self.releases))))
+            self.outbox.append(Release(tuple(self.releases)))
             self.releases = []
         if self.outbox and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self.outbox))
+            self.transport.write(frame(*self.outbox))
         self.outbox = []
 
 
