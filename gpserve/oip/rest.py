@@ -59,6 +59,9 @@ NO_CUDA = ("CUDA shared memory is not served: this server registers no GPU memor
            "clients; use system shared memory (/v2/systemsharedmemory, with --shm-clients)")
 
 
+INFER_PATHS_MAX = 1024     # infer URLs whose route is remembered
+
+
 def is_v2(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
@@ -97,6 +100,7 @@ class RestApi:
                ("POST", "/v2/repository/models/{name}/load", self._repository_load),
                ("POST", "/v2/repository/models/{name}/unload", self._repository_unload)],
             not_found="see docs/open-inference-protocol.md")
+        self.infer_paths: dict[str, tuple[str, str | None]] = {}   # path -> model, version
 
     async def handle(self, scope, receive) -> Answer:
         try:
@@ -229,8 +233,14 @@ class RestApi:
         fast path; ``scope`` holds its client and headers). Its answer is what
         :meth:`handle` would give."""
         try:
-            _, params = self.router.find("POST", path)
-            model = self.state.model(params["model"], params.get("version"))
+            named = self.infer_paths.get(path)
+            if named is None:          # the route's match, once per path (~2 us a request)
+                _, params = self.router.find("POST", path)
+                named = params["model"], params.get("version")
+                if len(self.infer_paths) >= INFER_PATHS_MAX:
+                    self.infer_paths.clear()
+                self.infer_paths[path] = named
+            model = self.state.model(*named)
         except (GraphPipeError, Refused) as e:
             return Answer(e.http_status, _error(e.message), "v2_error", JSON)
         with self.state.request() as request:
