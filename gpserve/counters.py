@@ -162,10 +162,10 @@ class Counters:
         floats[w["check_abs"]] = max(floats[w["check_abs"]], absolute)
         floats[w["check_rel"]] = max(floats[w["check_rel"]], relative)
 
-    def worker_queued(self, index: int, waited_ns: int) -> None:
-        """A request left the queue for a batch after ``waited_ns``."""
+    def worker_queued(self, index: int, requests: int, waited_ns: int) -> None:
+        """``requests`` left the queue for a batch after ``waited_ns`` in all."""
         q, at = self._q, self._worker_stats + index * self._ws
-        q[at + 2] += 1
+        q[at + 2] += requests
         q[at + 3] += waited_ns
 
     def worker_executed(self, index: int, requests: int, rows: int, size: int,

@@ -297,8 +297,8 @@ class Segments:
                 out[i] = buf[start + prev:start + end].tobytes()
                 prev = end
             return out.reshape(ref.shape)
-        dtype = SHM_DTYPES[ref.ttype]
-        return buf[ref.offset:ref.offset + count * dtype.itemsize].view(dtype).reshape(ref.shape)
+        # one array made over the mapping (a slice, view and reshape made three)
+        return np.ndarray(ref.shape, SHM_DTYPES[ref.ttype], buf, ref.offset)
 
     def adopt(self, arena: "Arena") -> None:
         """View this process's own arena through the same ``view`` (no second mapping)."""

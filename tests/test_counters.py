@@ -21,8 +21,8 @@ def test_statistics_add_up_every_front_and_worker(counters):
     counters.front_inference(1, True, 2_000, now_ms=9)          # the latest of all
     counters.front_cache(0, True, 30)
     counters.front_cache(1, False, 70)
-    counters.worker_queued(0, 100)
-    counters.worker_queued(1, 300)
+    counters.worker_queued(0, 1, 100)
+    counters.worker_queued(1, 1, 300)
     # worker 0: a batch of 3 requests, 5 rows, run at 8; worker 1: one of 1 row at 1
     counters.worker_executed(0, requests=3, rows=5, size=8, input_ns=10, infer_ns=20,
                              output_ns=30)

@@ -139,8 +139,8 @@ def test_a_repeated_binary_header_is_decoded_from_its_plan_with_the_same_checks(
     """The second request with the same header takes its plan: the same call, views of
     its own body; a body of another size is still refused; JSON data, strings and
     booleans are never planned (their bytes are read each time)."""
-    from gpserve.oip import codec
-    codec._PLANS.clear()
+    from gpserve.oip import header_cache
+    header_cache._PLANS.clear()
     head = [{"name": "a", "shape": [2, 2], "datatype": "INT32",
              "parameters": {"binary_data_size": 16}},
             {"name": "b", "shape": [1], "datatype": "FP64",
@@ -155,7 +155,7 @@ def test_a_repeated_binary_header_is_decoded_from_its_plan_with_the_same_checks(
         np.testing.assert_array_equal(call.tensors[1], b)
         assert all(np.shares_memory(t, np.frombuffer(buf, np.uint8)) for t in call.tensors)
         calls.append(call._replace(tensors=[]))
-    assert len(codec._PLANS) == 1 and calls[0] == calls[1] == calls[2]
+    assert len(header_cache._PLANS) == 1 and calls[0] == calls[1] == calls[2]
     assert calls[2].config == "batch=off" and calls[2].input_names == ["a", "b"]
     with pytest.raises(ProtocolError, match="bytes after its inputs"):
         decode_infer(raw + b"\0", n, 10, "")
@@ -172,23 +172,23 @@ def test_a_repeated_binary_header_is_decoded_from_its_plan_with_the_same_checks(
         raw, n = body(inputs, blobs)
         for _ in range(2):
             assert decode_infer(raw, n, 10, "").input_names == [i["name"] for i in inputs]
-    assert len(codec._PLANS) == 1
+    assert len(header_cache._PLANS) == 1
     with pytest.raises(ProtocolError, match="0 or 1"):     # checked on every request
         decode_infer(*body([{"name": "t", "shape": [1], "datatype": "BOOL",
                              "parameters": {"binary_data_size": 1}}], [b"\2"]), 10, "")
 
 
 def test_a_binary_answer_s_remembered_header_is_the_header_made_afresh():
-    from gpserve.oip import codec
+    from gpserve.oip import header_cache
     x, y = np.arange(3, dtype=np.float32), np.ones((2, 1), np.int64)
     raw, n = body([{"name": "x", "shape": [3], "datatype": "FP32",
                     "parameters": {"binary_data_size": 12}}], [x.tobytes()],
                   id="q", parameters={"binary_data_output": True})
     call = decode_infer(raw, n, 10, "")
-    codec._HEADS.clear()
+    header_cache._HEADS.clear()
     first = encode_infer("m", "2", call, ["x", "y"], [x, y])
     again = encode_infer("m", "2", call, ["x", "y"], [x + 1, y])
-    assert len(codec._HEADS) == 1
+    assert len(header_cache._HEADS) == 1
     out, length = again
     assert first[1] == length and first[0][:length] == out[:length]
     assert json.loads(out[:length]) == {
@@ -198,8 +198,8 @@ def test_a_binary_answer_s_remembered_header_is_the_header_made_afresh():
             {"name": "y", "datatype": "INT64", "shape": [2, 1],
              "parameters": {"binary_data_size": 16}}]}
     assert out[length:] == (x + 1).tobytes() + y.tobytes()
-    codec._HEADS.clear()       # a JSON output is made afresh, never remembered
+    header_cache._HEADS.clear()       # a JSON output is made afresh, never remembered
     json_call = call._replace(binary={"x": False}, binary_default=False)
     out, length = encode_infer("m", "2", json_call, ["x"], [x])
     assert length is None and json.loads(out)["outputs"][0]["data"] == [0, 1, 2]
-    assert not codec._HEADS
+    assert not header_cache._HEADS

@@ -166,9 +166,11 @@ class Worker:
                     "the request's deadline passed while it waited in the queue "
                     f"(--timeout-ms {self.cfg.timeout_ms:g})"))
             if step.take:
+                waited = 0.0
                 for q in step.take:
                     self.model_metrics.queue_wait.observe(now - q.arrived)
-                    self.counters.worker_queued(self.index, int((now - q.arrived) * 1e9))
+                    waited += now - q.arrived
+                self.counters.worker_queued(self.index, len(step.take), int(waited * 1e9))
                 waits = self.staged is not None or self.running is not None
                 if self.staged is None:
                     self.staged = Batch([])

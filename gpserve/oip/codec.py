@@ -21,6 +21,7 @@ import orjson
 
 from gpserve.errors import BadConfig, DtypeMismatch, ProtocolError, UnknownOutput
 
+from . import header_cache
 from .datatypes import DTYPES, datatype_of, decode_bytes, dtype_of, encode_bytes
 from .json_tensors import MAX_DIMS, from_json, has_booleans
 
@@ -38,68 +39,18 @@ class InferCall(NamedTuple):
     to_regions: dict[str, tuple]  # output -> (region, offset, byte size): system shm
 
 
-class _Plan(NamedTuple):
-    """What a binary-extension header says, decoded once: the call without its tensors,
-    and where each input lies in a body of ``size`` bytes."""
-
-    size: int
-    call: InferCall                                      # its tensors: []
-    inputs: tuple[tuple[np.dtype, tuple, int, int], ...]  # dtype, shape, count, offset
-
-    def decode(self, view: memoryview) -> InferCall:
-        c = self.call
-        tensors = [np.frombuffer(view, dtype, count, offset).reshape(shape)    # 0 copies
-                   for dtype, shape, count, offset in self.inputs]
-        return InferCall(c.id, tensors, list(c.input_names), list(c.output_names),
-                         c.binary, c.binary_default, c.config, {})
-
-
-# Clients send the same JSON header with every request of a shape (tritonclient, a load
-# generator): decoding it is most of a small binary request's decoding (a dict walk and
-# its checks, ~6 us a request on 2 cores). Headers of numeric binary inputs are decoded
-# once and their plan kept, keyed by the header's bytes (the same bytes check the same).
-_PLANS: dict[bytes, _Plan] = {}
-PLANS_MAX = 512           # headers kept (the oldest goes first)
-PLAN_HEADER_MAX = 2048    # bytes; a longer header is decoded every time
-
-
 def decode_infer(body, header_length: int | None, max_strings: int, why: str,
                  read_region=None) -> InferCall:
     """Decode an infer request's body (``header_length`` None: all JSON).
     ``read_region(region, offset, nbytes, where)``: the bytes of an input sent by
     reference to a client's shared-memory region (see :mod:`gpserve.oip.sharedmem`)."""
     view = memoryview(body)
-    key = None
-    if header_length is not None and 0 < header_length <= min(PLAN_HEADER_MAX, len(view)):
-        key = bytes(view[:header_length])
-        plan = _PLANS.get(key)
-        if plan is not None and plan.size == len(view):
-            return plan.decode(view)
+    known = header_cache.decoded(view, header_length)
+    if known is not None:
+        return known
     call = _decode(view, body, header_length, max_strings, why, read_region)
-    if key is not None:
-        _keep_plan(key, call, view)
+    header_cache.keep(call, view, header_length)
     return call
-
-
-def _keep_plan(key: bytes, call: InferCall, view: memoryview) -> None:
-    """Keep the plan of a decoded call whose inputs are all numeric binary data, each a
-    view of the body where the plan says (strings, booleans, JSON data and shared-memory
-    regions need their bytes read each time)."""
-    if call.to_regions or key in _PLANS or not call.tensors:
-        return
-    start = np.frombuffer(view, np.uint8).ctypes.data
-    inputs, offset = [], len(key)
-    for arr in call.tensors:
-        if (arr.dtype.kind not in "iuf" or not arr.size
-                or arr.ctypes.data - start != offset):
-            return
-        inputs.append((arr.dtype, arr.shape, arr.size, offset))
-        offset += arr.nbytes
-    if offset != len(view):
-        return
-    if len(_PLANS) >= PLANS_MAX:
-        del _PLANS[next(iter(_PLANS))]
-    _PLANS[key] = _Plan(len(view), call._replace(tensors=[]), tuple(inputs))
 
 
 def _decode(view: memoryview, body, header_length: int | None, max_strings: int, why: str,
@@ -216,7 +167,7 @@ def encode_infer(model: str, version: str, call: InferCall, names: list[str],
     ``write_region(region, offset, nbytes, data, where)`` writes an output asked for in
     a client's shared-memory region."""
     if not call.to_regions:
-        answer = _encode_binary(model, version, call, names, arrays)
+        answer = header_cache.encoded(model, version, call, names, arrays, raw_bytes)
         if answer is not None:
             return answer
     outputs, blobs = [], []
@@ -249,33 +200,6 @@ def encode_infer(model: str, version: str, call: InferCall, names: list[str],
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)          # 1 copy of each output
-
-
-# The JSON header of an answer whose outputs are all numeric binary data depends only on
-# their names, types and shapes: made once per such combination (~2 us a request).
-_HEADS: dict[tuple, bytes] = {}
-
-
-def _encode_binary(model: str, version: str, call: InferCall, names: list[str],
-                   arrays: list[np.ndarray]) -> tuple[bytes, int] | None:
-    """``encode_infer``'s answer when every output goes as numeric binary data (None
-    otherwise), its header remembered."""
-    binary, default = call.binary, call.binary_default
-    key = (model, version, call.id, *names,
-           *[(a.dtype, a.shape) if a.dtype.kind in "iufb" and binary.get(n, default)
-             else None for n, a in zip(names, arrays)])
-    header = _HEADS.get(key)
-    if header is None:
-        if None in key[3 + len(names):] or not names:
-            return None
-        header = orjson.dumps({"model_name": model, "model_version": version, "outputs": [
-            {"name": n, "datatype": datatype_of(a.dtype), "shape": list(a.shape),
-             "parameters": {"binary_data_size": a.nbytes}} for n, a in zip(names, arrays)],
-            **({} if call.id is None else {"id": call.id})})
-        if len(_HEADS) >= PLANS_MAX:
-            del _HEADS[next(iter(_HEADS))]
-        _HEADS[key] = header
-    return b"".join([header, *map(raw_bytes, arrays)]), len(header)    # 1 copy of each
 
 
 def raw_bytes(arr: np.ndarray) -> memoryview | bytes:
