@@ -36,8 +36,8 @@ class Plan(NamedTuple):
         c = self.call
         tensors = [np.frombuffer(view, dtype, count, offset).reshape(shape)    # 0 copies
                    for dtype, shape, count, offset in self.inputs]
-        return c._replace(tensors=tensors, input_names=list(c.input_names),
-                          output_names=list(c.output_names), to_regions={})
+        return type(c)(c.id, tensors, list(c.input_names), list(c.output_names),  # in
+                       c.binary, c.binary_default, c.config, {})   # InferCall's order
 
 
 _PLANS: dict[bytes, Plan] = {}
