@@ -10,8 +10,9 @@ also checked (``SO_PEERCRED``): only processes of the server's own user may conn
 Messages are NamedTuples, turned into plain tuples and back by field name (``_NESTED``
 says which fields hold other messages).
 
-Messages carry descriptors only (``TensorRef``: segment path, offset, type, shape);
-tensor bytes stay in shared memory and are never pickled. Who sends what:
+Messages carry descriptors (``TensorRef``: segment path, offset, type, shape): tensor
+bytes stay in shared memory and are never pickled; only a numeric tensor of at most
+``shm.INLINE_MAX`` bytes travels in the message (``shm.Inline``). Who sends what:
 
     front  -> worker : Hello, Submit, Release   (Release: output regions copied out)
     worker -> front  : Hello, Done              (outputs in the worker's arena, or an error)
@@ -31,7 +32,7 @@ import socket
 import struct
 from typing import Any, NamedTuple, Protocol
 
-from .shm import TensorRef
+from .shm import Inline, TensorRef
 
 _LEN = struct.Struct("<I")
 log = logging.getLogger("gpserve.ipc")
@@ -54,7 +55,7 @@ class Submit(NamedTuple):
     """One request's rows, for a worker's queue."""
 
     req_id: int
-    inputs: tuple[TensorRef, ...]    # to a worker in the front's process: the arrays
+    inputs: tuple[TensorRef | Inline, ...]   # to a worker in its front: the arrays
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     config: str
@@ -64,7 +65,8 @@ class Submit(NamedTuple):
 
 
 class OutputSlice(NamedTuple):
-    ref: Any              # the whole batch output: a TensorRef (a local worker: the array)
+    ref: Any              # the whole batch output: a TensorRef (a local worker: the array),
+                          # or this request's rows of it (Inline; start 0, stop None)
     start: int            # this request's rows; (0, None) means the whole tensor
     stop: int | None
 
@@ -85,7 +87,11 @@ class Release(NamedTuple):
 _MESSAGES = (Hello, Submit, Done, Release)          # the index is the wire tag
 _TAGS = {cls: tag for tag, cls in enumerate(_MESSAGES)}
 _SUBMIT, _DONE = _TAGS[Submit], _TAGS[Done]
-_make_ref = TensorRef._make
+_make_ref, _make_inline = TensorRef._make, Inline._make
+
+
+def _descriptor(fields: tuple):
+    return _make_ref(fields) if len(fields) == 4 else _make_inline(fields)
 
 
 # Messages go over the wire as marshal'd tuples of plain values, field by field in
@@ -105,9 +111,9 @@ def _plain(message) -> tuple:
 
 def _rebuild(tag: int, fields: tuple):
     if tag == _SUBMIT:
-        return Submit(fields[0], tuple(map(_make_ref, fields[1])), *fields[2:])
+        return Submit(fields[0], tuple(map(_descriptor, fields[1])), *fields[2:])
     if tag == _DONE:
-        return Done(fields[0], tuple([OutputSlice(_make_ref(ref), start, stop)
+        return Done(fields[0], tuple([OutputSlice(_descriptor(ref), start, stop)
                                       for ref, start, stop in fields[1]]),
                     fields[2], fields[3])
     return _MESSAGES[tag]._make(fields)

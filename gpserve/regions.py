@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import QueueFull
-from .shm import Arena, Region, TensorRef, code_of
+from .shm import INLINE_MAX, Arena, Inline, Region, TensorRef, code_of, inline
 
 
 class Regions:
@@ -24,14 +24,17 @@ class Regions:
     def hold(self, region: Region) -> None:
         self.held.append(region)
 
-    def place(self, arr: np.ndarray) -> TensorRef:
+    def place(self, arr: np.ndarray) -> TensorRef | Inline:
         """A descriptor for a decoded tensor: its own bytes when they already sit aligned
-        in the arena (0 copies), else a copy into a new region (1 copy)."""
+        in the arena (0 copies); a small numeric one, itself (1 copy, into the message);
+        else a copy into a new region (1 copy)."""
         arena = self.arena
         if arr.dtype != object:
             offset = arena.offset_of(arr)
             if offset is not None and arr.flags.c_contiguous and arr.flags.aligned:
                 return TensorRef(arena.path, offset, code_of(arr.dtype), arr.shape)
+            if arr.nbytes <= INLINE_MAX:
+                return inline(arr)
         placed = arena.put(arr)
         if placed is None:
             raise arena_full(arena)
@@ -45,7 +48,7 @@ class Regions:
         region = self._alloc(nbytes)
         return memoryview(self.arena.buf[region.offset:region.offset + nbytes])  # type: ignore[arg-type]  # ndarray exports the buffer protocol (no 3.11 stub)
 
-    def place_rows(self, arr: np.ndarray, rows: list[int]) -> TensorRef:
+    def place_rows(self, arr: np.ndarray, rows: list[int]) -> TensorRef | Inline:
         """Some rows of a tensor, gathered straight into shared memory (1 copy)."""
         if arr.dtype == object:
             return self.place(arr[rows])

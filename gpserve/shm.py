@@ -12,9 +12,12 @@ once every process of the run is gone. A start removes the segments of runs whos
 it can take, and never touches a run any of whose processes still lives (a killed
 supervisor's orphans, say), nor one whose pid was reused.
 
-A ``TensorRef`` (path, offset, GraphPipe type, shape) is all that crosses processes;
-numeric data sits at ``offset`` row-major; a String tensor's region holds int64 end
-offsets for each element followed by the concatenated bytes.
+A ``TensorRef`` (path, offset, GraphPipe type, shape) is what crosses processes for a
+tensor; numeric data sits at ``offset`` row-major; a String tensor's region holds int64
+end offsets for each element followed by the concatenated bytes. A numeric tensor of at
+most ``INLINE_MAX`` bytes crosses as itself instead (``Inline``: its bytes in the
+message): a region's allocation, descriptor, view and release, and the ``Release``
+message that frees it, cost more than copying a few hundred bytes.
 """
 from __future__ import annotations
 
@@ -38,6 +41,25 @@ SHM_DTYPES: dict[int, np.dtype] = {**TYPE_TO_DTYPE, BOOL: np.dtype("?")}
 def code_of(dtype: np.dtype) -> int:
     """The type code of a dtype in a :class:`TensorRef`."""
     return BOOL if dtype.kind == "b" else type_of(dtype)
+
+
+# A numeric tensor (or a request's rows of an output) this small travels in the message.
+INLINE_MAX = 4096
+
+
+class Inline(NamedTuple):
+    """A small numeric tensor in the message itself: its bytes (C order, native byte
+    order), type code and shape."""
+
+    data: bytes
+    ttype: int
+    shape: tuple[int, ...]
+
+
+def inline(arr: np.ndarray) -> Inline:
+    """A numeric array as an :class:`Inline` (1 copy, into the message)."""
+    ttype = code_of(arr.dtype)
+    return Inline(np.ascontiguousarray(arr, SHM_DTYPES[ttype]).tobytes(), ttype, arr.shape)
 
 
 SHM_DIR = "/dev/shm"
@@ -282,8 +304,11 @@ class Segments:
             buf = self._maps[path] = np.frombuffer(mm, dtype=np.uint8)
         return buf
 
-    def view(self, ref: TensorRef) -> np.ndarray:
-        """The tensor a ref names: a read-only view (0 copies), or an object array for strings."""
+    def view(self, ref: TensorRef | Inline) -> np.ndarray:
+        """The tensor a ref names: a read-only view (0 copies), or an object array for
+        strings; an Inline tensor's: a view of its bytes."""
+        if isinstance(ref, Inline):
+            return np.frombuffer(ref.data, SHM_DTYPES[ref.ttype]).reshape(ref.shape)
         buf = self._buf(ref.path)
         count = 1
         for d in ref.shape:

@@ -36,6 +36,14 @@ class WorkerLink:
         return [m.tokens for m in self.sent if type(m) is ipc.Release]
 
 
+@pytest.fixture(autouse=True)
+def placed(monkeypatch):
+    """Every tensor placed in the arena, however small (this is about its memory): none
+    travels in the message."""
+    import gpserve.regions as regions
+    monkeypatch.setattr(regions, "INLINE_MAX", -1)
+
+
 @pytest.fixture
 def front():
     """(arena, counters, make(timeout) -> a dispatcher with a timeout in seconds, linked

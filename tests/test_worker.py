@@ -17,7 +17,7 @@ from gpserve.config import Config
 from gpserve.counters import Counters
 from gpserve.errors import ModelError
 from gpserve.modelspec import IOSpec, ModelSpec
-from gpserve.shm import Arena, Segments, remove_run_segments, segment_path
+from gpserve.shm import Arena, Inline, Segments, inline, remove_run_segments, segment_path
 
 F32 = np.dtype(np.float32)
 
@@ -81,6 +81,14 @@ def run(tmp_path):
     remove_run_segments(run_id)
 
 
+@pytest.fixture
+def lent(monkeypatch):
+    """Answers lent from shared memory, however small (these tests are about leases):
+    no answer carries its rows in the message."""
+    import gpserve.workers.delivery as delivery
+    monkeypatch.setattr(delivery, "INLINE_MAX", -1)
+
+
 def submit(arena, req_id, rows):
     x = np.asarray(rows, np.float32).reshape(-1, 2)
     ref, _ = arena.put(x)
@@ -118,7 +126,7 @@ def test_warm_up_runs_every_batch_size_twice_and_says_ready(run):
     assert worker.queue.costs.sizes == {1, 8}           # the cost model heard them
 
 
-def test_rows_that_come_while_the_device_runs_are_staged_and_run_as_one_batch(run):
+def test_rows_that_come_while_the_device_runs_are_staged_and_run_as_one_batch(run, lent):
     backend = Backend()
 
     async def main():
@@ -139,7 +147,7 @@ def test_rows_that_come_while_the_device_runs_are_staged_and_run_as_one_batch(ru
     asyncio.run(main())
 
 
-def test_a_front_that_dies_gives_back_what_it_held_and_loses_its_queued_rows(run):
+def test_a_front_that_dies_gives_back_what_it_held_and_loses_its_queued_rows(run, lent):
     backend = Backend()
 
     async def main():
@@ -162,6 +170,40 @@ def test_a_front_that_dies_gives_back_what_it_held_and_loses_its_queued_rows(run
         assert worker.arena.used == 0 and not worker.leases.lent
         assert gone not in worker.leases.held_by
         assert backend.runs == [1, 1]              # request 3 never ran
+    asyncio.run(main())
+
+
+def test_small_answers_carry_their_rows_and_lend_nothing(run):
+    """A batch whose every answer is at most INLINE_MAX bytes: each Done carries its own
+    rows (no token to give back), and the gathered rows are freed at once."""
+    backend = Backend()
+
+    async def main():
+        worker, arena, _ = run(backend, batch_check_every=0)
+        await worker.start()
+        front = Front()
+        _, answers = await behind_a_busy_device(
+            worker, backend, front, arena, [[1, 1]], [[[i, i]] for i in (2, 3, 4)])
+        assert [values(d) for d in answers] == [[[2, 2]], [[4, 4]], [[6, 6]], [[8, 8]]]
+        for d in answers:
+            (out,) = d.outputs
+            assert type(out.ref) is Inline and out.ref.shape == (1, 2) and d.token is None
+        assert worker.arena.used == 0 and not worker.leases.lent
+        wide = np.ones((1, 600), np.float32)            # 2,400 bytes a row: 2 rows lent
+        worker.on_message(front, ipc.Submit(9, (inline(wide),), ("x",), ("y",), "", 1,
+                                            ("x", (600,)), 1e12))
+        worker.on_message(front, ipc.Submit(10, (inline(wide),), ("x",), ("y",), "", 1,
+                                            ("x", (600,)), 1e12))
+        for d in await front.answers(9, 10):
+            assert type(d.outputs[0].ref) is Inline     # 2,400 bytes each: carried
+        big = np.ones((2, 600), np.float32)             # 4,800 bytes: lent
+        worker.on_message(front, ipc.Submit(11, (inline(big),), ("x",), ("y",), "", 2,
+                                            ("x", (600,)), 1e12))
+        (d,) = await front.answers(11)
+        assert type(d.outputs[0].ref) is ipc.TensorRef and d.token is not None
+        assert values(d) == (2 * big).tolist()
+        worker.on_message(front, ipc.Release((d.token,)))
+        assert worker.arena.used == 0 and not worker.leases.lent
     asyncio.run(main())
 
 

@@ -3,8 +3,10 @@ them, and the output memory lent to the fronts until they give it back.
 
 Copies: each output's real rows are written once into this worker's arena (1 copy); an
 output that *is* an input (echo, an identity) is answered by pointing at the gathered
-rows, or back at the front's own shared memory (0 copies). A worker hosted in its front
-answers with the arrays themselves (0 copies).
+rows, or back at the front's own shared memory (0 copies). A batch whose every answer is
+small (each request's rows of its outputs at most ``shm.INLINE_MAX`` bytes, numeric) is
+answered with those rows in the messages (1 copy each, nothing lent, no ``Release``).
+A worker hosted in its front answers with the arrays themselves (0 copies).
 
 The regions an answer points into are *lent*: the worker frees them once every front
 that was answered from them said it has copied them out (``ipc.Release``), or is gone.
@@ -20,7 +22,7 @@ import numpy as np
 
 from gpserve import ipc
 from gpserve.errors import GraphPipeError, ModelError
-from gpserve.shm import Arena, Region, TensorRef
+from gpserve.shm import INLINE_MAX, Arena, Region, TensorRef, inline
 
 from .batch_policy import Queued
 from .gather import Batch, Outcome
@@ -100,6 +102,12 @@ class Delivery:
             for q, outcome in zip(batch.entries, batch.outcomes):
                 self._answer(q, outcome, _itself)             # the arrays: 0 copies
             return
+        if _small(batch):
+            self.on_answered(batch)
+            for q, outcome in zip(batch.entries, batch.outcomes):
+                self._answer(q, outcome, inline)            # the rows themselves: 1 copy
+            batch.release()                                 # the gathered inputs
+            return
         try:
             refs, regions = self._share(batch)
         except ModelError as e:
@@ -167,12 +175,33 @@ def _itself(out):
     return out
 
 
+def _small(batch: Batch) -> bool:
+    """Whether every answer of the batch may carry its rows (numeric, each request's
+    rows of its outputs at most INLINE_MAX bytes in all)."""
+    for q, outcome in zip(batch.entries, batch.outcomes):
+        if outcome.error is not None:
+            continue
+        nbytes = 0
+        for out in outcome.outputs or ():
+            if not isinstance(out, np.ndarray) or out.dtype == object:
+                return False
+            rows = q.item.rows
+            nbytes += (out.nbytes if rows is None or outcome.start is None or not len(out)
+                       else out.nbytes // len(out) * rows)
+        if nbytes > INLINE_MAX:
+            return False
+    return True
+
+
 def _slices(q: Queued, outcome: Outcome, where) -> tuple:
     """A request's rows of each output, at ``where(output)`` (a descriptor, or the array
-    itself): all of it for a request that ran alone."""
+    itself): all of it for a request that ran alone. ``where`` ``inline``: the rows
+    themselves, cut out here."""
     outputs = outcome.outputs or ()
     start = outcome.start
     if q.item.rows is None or start is None:
         return tuple(ipc.OutputSlice(where(out), 0, None) for out in outputs)
     stop = start + q.item.rows
+    if where is inline:
+        return tuple(ipc.OutputSlice(inline(out[start:stop]), 0, None) for out in outputs)
     return tuple(ipc.OutputSlice(where(out), start, stop) for out in outputs)

@@ -144,7 +144,8 @@ class Gather:
         size, rows = batch.size, batch.rows
         if len(entries) == 1 and size == rows and not batch.buffers:    # 0 copies
             batch.feed = dict(zip(first.input_names, batch.views[0]))
-            batch.region_of = {id(v): ref for v, ref in zip(batch.views[0], first.inputs)}
+            batch.region_of = {id(v): ref for v, ref in zip(batch.views[0], first.inputs)
+                               if type(ref) is TensorRef}     # not an Inline's bytes
             return
         if self.copy_in(batch, capacity=size):      # in the arena: outputs may point in
             for (out, ref), name in zip(batch.buffers, first.input_names):
