@@ -270,13 +270,27 @@ class RestApi:
                                         write_region)
         if json_length is None:
             return Answer(200, out, "v2_infer", JSON, len(body))
-        return Answer(200, out, "v2_infer", OCTETS + (
-            (b"inference-header-content-length", b"%d" % json_length),), len(body))
+        return Answer(200, out, "v2_infer", _binary_headers(json_length), len(body))
 
 
 def _failed(request, e: Exception) -> Answer:
     failure = request.fail(e)
     return Answer(failure.http_status, _error(failure.message), "v2_error", JSON)
+
+
+_BINARY_HEADERS: dict[int, tuple] = {}
+
+
+def _binary_headers(json_length: int) -> tuple:
+    """A binary answer's headers, one tuple per JSON length: the fast path writes the
+    head of the same tuple as last time without formatting it again."""
+    headers = _BINARY_HEADERS.get(json_length)
+    if headers is None:
+        if len(_BINARY_HEADERS) >= 256:
+            _BINARY_HEADERS.clear()
+        headers = _BINARY_HEADERS[json_length] = OCTETS + (
+            (b"inference-header-content-length", b"%d" % json_length),)
+    return headers
 
 
 def _header_length(scope) -> int | None:
