@@ -17,6 +17,11 @@ sends its request on to the model; a refused connection, a wrong password or
 connection made in the background (every ``RETRY_S``) works again. No request waits for
 a connection, at start or after an outage. Eviction is
 Redis's own (``maxmemory`` with an LRU or LFU policy: docs/cache.md).
+
+A stream of rows never seen anywhere (every lookup empty) would pay the round trip for
+nothing: about a tenth of the rows/s of 110 KB OCR rows on 2 cores. After
+``MissStreak.WINDOW`` lookups in a row found nothing, only one in ``SAMPLE`` goes to
+Redis until one finds a row (``shared_skipped`` counts the others).
 """
 from __future__ import annotations
 
@@ -34,6 +39,34 @@ RETRY_S = 1.0                 # after a failure, the tier is skipped this long
 CONNECT_S = 1.0               # a (re)connection in the background may take this long
 WRITE_S = 1.0                 # a write (the writer thread's, off the request path)
 STALLED_AFTER = 3             # lookups timed out in a row: the tier counts as down
+
+
+class MissStreak:
+    """Whether a lookup is worth its round trip. Pure: the tier tells it what each
+    lookup found. After ``WINDOW`` lookups in a row found nothing, only every
+    ``SAMPLE``-th is made, until one finds a row: a workload whose rows repeat across
+    replicas keeps every lookup; one whose rows are all new pays for one in ``SAMPLE``
+    (and a row another replica computed meanwhile is found at most ``SAMPLE`` requests
+    late)."""
+
+    WINDOW = 256
+    SAMPLE = 16
+
+    def __init__(self) -> None:
+        self.empty = 0            # lookups in a row that found nothing
+        self.passed = 0           # lookups skipped since the last one made
+
+    def worth_it(self) -> bool:
+        if self.empty < self.WINDOW:
+            return True
+        self.passed += 1
+        if self.passed < self.SAMPLE:
+            return False
+        self.passed = 0
+        return True
+
+    def found(self, hits: int) -> None:
+        self.empty = 0 if hits else self.empty + 1
 
 
 class SharedTier:
@@ -57,6 +90,7 @@ class SharedTier:
         self.down_since: float | None = None
         self.last_error = ""
         self.probing: asyncio.Task | None = None
+        self.streak = MissStreak()
 
     def start(self) -> None:
         """Connect in the background (on the front's event loop): no request pays for
@@ -88,6 +122,9 @@ class SharedTier:
             if time.monotonic() >= self.down_until:
                 self._probe()
             return found, []
+        if not self.streak.worth_it():          # rows never seen anywhere, lately
+            self.counters.add_cache(self.front_index, shared_skipped=len(keys))
+            return found, []
         started = time.perf_counter_ns()
         try:
             values = await asyncio.wait_for(self.reader.mget(keys),
@@ -116,6 +153,7 @@ class SharedTier:
             self.counters.add_cache(self.front_index, corrupt=corrupt)
             self.measured.cache_corrupt.inc(corrupt)
         hits = len(sound)
+        self.streak.found(hits)
         self.counters.add_cache(self.front_index, shared_hits=hits,
                                 shared_misses=len(keys) - hits,
                                 shared_ns=time.perf_counter_ns() - started)

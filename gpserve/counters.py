@@ -27,7 +27,7 @@ WORKER_FIELDS = ("pid", "ready", "queued_rows", "batches", "rows", "padded_rows"
 CACHE_FIELDS = ("cache_hits", "cache_misses", "cache_writes", "cache_evictions",
                 "cache_errors", "cache_rotations", "cache_corrupt",
                 "cache_shared_hits", "cache_shared_misses", "cache_shared_errors",
-                "cache_shared_ns")                 # the shared tier (Redis)
+                "cache_shared_ns", "cache_shared_skipped")    # the shared tier (Redis)
 FRONT_FIELDS = ("pid", *CACHE_FIELDS, "connections", "heartbeat_ms", "models_applied")
 ERROR_CODES = 32
 # Triton's statistics extension (gpserve/oip/statistics.py): durations in ns, written

@@ -7,7 +7,8 @@ both: ``--rows`` distinct single-row requests go to replica A (16 clients), then
 same rows to replica B. Once with no shared tier, once with both replicas sharing one
 redis-server. Reported: model rows computed in all (goal: each distinct row once across
 the replicas), B's hit rate and rows/s; the latency (p50, one client) of an LMDB hit, a
-shared-tier hit and a model run; and with rows never seen (0% repeated), rows/s with the
+shared-tier hit and a model run; and with rows never seen (0% repeated: wrk with
+``perf/rows.lua``, 4 s a run, on and off alternating three times), rows/s with the
 shared tier on over off (goal: >= 0.95).
 
     python perf/cache_shared.py [--rows 800] [--timeout-ms 10] [--json FILE]
@@ -27,13 +28,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen  # noqa: E402
 from _common import exit_cleanly_on_sigterm, free_port, print_table, write_json  # noqa: E402
 
+import cache  # noqa: E402
 from gpserve.client import Client  # noqa: E402
 from gpserve.testing import Server, eventually  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 CLIENTS = 16
+ZERO_S = 4                   # seconds of each 0%-repeated run (wrk: a steady stream)
 
 
 def model_and_rows(folder: Path, count: int, seed: int):
@@ -163,6 +167,11 @@ def measure_costs(model, name, tmp: Path, url: str) -> tuple[list[dict], float]:
     try:
         ratios = []
         for i in range(3):
+            if loadgen.wrk_available():        # a steady stream of new rows, in C
+                bodies = cache.Bodies(lambda: [fresh[0]], [name], 0.0)
+                ratios.append(cache.run_rows(on.url + "/", bodies, ZERO_S, 1)["rps"]
+                              / cache.run_rows(off.url + "/", bodies, ZERO_S, 1)["rps"])
+                continue
             part = fresh[200 + i * 130:200 + (i + 1) * 130]
             new = [x + 10 + i for x in part]                  # never seen by either
             ratios.append(send(on.url, name, new) / send(off.url, name, [x + 20 for x in new]))

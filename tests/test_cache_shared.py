@@ -154,3 +154,45 @@ def test_a_corrupted_value_is_a_miss_computed_and_rewritten(replicas):
         from gpserve.cache.values import rows_of
         eventually(lambda: all(isinstance(rows_of(redis.client.get(k), ["y", "z"]), list)
                                for k in keys), what="the rows rewritten sound")
+
+
+def test_after_a_streak_of_empty_lookups_one_in_sample_is_made_until_a_row_is_found():
+    """The policy alone (no Redis): every lookup is made until WINDOW in a row found
+    nothing; then one in SAMPLE; a lookup that finds a row makes them all again."""
+    from gpserve.cache.shared import MissStreak
+    streak = MissStreak()
+    for _ in range(MissStreak.WINDOW):
+        assert streak.worth_it()
+        streak.found(0)
+    made = [streak.worth_it() for _ in range(3 * MissStreak.SAMPLE)]
+    assert made.count(True) == 3 and made[MissStreak.SAMPLE - 1]
+    streak.found(2)                                 # a sampled lookup found rows
+    assert all(streak.worth_it() for _ in range(MissStreak.WINDOW))
+    streak.found(0)
+    assert streak.worth_it()                        # one empty lookup is no streak
+
+
+def test_rows_never_seen_skip_most_lookups_and_a_shared_row_ends_the_skipping(replicas):
+    """A replica sent only new rows stops asking Redis for most of them (counted as
+    skipped); once rows another replica computed come, it finds them again."""
+    from gpserve.cache.shared import MissStreak
+    redis, a, b = replicas
+    n = MissStreak.WINDOW + 4 * MissStreak.SAMPLE
+    with Client(a.url) as ca, Client(b.url) as cb:
+        for i in range(n):
+            cb.execute(np.full((1, 4), 1000 + i, np.float32))
+        stats = cache(b)
+        assert stats["shared_misses"] == MissStreak.WINDOW + 4 and stats["shared_hits"] == 0
+        assert stats["shared_skipped"] == n - MissStreak.WINDOW - 4
+        seen = np.arange(4 * MissStreak.SAMPLE, dtype=np.float32).reshape(-1, 4) - 1e4
+        ca.execute(seen)                            # computed by a, written to Redis
+        eventually(lambda: redis.client.dbsize() == n + len(seen), what="a's rows in Redis")
+        for row in seen:                            # one of them is looked up: a hit
+            cb.execute(row[None])
+        assert cache(b)["shared_hits"] == 1
+        x = np.full((1, 4), 7, np.float32)
+        want = ca.execute(x)
+        eventually(lambda: redis.client.dbsize() == n + len(seen) + 1, what="a's row")
+        computed = b.rows_computed()
+        np.testing.assert_array_equal(cb.execute(x), want)   # every lookup made again
+        assert cache(b)["shared_hits"] == 2 and b.rows_computed() == computed
