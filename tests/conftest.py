@@ -141,22 +141,47 @@ def redis_binary() -> str | None:
     return found
 
 
+def tls_files(folder: Path) -> Path:
+    """A test CA and a server certificate for 127.0.0.1 signed by it (openssl):
+    ``ca.pem``, ``server.pem``, ``server.key`` in ``folder``."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.pem", "-days", "2", "-subj", "/CN=gpserve-test-ca")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+            "server.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    return folder
+
+
 class Redis:
     """A redis-server of this test, on loopback, its data in memory only."""
 
-    def __init__(self, port: int | None = None, *args: str):
+    def __init__(self, port: int | None = None, *args: str, tls: Path | None = None):
+        """``tls``: a folder of TLS files (``tls_files``): it serves TLS only."""
         binary = redis_binary()
         if binary is None:
             pytest.skip("redis-server is not installed and cannot be (needs root and apt)")
         from gpserve.testing import eventually, free_port
-        self.port = port or free_port()
+        self.port, self.tls = port or free_port(), tls
+        listen = ["--port", str(self.port)] if tls is None else [
+            "--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no",
+            "--tls-cert-file", str(tls / "server.pem"), "--tls-key-file",
+            str(tls / "server.key"), "--tls-ca-cert-file", str(tls / "ca.pem")]
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [binary, *listen, "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--enable-debug-command", "local", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
         password = args[args.index("--requirepass") + 1] if "--requirepass" in args else None
-        self.client = redis.Redis(port=self.port, password=password)
+        self.client = redis.Redis(port=self.port, password=password) if tls is None else \
+            redis.Redis.from_url(self.url)
         eventually(self._pings, 30, "redis-server up")
 
     def _pings(self) -> bool:
@@ -167,6 +192,9 @@ class Redis:
 
     @property
     def url(self) -> str:
+        if self.tls is not None:          # the certificate verified against the test's CA
+            return (f"rediss://127.0.0.1:{self.port}/0?ssl_cert_reqs=required"
+                    f"&ssl_ca_certs={self.tls / 'ca.pem'}")
         return f"redis://127.0.0.1:{self.port}/0"
 
     def kill(self) -> None:

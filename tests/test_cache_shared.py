@@ -1,11 +1,11 @@
 """The row cache's shared tier on a real redis-server (Debian's, started by these tests):
-two servers sharing it (a row one computed is a hit on the other), Redis killed and
-back under load, Redis stalled, a wrong password, a corrupted value."""
+two servers sharing it (a row one computed is a hit on the other), over TLS too, Redis
+killed and back under load, Redis stalled, a wrong password, a corrupted value."""
 import threading
 
 import numpy as np
 import pytest
-from conftest import Redis, scale_model
+from conftest import Redis, scale_model, tls_files
 
 from gpserve.client import Client
 from gpserve.testing import Server, eventually
@@ -196,3 +196,25 @@ def test_rows_never_seen_skip_most_lookups_and_a_shared_row_ends_the_skipping(re
         computed = b.rows_computed()
         np.testing.assert_array_equal(cb.execute(x), want)   # every lookup made again
         assert cache(b)["shared_hits"] == 2 and b.rows_computed() == computed
+
+
+def test_rediss_shares_rows_over_tls_and_an_unknown_ca_serves_without_the_tier(model,
+                                                                               tmp_path):
+    """rediss:// with the server's certificate checked against the given CA: a row one
+    replica computed is a hit on the other. A replica that does not trust the
+    certificate (the system's CAs) serves without the tier, the failure counted."""
+    with Redis(tls=tls_files(tmp_path / "tls")) as redis:
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        with serve(model, redis.url, tmp_path, "a") as a, \
+                serve(model, redis.url, tmp_path, "b") as b, \
+                Client(a.url) as ca, Client(b.url) as cb:
+            want = ca.execute(x)
+            eventually(lambda: redis.client.dbsize() == 2, what="2 rows in Redis over TLS")
+            np.testing.assert_array_equal(cb.execute(x), want)
+            assert cache(b)["shared_hits"] == 2 and cache(b)["shared"]["up"] is True
+        untrusted = redis.url.split("&ssl_ca_certs=")[0]    # verified against system CAs
+        with serve(model, untrusted, tmp_path, "c") as c, Client(c.url) as cc:
+            np.testing.assert_array_equal(cc.execute(x), want)
+            eventually(lambda: cache(c)["shared_errors"] >= 1, what="the TLS failure counted")
+            assert cache(c)["shared"]["up"] is False
+            assert "CERTIFICATE_VERIFY_FAILED" in cache(c)["shared"]["last_error"]
