@@ -2,8 +2,9 @@
 
 float32 [1,16] bodies to the echo model at 1, 16 and 64 clients (wrk), gpserve next to
 Oracle's own compiled ``graphpipe-echo`` (``../shared/peers/go/``) started by this
-script on the same machine. The targets of the data path (docs/architecture.md):
-gpserve >= 0.5 of Go's requests/s at 16 and 64 clients, and p50 at one client <= 3x Go's.
+script on the same machine. Targets (issue 23; printed met/not met): in the fronts
+(``auto``) >= 0.8 of Go's requests/s at 16 clients and >= 1.0 at 64; through the
+workers >= 0.6 at 16, >= 0.75 at 64, and p50 at one client <= 2.5x Go's.
 
     python perf/small.py [--seconds 5] [--repeats 3] [--clients 1,16,64] [--fronts N]
                          [--placements auto,workers] [--wrk-threads 1] [--status-page]
@@ -80,8 +81,30 @@ def main(argv=None) -> int:
                        ("gp_p50_ms", ".3f"), *([("page_x", ".2f")] if args.status_page else []),
                        ("p50_x", ".1f"), ("gp_p99_ms", ".2f"), ("spread", ".0%"),
                        ("errors", "d")])
+    for row in rows:
+        for what, value, goal in _targets(row):
+            print(f"  {row['placement']} {row['clients']} clients, {what}: {value:.2f} "
+                  f"({goal}: {'met' if _meets(value, goal) else 'not met'})")
     write_json(args.json, rows, benchmark="small", repeats=args.repeats)
     return 0
+
+
+# (placement, clients) -> (what, row field, goal): issue 23's targets
+TARGETS = {("auto", 16): ("requests/s / Go's", "ratio", ">= 0.8"),
+           ("auto", 64): ("requests/s / Go's", "ratio", ">= 1.0"),
+           ("workers", 16): ("requests/s / Go's", "ratio", ">= 0.6"),
+           ("workers", 64): ("requests/s / Go's", "ratio", ">= 0.75"),
+           ("workers", 1): ("p50 / Go's", "p50_x", "<= 2.5")}
+
+
+def _targets(row: dict) -> list[tuple[str, float, str]]:
+    target = TARGETS.get((row["placement"], row["clients"]))
+    return [] if target is None else [(target[0], row[target[1]], target[2])]
+
+
+def _meets(value: float, goal: str) -> bool:
+    sign, bound = goal.split()
+    return value >= float(bound) if sign == ">=" else value <= float(bound)
 
 
 def _point(urls: dict, body: bytes, c: int, args, placement: str) -> dict:
