@@ -91,6 +91,7 @@ _make_ref, _make_inline = TensorRef._make, Inline._make
 
 
 def _descriptor(fields: tuple):
+    """A tensor's descriptor, rebuilt: a TensorRef has 4 fields, an Inline 3."""
     return _make_ref(fields) if len(fields) == 4 else _make_inline(fields)
 
 

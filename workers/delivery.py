@@ -17,6 +17,7 @@ import itertools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -100,12 +101,12 @@ class Delivery:
         if self.arena is None:
             self.on_answered(batch)
             for q, outcome in zip(batch.entries, batch.outcomes):
-                self._answer(q, outcome, _itself)             # the arrays: 0 copies
+                self._answer(q, outcome, ipc.OutputSlice)     # the arrays: 0 copies
             return
         if _small(batch):
             self.on_answered(batch)
             for q, outcome in zip(batch.entries, batch.outcomes):
-                self._answer(q, outcome, inline)            # the rows themselves: 1 copy
+                self._answer(q, outcome, _carried)          # the rows themselves: 1 copy
             batch.release()                                 # the gathered inputs
             return
         try:
@@ -124,7 +125,7 @@ class Delivery:
         if regions and not answered:
             for region in regions:
                 region.release()
-        where = lambda out: refs[id(out)]
+        where = lambda out, start, stop: ipc.OutputSlice(refs[id(out)], start, stop)
         for q, outcome in zip(batch.entries, batch.outcomes):
             self._answer(q, outcome, where, token)
 
@@ -164,15 +165,17 @@ class Delivery:
         return refs, regions
 
     @staticmethod
-    def _answer(q: Queued, outcome: Outcome, where, token: int | None = None) -> None:
+    def _answer(q: Queued, outcome: Outcome, where: Callable[[Any, int, int | None], Any],
+                token: int | None = None) -> None:
         if outcome.error is not None:
             answer_error(q, outcome.error)
         elif q.owner.open:
             q.owner.send(ipc.Done(q.item.req_id, _slices(q, outcome, where), None, token))
 
 
-def _itself(out):
-    return out
+def _carried(out: np.ndarray, start: int, stop: int | None) -> ipc.OutputSlice:
+    """A request's rows of an output, in its Done (1 copy)."""
+    return ipc.OutputSlice(inline(out[start:stop]), 0, None)
 
 
 def _small(batch: Batch) -> bool:
@@ -194,14 +197,12 @@ def _small(batch: Batch) -> bool:
 
 
 def _slices(q: Queued, outcome: Outcome, where) -> tuple:
-    """A request's rows of each output, at ``where(output)`` (a descriptor, or the array
-    itself): all of it for a request that ran alone. ``where`` ``inline``: the rows
-    themselves, cut out here."""
+    """A request's rows of each output, as ``where(output, start, stop)`` gives them (the
+    array itself, a descriptor, or the rows carried): all of it, (0, None), for a
+    request that ran alone."""
     outputs = outcome.outputs or ()
     start = outcome.start
     if q.item.rows is None or start is None:
-        return tuple(ipc.OutputSlice(where(out), 0, None) for out in outputs)
+        return tuple(where(out, 0, None) for out in outputs)
     stop = start + q.item.rows
-    if where is inline:
-        return tuple(ipc.OutputSlice(inline(out[start:stop]), 0, None) for out in outputs)
-    return tuple(ipc.OutputSlice(where(out), start, stop) for out in outputs)
+    return tuple(where(out, start, stop) for out in outputs)

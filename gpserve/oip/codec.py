@@ -45,9 +45,11 @@ def decode_infer(body, header_length: int | None, max_strings: int, why: str,
     ``read_region(region, offset, nbytes, where)``: the bytes of an input sent by
     reference to a client's shared-memory region (see :mod:`gpserve.oip.sharedmem`)."""
     view = memoryview(body)
-    known = header_cache.decoded(view, header_length)
-    if known is not None:
-        return known
+    plan = header_cache.planned(view, header_length)
+    if plan is not None:
+        c = plan.call
+        return InferCall(c.id, plan.tensors(view), list(c.input_names), list(c.output_names),
+                         c.binary, c.binary_default, c.config, {})
     call = _decode(view, body, header_length, max_strings, why, read_region)
     header_cache.keep(call, view, header_length)
     return call
@@ -167,9 +169,9 @@ def encode_infer(model: str, version: str, call: InferCall, names: list[str],
     ``write_region(region, offset, nbytes, data, where)`` writes an output asked for in
     a client's shared-memory region."""
     if not call.to_regions:
-        answer = header_cache.encoded(model, version, call, names, arrays, raw_bytes)
-        if answer is not None:
-            return answer
+        header = header_cache.answer_header(model, version, call, names, arrays)
+        if header is not None:
+            return b"".join([header, *map(raw_bytes, arrays)]), len(header)  # 1 copy each
     outputs, blobs = [], []
     for name, arr in zip(names, arrays):
         out: dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype),

@@ -11,6 +11,7 @@ docs/open-inference-protocol.md.
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import orjson
@@ -59,7 +60,6 @@ NO_CUDA = ("CUDA shared memory is not served: this server registers no GPU memor
            "clients; use system shared memory (/v2/systemsharedmemory, with --shm-clients)")
 
 
-INFER_PATHS_MAX = 1024     # infer URLs whose route is remembered
 
 
 def is_v2(path: str) -> bool:
@@ -100,7 +100,8 @@ class RestApi:
                ("POST", "/v2/repository/models/{name}/load", self._repository_load),
                ("POST", "/v2/repository/models/{name}/unload", self._repository_unload)],
             not_found="see docs/open-inference-protocol.md")
-        self.infer_paths: dict[str, tuple[str, str | None]] = {}   # path -> model, version
+        # an infer URL's model and version, matched once per path (~2 us a request)
+        self._infer_route = functools.lru_cache(maxsize=1024)(self._match_infer)
 
     async def handle(self, scope, receive) -> Answer:
         try:
@@ -233,14 +234,7 @@ class RestApi:
         fast path; ``scope`` holds its client and headers). Its answer is what
         :meth:`handle` would give."""
         try:
-            named = self.infer_paths.get(path)
-            if named is None:          # the route's match, once per path (~2 us a request)
-                _, params = self.router.find("POST", path)
-                named = params["model"], params.get("version")
-                if len(self.infer_paths) >= INFER_PATHS_MAX:
-                    self.infer_paths.clear()
-                self.infer_paths[path] = named
-            model = self.state.model(*named)
+            model = self.state.model(*self._infer_route(path))
         except (GraphPipeError, Refused) as e:
             return Answer(e.http_status, _error(e.message), "v2_error", JSON)
         with self.state.request() as request:
@@ -248,6 +242,12 @@ class RestApi:
                 return await self._infer(model, body, _header_length(scope), scope, request)
             except Exception as e:
                 return _failed(request, e)
+
+    def _match_infer(self, path: str) -> tuple[str, str | None]:
+        """An infer URL's model name and version (raises, and is not remembered, for a
+        path that is no infer route)."""
+        _, params = self.router.find("POST", path)
+        return params["model"], params.get("version")
 
     async def _infer(self, model: ModelState, body, header_length: int | None, scope,
                      request) -> Answer:
@@ -278,19 +278,11 @@ def _failed(request, e: Exception) -> Answer:
     return Answer(failure.http_status, _error(failure.message), "v2_error", JSON)
 
 
-_BINARY_HEADERS: dict[int, tuple] = {}
-
-
+@functools.lru_cache(maxsize=256)
 def _binary_headers(json_length: int) -> tuple:
     """A binary answer's headers, one tuple per JSON length: the fast path writes the
     head of the same tuple as last time without formatting it again."""
-    headers = _BINARY_HEADERS.get(json_length)
-    if headers is None:
-        if len(_BINARY_HEADERS) >= 256:
-            _BINARY_HEADERS.clear()
-        headers = _BINARY_HEADERS[json_length] = OCTETS + (
-            (b"inference-header-content-length", b"%d" % json_length),)
-    return headers
+    return OCTETS + ((b"inference-header-content-length", b"%d" % json_length),)
 
 
 def _header_length(scope) -> int | None:
