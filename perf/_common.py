@@ -129,6 +129,35 @@ def uvicorn_argv(app: str, port: int, workers: int) -> list[str]:
             "--timeout-worker-healthcheck", "600"]  # JSON requests block for long
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process under it."""
+    from pathlib import Path
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        todo += [int(c) for c in children]
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user and system) the processes ``pids`` have used so far."""
+    import os
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue                          # gone meanwhile
+        total += int(fields[11]) + int(fields[12])      # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

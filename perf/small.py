@@ -18,20 +18,39 @@ worker hop that every GPU model takes).
 the ratio printed (``page_x``; target >= 0.98: the page costs the hot path nothing
 measurable).
 
+``--floors``: two more servers in the same alternation, answering every request with
+echo's answer and doing nothing else (``perf/floors.py``): ``python`` (uvloop and
+httptools, the least a Python server can do) and ``gpserve-http`` (gpserve's own front
+protocol, its guards and fast path, no decoding and no model). A second table gives
+each server's requests/s over Go's and its CPU time per request (every process of the
+server, from ``/proc``): where a gap to Go lies, in the HTTP layers or in the model's
+path.
+
 Repeats: each point is run ``--repeats`` times, alternating servers, and the median
-reported with the spread (max/min - 1) of gpserve's runs.
+reported with the spread (max/min - 1) of gpserve's runs. ``cpu_us``: CPU time per
+request of the server's processes in its median run (steadier than requests/s on a
+shared machine).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402
-from _common import Process, exit_cleanly_on_sigterm, free_port, print_table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    Process,
+    cpu_seconds,
+    exit_cleanly_on_sigterm,
+    free_port,
+    print_table,
+    process_tree,
+    write_json,
+)
 
 from gpserve import protocol as P  # noqa: E402
 from gpserve.testing import Server  # noqa: E402
@@ -51,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wrk-threads", type=int, default=1)
     ap.add_argument("--status-page", action="store_true",
                     help="also run gpserve with its status page open")
+    ap.add_argument("--floors", action="store_true",
+                    help="also run perf/floors.py's python and gpserve-http servers")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     exit_cleanly_on_sigterm()
@@ -62,25 +83,47 @@ def main(argv=None) -> int:
     go_port = free_port()
     go = Process([str(GO_ECHO), "-listen", f"127.0.0.1:{go_port}"],
                  f"http://127.0.0.1:{go_port}/", body)
+    servers = {"go": (f"http://127.0.0.1:{go_port}/", go.proc.pid)}
     extra = ["--fronts", str(args.fronts)] if args.fronts else []
-    rows = []
+    rows, floor_rows = [], []
+    answer = tempfile.NamedTemporaryFile(suffix=".bin")       # echo's answer to body
+    answer.write(bytes(P.encode_response(P.InferResponse(list(P.decode_request(body).inputs)))))
+    answer.flush()
+    floors = [] if not args.floors else [_floor(kind, body, answer.name, args)
+                                         for kind in ("python", "gpserve-http")]
+    servers.update({kind: (url, f.proc.pid) for kind, (url, f) in zip(
+        ("python", "gpserve-http"), floors)})
     try:
         for placement in args.placements.split(","):
             with Server("--model", "echo", "--placement", placement, *extra) as gp:
-                urls = {"go": f"http://127.0.0.1:{go_port}/", "gpserve": gp.url + "/"}
+                here = {**servers, "gpserve": (gp.url + "/", gp.proc.pid)}
                 if args.status_page:
-                    urls["gpserve+page"] = gp.url + "/"
+                    here["gpserve+page"] = here["gpserve"]
                 for c in (int(x) for x in args.clients.split(",")):
-                    rows.append(_point(urls, body, c, args, placement))
+                    row, med = _point(here, body, c, args, placement)
+                    rows.append(row)
+                    floor_rows += [{"placement": placement, "clients": c, "server": name,
+                                    "rps": m["rps"], "of_go": m["rps"] / med["go"]["rps"],
+                                    "cpu_us": m["cpu_us"], "p50_ms": m["p50_ms"]}
+                                   for name, m in sorted(med.items(), key=_by_cost)
+                                   if name != "gpserve+page"]
     finally:
         go.stop()
+        for _, f in floors:
+            f.stop()
     print(f"\nSmall requests, float32 [1,16], echo; median of {args.repeats} x "
           f"{args.seconds:g} s (wrk -t{args.wrk_threads})")
     print_table(rows, [("placement", "s"), ("clients", "d"), ("go_rps", ",.0f"),
                        ("gpserve_rps", ",.0f"), ("ratio", ".2f"), ("go_p50_ms", ".3f"),
                        ("gp_p50_ms", ".3f"), *([("page_x", ".2f")] if args.status_page else []),
                        ("p50_x", ".1f"), ("gp_p99_ms", ".2f"), ("spread", ".0%"),
-                       ("errors", "d")])
+                       ("errors", "d"), ("go_cpu_us", ".1f"), ("gp_cpu_us", ".1f")])
+    if args.floors:
+        print("\nEach server over Go's requests/s, and its CPU time per request (all its "
+              "processes)")
+        print_table(floor_rows, [("placement", "s"), ("clients", "d"), ("server", "s"),
+                                 ("rps", ",.0f"), ("of_go", ".2f"), ("cpu_us", ".1f"),
+                                 ("p50_ms", ".3f")])
     for row in rows:
         for what, value, goal in _targets(row):
             print(f"  {row['placement']} {row['clients']} clients, {what}: {value:.2f} "
@@ -107,14 +150,41 @@ def _meets(value: float, goal: str) -> bool:
     return value >= float(bound) if sign == ">=" else value <= float(bound)
 
 
-def _point(urls: dict, body: bytes, c: int, args, placement: str) -> dict:
-    """Go and gpserve at ``c`` clients, alternated ``--repeats`` times: the medians."""
+def _floor(kind: str, body: bytes, answer_file: str, args) -> tuple[str, Process]:
+    """A ``perf/floors.py`` server answering what is in ``answer_file``, started."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    return url, Process([sys.executable, str(Path(__file__).with_name("floors.py")), kind,
+                         "--port", str(port), "--answer-file", answer_file,
+                         "--processes", str(args.fronts or _default_fronts())],
+                        url, body, group=True)
+
+
+def _by_cost(item) -> int:
+    """Go, then the floors from the least work up, then gpserve."""
+    order = ("go", "python", "gpserve-http")
+    return order.index(item[0]) if item[0] in order else len(order)
+
+
+def _default_fronts() -> int:
+    """As many processes as gpserve runs fronts by default on this machine."""
+    from gpserve.config import Config
+    return Config(model="echo", device="cpu").settle().fronts
+
+
+def _point(servers: dict, body: bytes, c: int, args, placement: str) -> tuple[dict, dict]:
+    """Every server at ``c`` clients, alternated ``--repeats`` times: gpserve's row against
+    Go, and each server's median run (with ``cpu_us``: its CPU time per request)."""
     runs: dict[str, list] = {"go": [], "gpserve": []}
     for _ in range(args.repeats):
-        for name, url in urls.items():
+        for name, (url, pid) in servers.items():
+            pids = process_tree(pid)
             with StatusPoller(url if name == "gpserve+page" else None):
-                runs.setdefault(name, []).append(loadgen.run_wrk(
-                    url, body, c, args.seconds, threads=args.wrk_threads))
+                used = cpu_seconds(pids)
+                run = loadgen.run_wrk(url, body, c, args.seconds, threads=args.wrk_threads)
+                used = cpu_seconds(pids) - used
+            run["cpu_us"] = 1e6 * used / max(run["requests"], 1)
+            runs.setdefault(name, []).append(run)
     med = {n: sorted(r, key=lambda x: x["rps"])[len(r) // 2] for n, r in runs.items()}
     rps = [r["rps"] for r in runs["gpserve"]]
     return {
@@ -125,8 +195,9 @@ def _point(urls: dict, body: bytes, c: int, args, placement: str) -> dict:
         "gp_p99_ms": med["gpserve"]["p99_ms"],
         "spread": max(rps) / min(rps) - 1 if min(rps) > 0 else float("nan"),
         "errors": sum(r["errors"] for r in runs["gpserve"]),
+        "go_cpu_us": med["go"]["cpu_us"], "gp_cpu_us": med["gpserve"]["cpu_us"],
         **({"page_x": med["gpserve+page"]["rps"] / med["gpserve"]["rps"]}
-           if "gpserve+page" in med else {})}
+           if "gpserve+page" in med else {})}, med
 
 
 class StatusPoller:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import exit_cleanly_on_sigterm, print_table, write_json  # noqa: E402
+from _common import exit_cleanly_on_sigterm, print_table, process_tree, write_json  # noqa: E402
 
 from gpserve.client import Client  # noqa: E402
 from gpserve.errors import GraphPipeError, Unavailable  # noqa: E402
@@ -61,19 +61,6 @@ def build_model(path: Path) -> Path:
     model.ir_version = 8
     path.write_bytes(model.SerializeToString())
     return path
-
-
-def process_tree(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        try:
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        todo += [int(c) for c in children]
-    return pids
 
 
 def sample(server: Server, started: float, counts: dict) -> dict:
