@@ -89,11 +89,12 @@ def main(argv=None) -> int:
     answer = tempfile.NamedTemporaryFile(suffix=".bin")       # echo's answer to body
     answer.write(bytes(P.encode_response(P.InferResponse(list(P.decode_request(body).inputs)))))
     answer.flush()
-    floors = [] if not args.floors else [_floor(kind, body, answer.name, args)
-                                         for kind in ("python", "gpserve-http")]
-    servers.update({kind: (url, f.proc.pid) for kind, (url, f) in zip(
-        ("python", "gpserve-http"), floors)})
+    floors: list[Process] = []
     try:
+        for kind in ("python", "gpserve-http") if args.floors else ():
+            url, floor = _floor(kind, body, answer.name, args)
+            floors.append(floor)
+            servers[kind] = (url, floor.proc.pid)
         for placement in args.placements.split(","):
             with Server("--model", "echo", "--placement", placement, *extra) as gp:
                 here = {**servers, "gpserve": (gp.url + "/", gp.proc.pid)}
@@ -109,8 +110,8 @@ def main(argv=None) -> int:
                                    if name != "gpserve+page"]
     finally:
         go.stop()
-        for _, f in floors:
-            f.stop()
+        for floor in floors:
+            floor.stop()
     print(f"\nSmall requests, float32 [1,16], echo; median of {args.repeats} x "
           f"{args.seconds:g} s (wrk -t{args.wrk_threads})")
     print_table(rows, [("placement", "s"), ("clients", "d"), ("go_rps", ",.0f"),
