@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         for what, value, goal in _targets(row):
             print(f"  {row['placement']} {row['clients']} clients, {what}: {value:.2f} "
                   f"({goal}: {'met' if _meets(value, goal) else 'not met'})")
-    write_json(args.json, rows, benchmark="small", repeats=args.repeats)
+    write_json(args.json, rows, benchmark="small", repeats=args.repeats, servers=floor_rows)
     return 0
 
 
