@@ -23,6 +23,8 @@ import socket
 import sys
 from pathlib import Path
 
+from _common import exit_cleanly_on_sigterm
+
 
 def listening_socket(port: int) -> socket.socket:
     sock = socket.socket()
@@ -93,6 +95,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     answer = args.answer_file.read_bytes()
     serve = SERVERS[args.kind]
+    exit_cleanly_on_sigterm()        # so that exiting stops the daemon children too
     children = [mp.Process(target=serve, args=(args.port, answer), daemon=True)
                 for _ in range(args.processes - 1)]
     for child in children:

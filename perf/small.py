@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                  f"http://127.0.0.1:{go_port}/", body)
     servers = {"go": (f"http://127.0.0.1:{go_port}/", go.proc.pid)}
     extra = ["--fronts", str(args.fronts)] if args.fronts else []
-    rows, floor_rows = [], []
+    rows, server_rows = [], []
     answer = tempfile.NamedTemporaryFile(suffix=".bin")       # echo's answer to body
     answer.write(bytes(P.encode_response(P.InferResponse(list(P.decode_request(body).inputs)))))
     answer.flush()
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                 for c in (int(x) for x in args.clients.split(",")):
                     row, med = _point(here, body, c, args, placement)
                     rows.append(row)
-                    floor_rows += [{"placement": placement, "clients": c, "server": name,
+                    server_rows += [{"placement": placement, "clients": c, "server": name,
                                     "rps": m["rps"], "of_go": m["rps"] / med["go"]["rps"],
                                     "cpu_us": m["cpu_us"], "p50_ms": m["p50_ms"]}
                                    for name, m in sorted(med.items(), key=_by_cost)
@@ -122,14 +122,14 @@ def main(argv=None) -> int:
     if args.floors:
         print("\nEach server over Go's requests/s, and its CPU time per request (all its "
               "processes)")
-        print_table(floor_rows, [("placement", "s"), ("clients", "d"), ("server", "s"),
+        print_table(server_rows, [("placement", "s"), ("clients", "d"), ("server", "s"),
                                  ("rps", ",.0f"), ("of_go", ".2f"), ("cpu_us", ".1f"),
                                  ("p50_ms", ".3f")])
     for row in rows:
         for what, value, goal in _targets(row):
             print(f"  {row['placement']} {row['clients']} clients, {what}: {value:.2f} "
                   f"({goal}: {'met' if _meets(value, goal) else 'not met'})")
-    write_json(args.json, rows, benchmark="small", repeats=args.repeats, servers=floor_rows)
+    write_json(args.json, rows, benchmark="small", repeats=args.repeats, servers=server_rows)
     return 0
 
 
