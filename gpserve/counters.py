@@ -67,6 +67,8 @@ class Counters:
         self._batch_stats = slots[at:at + MAX_PROCESSES * ws].reshape(MAX_PROCESSES, ws)[
             :, len(WORKER_STATS):].reshape(MAX_PROCESSES, BATCH_STAT_SIZES, len(BATCH_STAT))
         self._w = {name: i for i, name in enumerate(WORKER_FIELDS)}
+        self._worker_block, self._ww = len(SERVER_FIELDS), w
+        self._queued_rows = self._w["queued_rows"]
         self._f = {name: i for i, name in enumerate(FRONT_FIELDS)}
         if create:
             self._fronts[:, self._f["connections"]] = -1      # not accepting (yet)
@@ -109,17 +111,7 @@ class Counters:
 
     def worker_load(self, index: int, rows: int) -> None:
         """Rows waiting in a worker's queue or in its pipeline (what fronts route by)."""
-        self._workers[index, self._w["queued_rows"]] = rows
-
-    def add_batch(self, index: int, rows: int, size_run: int) -> None:
-        """A batch of ``rows`` rows ran as ``size_run`` (more when padded up)."""
-        row, w = self._workers[index], self._w
-        row[w["batches"]] += 1
-        row[w["rows"]] += rows
-        row[w["padded_rows"]] += size_run - rows
-        if rows > row[w["max_batch_rows"]]:
-            row[w["max_batch_rows"]] = rows
-        row[len(WORKER_FIELDS) + min(max(size_run, 1), HISTOGRAM_BINS) - 1] += 1
+        self._q[self._worker_block + index * self._ww + self._queued_rows] = rows
 
     def worker_beat(self, index: int, now_s: float) -> None:
         """The worker's event loop turns (written every HEARTBEAT_S): a stopped or stuck
@@ -162,25 +154,35 @@ class Counters:
         floats[w["check_abs"]] = max(floats[w["check_abs"]], absolute)
         floats[w["check_rel"]] = max(floats[w["check_rel"]], relative)
 
-    def worker_queued(self, index: int, requests: int, waited_ns: int) -> None:
-        """``requests`` left the queue for a batch after ``waited_ns`` in all."""
-        q, at = self._q, self._worker_stats + index * self._ws
+    def worker_batch(self, index: int, requests: int, rows: int, size_run: int,
+                     waited_ns: int, times: tuple[int, int, int] | None) -> None:
+        """A batch of ``requests`` that waited ``waited_ns`` in the queue in all: ``rows``
+        rows run as ``size_run`` (more when padded up). ``times``: its gather, run and
+        answer in ns when it ran as one execution (a merged batch that failed re-ran its
+        requests alone: none); Triton's statistics count each request with them. One
+        call a batch, through the memoryview (numpy's scalar path is twice as slow)."""
+        q, w = self._q, self._w
+        at = self._worker_block + index * self._ww
+        q[at + w["batches"]] += 1
+        q[at + w["rows"]] += rows
+        q[at + w["padded_rows"]] += size_run - rows
+        if rows > q[at + w["max_batch_rows"]]:
+            q[at + w["max_batch_rows"]] = rows
+        q[at + len(WORKER_FIELDS) + min(max(size_run, 1), HISTOGRAM_BINS) - 1] += 1
+        at = self._worker_stats + index * self._ws
         q[at + 2] += requests
         q[at + 3] += waited_ns
-
-    def worker_executed(self, index: int, requests: int, rows: int, size: int,
-                        input_ns: int, infer_ns: int, output_ns: int) -> None:
-        """A batch of ``requests`` ran as one execution at ``size`` rows, ``rows`` of them
-        answered; each request is counted with the batch's durations, as Triton does."""
-        q, at = self._q, self._worker_stats + index * self._ws
+        if times is None:
+            return
+        input_ns, infer_ns, output_ns = times
         q[at] += rows
         q[at + 1] += 1
         q[at + 4] += requests
         q[at + 5] += input_ns * requests
         q[at + 6] += infer_ns * requests
         q[at + 7] += output_ns * requests
-        if 0 < size <= BATCH_STAT_SIZES:           # larger: not in batch_stats
-            slot = at + len(WORKER_STATS) + (size - 1) * len(BATCH_STAT)
+        if 0 < size_run <= BATCH_STAT_SIZES:           # larger: not in batch_stats
+            slot = at + len(WORKER_STATS) + (size_run - 1) * len(BATCH_STAT)
             q[slot] += 1
             q[slot + 1] += input_ns
             q[slot + 2] += infer_ns

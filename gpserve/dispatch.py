@@ -19,7 +19,6 @@ import itertools
 import logging
 import os
 import time
-from typing import Any
 
 from . import ipc
 from .counters import Counters
@@ -54,7 +53,7 @@ class Dispatcher:
         self.scope = scope
         self.counters, self.segments, self.timeout = counters, segments, timeout
         self.hello = ipc.Hello("front", front_index, os.getpid())
-        self.links: dict[int, ipc.End] = {}       # worker index -> link, once it said Hello
+        self.links: dict[int, ipc.Link] = {}       # worker index -> link, once it said Hello
         self.connecting: dict[int, ipc.Link] = {}    # connected, its Hello not yet here
         # requests waiting for an answer, oldest (earliest deadline) first; and those
         # past their deadline whose answer has not come (their regions stay with them)
@@ -64,7 +63,6 @@ class Dispatcher:
         self.ids = itertools.count(1)
         self.turn = front_index
         self.linked = asyncio.Event()                # set while any worker is linked
-        self.hosted: Any = None                      # the worker in this process, if any
         self.closed = False
         # its event loop, looked up once: Python 3.11's asyncio.get_running_loop() makes
         # a getpid() system call each time (docs/benchmarks.md: design figures)
@@ -97,9 +95,8 @@ class Dispatcher:
         """Its model was retired (no request waits here): drop the links, quietly."""
         self.closed = True
         for link in [*self.links.values(), *self.connecting.values()]:
-            transport = getattr(link, "transport", None)    # a LocalEnd has none
-            if transport is not None:
-                transport.close()
+            if link.transport is not None:
+                link.transport.close()
 
     def on_lost(self, link: ipc.Link) -> None:
         if link.peer is None or self.closed:
@@ -137,20 +134,8 @@ class Dispatcher:
 
     @property
     def ready(self) -> bool:
-        """Linked to every worker that is up (and at least one); a front that hosts its
-        worker: that one is warm."""
-        if self.hosted is not None:
-            return self.counters.worker_is_ready(self.index)
+        """Linked to every worker that is up (and at least one)."""
         return bool(self.links) and len(self.links) >= self.counters.ready_workers()
-
-    def host(self, worker) -> None:
-        """Run requests on a worker in this process (``--placement fronts``): no hop."""
-        self.hosted = worker
-        front_end = LocalEnd(self, worker.hello)
-        worker_end = LocalEnd(worker, self.hello)
-        front_end.other, worker_end.other = worker_end, front_end
-        self.links[worker.index] = front_end
-        self.linked.set()
 
     def about(self) -> list[dict]:
         """The workers this front is linked to, as they describe themselves."""
@@ -171,7 +156,7 @@ class Dispatcher:
                 async with asyncio.timeout(LINK_WAIT_S):
                     await self.linked.wait()
         chosen: int | None
-        if len(self.links) == 1:                # one worker (or the one in this process)
+        if len(self.links) == 1:
             chosen = next(iter(self.links))
         else:
             now, counters = time.monotonic(), self.counters
@@ -244,25 +229,7 @@ class Dispatcher:
                     self._forget(req_id)
 
 
-class LocalEnd:
-    """One end of the link between a front and the worker it hosts: the calls of
-    :class:`ipc.Link`, made directly (no socket, no framing)."""
-
-    __slots__ = ("owner", "peer", "other")
-    open = True
-
-    def __init__(self, owner: ipc.Owner, peer: ipc.Hello):
-        self.owner, self.peer = owner, peer
-        self.other: LocalEnd = self        # the other end, once host() pairs them
-
-    def send(self, message) -> None:
-        self.other.owner.on_message(self.other, message)
-
-    def release(self, token: int) -> None:
-        self.send(ipc.Release((token,)))
-
-
-def _peer(link: ipc.End) -> ipc.Hello:
+def _peer(link: ipc.Link) -> ipc.Hello:
     """Who is at the other end of a linked link (it said Hello)."""
     assert link.peer is not None, "a link is linked once its peer said Hello"
     return link.peer

@@ -158,7 +158,7 @@ def info(state: FrontState) -> dict:
         "processes": {"fronts": state.cfg.fronts,
                       "workers": first.cfg.workers if first else 0, "pids": pids,
                       "this_front": os.getpid(),
-                      "workers_linked": first.workers.about() if first else [],
+                      "workers_linked": first.linked() if first else [],
                       "connections": state.counters.connections(state.cfg.fronts)},
         "models": [_model_info(model) for model in state.served],
         "protocols": {"graphpipe": "POST / (the default model), POST /models/<name>",
@@ -180,7 +180,7 @@ def _first_model(model: ModelState | None) -> dict:
         return {"name": None, "backend": None, "description": "no model loaded",
                 "inputs": [], "outputs": [], "default_inputs": [], "default_outputs": [],
                 "batching": None}
-    spec, workers = model.spec, model.workers.about()
+    spec, workers = model.spec, model.linked()
     return {"name": spec.name, "backend": spec.backend,
             "description": workers[0]["runs"] if workers else spec.description,
             "inputs": _io(spec.inputs), "outputs": _io(spec.outputs),

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +35,7 @@ from .shm import segment_path
 
 if TYPE_CHECKING:                       # lmdb is imported only with --cache
     from gpserve.cache.store import RowCache
+    from gpserve.workers.worker import Worker
 
     from .front_state import FrontState
 
@@ -52,13 +54,17 @@ class ModelState:
         self.counters = front.counters if not cfg.slot else Counters(
             segment_path(cfg.run_id, cfg.scoped("counters")))
         self.segments = front.segments
-        self.workers = Dispatcher(cfg.run_id, self.index, cfg.workers, self.counters,
-                                  self.segments, cfg.timeout_ms / 1000.0, cfg.scoped(""))
-        self.hosted = hosted
-        if cfg.placement == "fronts":           # this front runs its own model instance
+        # the model's instance in this front (``--placement fronts``), called directly;
+        # else the links to its worker processes
+        self.hosted: Worker | None = hosted
+        self.workers: Dispatcher | None = None
+        if cfg.placement == "fronts":
             if hosted is None:
                 self.hosted = hosted_instance(cfg, self.index)
             self.counters.set_pid("worker", self.index, os.getpid())
+        else:
+            self.workers = Dispatcher(cfg.run_id, self.index, cfg.workers, self.counters,
+                                      self.segments, cfg.timeout_ms / 1000.0, cfg.scoped(""))
         self.tasks: list[asyncio.Task] = []
         self.ids = itertools.count(1)
         self.metadata_body = bytes(P.encode_metadata_response(
@@ -88,20 +94,20 @@ class ModelState:
                                   self.model_metrics, shared)
 
     async def start(self) -> None:
-        self.tasks.append(asyncio.create_task(self.workers.sweep_abandoned()))
         if self.cache is not None and self.cache.shared is not None:
             self.cache.shared.start()
         if self.hosted is not None:
             await self.hosted.start()
-            self.workers.host(self.hosted)
-        else:
+        if self.workers is not None:
+            self.tasks.append(asyncio.create_task(self.workers.sweep_abandoned()))
             self.tasks.append(asyncio.create_task(self.workers.keep_connected()))
 
     def close(self) -> None:
         """Retired (no request holds it any more): its links, tasks and instance go."""
         for task in self.tasks:
             task.cancel()
-        self.workers.close()
+        if self.workers is not None:
+            self.workers.close()
         if self.hosted is not None:
             self.hosted.close()
         if self.cache is not None:
@@ -113,7 +119,22 @@ class ModelState:
 
     @property
     def ready(self) -> bool:
-        return not self.front.draining and self.workers.ready
+        """Not draining, and its instance here warm, or linked to every worker that is
+        up (and at least one)."""
+        if self.front.draining:
+            return False
+        if self.workers is None:
+            return self.counters.worker_is_ready(self.index)
+        return self.workers.ready
+
+    def linked(self) -> list[dict]:
+        """The workers that run this model for this front, as they describe themselves
+        (``GET /``): its instance here, or its worker processes."""
+        if self.hosted is not None:
+            hello = self.hosted.hello
+            return [{"index": hello.index, "pid": hello.pid, "runs": hello.about}]
+        assert self.workers is not None, "a model runs here or in workers"
+        return self.workers.about()
 
     async def infer(self, req: P.InferRequest, request: Request) -> memoryview:
         """A GraphPipe request's response body."""
@@ -209,26 +230,42 @@ class ModelState:
             return tensor if rows is None else tensor[rows]
         return regions.place(tensor) if rows is None else regions.place_rows(tensor, rows)
 
-    async def _compute(self, refs, names, outputs, config, rows, request: Request,
-                       alone=False) -> list[np.ndarray]:
-        """Send to a worker and wait: the output arrays (views of the worker's shared
-        memory, given back when the request closes). ``alone`` (or ``--batching off``,
-        or a model that cannot batch) runs the request by itself."""
+    def _compute(self, refs, names, outputs, config, rows, request: Request,
+                 alone=False) -> Awaitable[Sequence[np.ndarray]]:
+        """Run on the model's instance here or on a worker: what to await for the output
+        arrays (a worker's: views of its shared memory, given back when the request
+        closes). ``alone`` (or ``--batching off``, or a model that cannot batch) runs the
+        request by itself. Not a coroutine: the instance here is awaited directly."""
         if alone or self.cfg.batching == "off" or not self.spec.batchable:
             rows = None
-        key = (tuple(names), tuple(_layout(r) for r in refs), tuple(outputs),
-               config) if rows is not None else ("alone", next(self.ids))
-        link, done = await self.workers.run(refs, tuple(names), tuple(outputs), config, rows,
-                                            key, request.hand_over)
+        if rows is None:
+            key: tuple = ("alone", next(self.ids))
+        elif self.hosted is not None:        # refs are the arrays: their layout, inline
+            key = (tuple(names), tuple([(r.dtype.str, r.shape[1:]) for r in refs]),
+                   tuple(outputs), config)
+        else:
+            key = (tuple(names), tuple([(r.ttype, r.shape[1:]) for r in refs]),
+                   tuple(outputs), config)
+        if self.hosted is not None:
+            # the answer is the output arrays themselves. Nothing to hand over at a
+            # deadline: no other process reads the request's memory, and the model reads
+            # it only for this request's own answer (a merged batch runs on rows gathered
+            # into memory of its own).
+            return self.hosted.call(refs, tuple(names), tuple(outputs), config, rows, key)
+        return self._on_worker(refs, tuple(names), tuple(outputs), config, rows, key,
+                               request)
+
+    async def _on_worker(self, refs, names: tuple, outputs: tuple, config: str,
+                         rows: int | None, key: tuple, request: Request) -> list[np.ndarray]:
+        assert self.workers is not None, "a model runs here or in workers"
+        link, done = await self.workers.run(refs, names, outputs, config, rows, key,
+                                            request.hand_over)
         request.answered(link, done.token)
         if done.error is not None:
             raise from_code(*done.error)
         arrays = []
-        local = self.hosted is not None
-        for sl in done.outputs:
-            # the array itself from the worker in this process; else a view of the
-            # worker's arena (or of ours, for echo)
-            arr = sl.ref if local else self.segments.view(sl.ref)
+        for sl in done.outputs:         # a view of the worker's arena (or of ours, for echo)
+            arr = self.segments.view(sl.ref)
             arrays.append(arr if sl.stop is None else arr[sl.start:sl.stop])
         return arrays
 
@@ -237,13 +274,6 @@ def hosted_instance(cfg: Config, index: int):
     """This front's own instance of a model that runs in the fronts (loaded here)."""
     from gpserve.workers.worker import Worker
     return Worker(cfg, index, local=True)
-
-
-def _layout(ref) -> tuple:
-    """A tensor's type and non-batch shape, from its array or its descriptor."""
-    if isinstance(ref, np.ndarray):
-        return ref.dtype.str, ref.shape[1:]
-    return ref.ttype, ref.shape[1:]
 
 
 def request_options(config: str) -> dict[str, bool]:

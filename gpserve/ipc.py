@@ -166,9 +166,10 @@ def same_user(sock: socket.socket) -> bool:
 
 
 class End(Protocol):
-    """One end of a link between a front and a worker, as the code on the other side
-    uses it: :class:`Link` (a socket between two processes) and
-    :class:`gpserve.dispatch.LocalEnd` (a front and the worker it hosts, one process)."""
+    """Where a worker's answers go, as the worker uses it: :class:`Link` (a front's
+    connection, every request it sends) or
+    :class:`gpserve.workers.delivery.Caller` (one request of the front a worker runs in,
+    made directly)."""
 
     @property
     def peer(self) -> Hello | None: ...

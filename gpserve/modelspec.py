@@ -110,7 +110,9 @@ class ModelSpec:
         if len(outs) != len(tensors):
             raise UnknownOutput(f"the echo model returns its {len(tensors)} inputs; "
                                 f"{len(outs)} output names were asked for")
-        rows = None
-        if all(a.ndim >= 1 for a in tensors) and len({a.shape[0] for a in tensors}) == 1:
-            rows = tensors[0].shape[0]
+        rows = tensors[0].shape[0] if tensors[0].ndim else None    # all the same, or None
+        for a in tensors:
+            if not a.ndim or a.shape[0] != rows:
+                rows = None
+                break
         return names, outs, rows

@@ -128,7 +128,7 @@ class StatusSampler:
         io = lambda specs: [{"name": s.name, "type": type_name(s.dtype), "shape": s.shape}
                             for s in specs]
         found = verdict(spec.batch_probe, counters.batch_checks())
-        linked = {w["index"]: w["runs"] for w in model.workers.about()}
+        linked = {w["index"]: w["runs"] for w in model.linked()}
         pids = counters.pids(cfg.workers, 0)["workers"]
         cache = None
         if model.cache is not None:

@@ -153,9 +153,12 @@ def slow_model(path, iterations: int = 1_000_000):
     return path
 
 
-def test_deadline_passed(tmp_path):
+@pytest.mark.parametrize("placement", ["workers", "fronts"])
+def test_deadline_passed(tmp_path, placement):
+    """A batch that runs past the deadline: the front's deadline through the workers, the
+    instance's own in a front (no front waits on a link there)."""
     with Server("--model", str(slow_model(tmp_path / "slow.onnx")), "--timeout-ms", "50",
-                "--batch-check-every", "0") as s:
+                "--batch-check-every", "0", "--placement", placement) as s:
         assert_error(s.url, infer_body([np.zeros((2, 4), np.float32)]), 504, E.DeadlineExceeded,
                      "no result within --timeout-ms 50")
         assert s.stats()["expired"] == 1 and s.stats()["errors"] == {"DeadlineExceeded": 1}

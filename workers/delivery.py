@@ -13,16 +13,17 @@ that was answered from them said it has copied them out (``ipc.Release``), or is
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from gpserve import ipc
-from gpserve.errors import GraphPipeError, ModelError
+from gpserve.errors import GraphPipeError, ModelError, from_code
 from gpserve.shm import INLINE_MAX, Arena, Region, TensorRef, inline
 
 from .batch_policy import Queued
@@ -82,6 +83,36 @@ class Leases:
                 region.release()
 
 
+class Caller:
+    """A request of the front this worker runs in (``local``), as the worker answers it:
+    its future's result is its output arrays themselves (0 copies), its exception why
+    there are none. The end of a link for one request, with no link."""
+
+    __slots__ = ("future",)
+    peer = None
+
+    def __init__(self, future: asyncio.Future):
+        self.future = future
+
+    @property
+    def open(self) -> bool:
+        """Still waiting: not answered, failed by its deadline, or cancelled."""
+        return not self.future.done()
+
+    def answer(self, outputs: tuple) -> None:
+        if not self.future.done():
+            self.future.set_result(outputs)
+
+    def send(self, done: ipc.Done) -> None:
+        """An error (the queue full, the deadline passed, the model failed)."""
+        if not self.future.done():
+            assert done.error is not None, "a local request's outputs come by answer()"
+            self.future.set_exception(from_code(*done.error))
+
+    def release(self, token: int) -> None:
+        """Nothing is lent to a local request."""
+
+
 def answer_error(q: Queued, err: GraphPipeError) -> None:
     if q.owner.open:
         q.owner.send(ipc.Done(q.item.req_id, (), (err.code, err.message), None))
@@ -101,7 +132,10 @@ class Delivery:
         if self.arena is None:
             self.on_answered(batch)
             for q, outcome in zip(batch.entries, batch.outcomes):
-                self._answer(q, outcome, ipc.OutputSlice)     # the arrays: 0 copies
+                if outcome.error is not None:
+                    answer_error(q, outcome.error)
+                else:                                       # the arrays: 0 copies
+                    cast(Caller, q.owner).answer(_slices(q, outcome, _rows))
             return
         if _small(batch):
             self.on_answered(batch)
@@ -171,6 +205,11 @@ class Delivery:
             answer_error(q, outcome.error)
         elif q.owner.open:
             q.owner.send(ipc.Done(q.item.req_id, _slices(q, outcome, where), None, token))
+
+
+def _rows(out, start: int, stop: int | None):
+    """A request's rows of an output, as a view (a local answer)."""
+    return out if stop is None else out[start:stop]
 
 
 def _carried(out: np.ndarray, start: int, stop: int | None) -> ipc.OutputSlice:

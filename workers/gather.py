@@ -50,6 +50,7 @@ class Batch:
     outcomes: list[Outcome] = field(default_factory=list)   # one per entry
     took: float | None = None         # seconds in the model, once run as one batch
     gather_ns: int = 0                # time gathering and padding its inputs
+    waited_ns: int = 0                # its requests' time in the queue, added up
 
     @property
     def batchable(self) -> bool:

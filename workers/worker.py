@@ -16,7 +16,9 @@ of a new shape, and those runs fit the cost model the policy holds batches by.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,12 +27,13 @@ from gpserve import heap, ipc, metrics
 from gpserve.config import Config
 from gpserve.counters import HEARTBEAT_S, Counters
 from gpserve.errors import DeadlineExceeded, InternalError, QueueFull
+from gpserve.ipc import End
 from gpserve.shm import Arena, Segments, segment_path
 
 from .backend import Backend, load
 from .batch_policy import BatchQueue, BatchSizes
 from .compute import LiveCheck, Model
-from .delivery import Delivery, Leases, answer_error
+from .delivery import Caller, Delivery, Leases, answer_error
 from .devices import worker_device
 from .gather import Batch, Gather
 from .pipeline import Pipeline
@@ -83,6 +86,10 @@ class Worker:
         self.pump_scheduled = False
         self.rows_answered = self.model_metrics.rows_model
         self.warmed: list[int] = []
+        self.call_ids = itertools.count(1)       # local: its front's requests
+        self.timeout_s = cfg.timeout_ms / 1000
+        self.deadline_timer: asyncio.TimerHandle | None = None   # local: see
+        self.deadline_at = math.inf                                # _expire_in_pipeline
 
     # -- start -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -126,15 +133,30 @@ class Worker:
     # -- links (ipc.Link and the in-front LocalEnd call these) --------------------------
     def on_message(self, link, message) -> None:
         if type(message) is ipc.Submit:
-            refused = self.queue.add(message, link, time.monotonic())
-            if refused is not None:
-                self.counters.count_queue_full(self.index)
-                link.send(ipc.Done(message.req_id, (), (QueueFull.code, refused), None))
-            elif not self.pump_scheduled:       # once every message read this turn is in
-                self.pump_scheduled = True
-                self.loop.call_soon(self.pump)
+            self.take(message, link, time.monotonic())
         elif type(message) is ipc.Release:
             self.leases.give_back(link, message.tokens)
+
+    def take(self, item: ipc.Submit, owner: End, now: float) -> None:
+        """A request for the queue; its answer goes to ``owner``."""
+        refused = self.queue.add(item, owner, now)
+        if refused is not None:
+            self.counters.count_queue_full(self.index)
+            owner.send(ipc.Done(item.req_id, (), (QueueFull.code, refused), None))
+        elif not self.pump_scheduled:       # once every request of this turn is in
+            self.pump_scheduled = True
+            self.loop.call_soon(self.pump)
+
+    def call(self, inputs: tuple, input_names: tuple, output_names: tuple, config: str,
+             rows: int | None, key: tuple) -> asyncio.Future:
+        """A request of the front this worker runs in (``local``), made directly: no
+        message, no link. The future's result is the request's output arrays (0 copies);
+        its exception, why there are none."""
+        now = time.monotonic()
+        caller = Caller(self.loop.create_future())
+        self.take(ipc.Submit(next(self.call_ids), inputs, input_names, output_names, config,
+                             rows, key, now + self.timeout_s), caller, now)
+        return caller.future
 
     def on_lost(self, link) -> None:
         """A front went away: forget its queued requests and the outputs it held."""
@@ -146,7 +168,11 @@ class Worker:
         self._publish_load()
 
     def _publish_load(self) -> None:
-        rows = self.queue.rows + sum(b.rows for b in (self.running, self.staged) if b)
+        rows = self.queue.rows
+        if self.running is not None:
+            rows += self.running.rows
+        if self.staged is not None:
+            rows += self.staged.rows
         self.counters.worker_load(self.index, rows)
         self.model_metrics.queue_rows.set(self.queue.rows)
 
@@ -166,14 +192,14 @@ class Worker:
                     "the request's deadline passed while it waited in the queue "
                     f"(--timeout-ms {self.cfg.timeout_ms:g})"))
             if step.take:
-                waited = 0.0
-                for q in step.take:
-                    self.model_metrics.queue_wait.observe(now - q.arrived)
-                    waited += now - q.arrived
-                self.counters.worker_queued(self.index, len(step.take), int(waited * 1e9))
                 waits = self.staged is not None or self.running is not None
                 if self.staged is None:
                     self.staged = Batch([])
+                waited, observe = 0.0, self.model_metrics.queue_wait.observe
+                for q in step.take:
+                    observe(now - q.arrived)
+                    waited += now - q.arrived
+                self.staged.waited_ns += int(waited * 1e9)
                 started = time.perf_counter_ns()
                 self.gather.add(self.staged, step.take, copy_now=waits)
                 self.staged.gather_ns += time.perf_counter_ns() - started
@@ -206,7 +232,33 @@ class Worker:
             loop.call_soon_threadsafe(self._finished, batch)
         if not self.local:
             self.counters.worker_busy(self.index, time.monotonic())
+        elif batch.entries[0].item.deadline < self.deadline_at:
+            self._expire_in_pipeline()
         self.compute_thread.submit(run)
+
+    def _expire_in_pipeline(self) -> None:
+        """Local: fail the front's requests whose deadline passed in a batch that runs or
+        waits for the device (a slow or stuck model; queued ones expire in the queue),
+        then look again at the next deadline. One timer, armed as a batch starts. (A
+        worker in its own process needs none: its front keeps the deadlines.)"""
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+        self.deadline_timer, self.deadline_at = None, math.inf
+        now, soonest = time.monotonic(), None
+        for batch in (self.running, self.staged):
+            for q in batch.entries if batch is not None else ():
+                if not q.owner.open:
+                    continue
+                if q.item.deadline <= now:
+                    answer_error(q, DeadlineExceeded(
+                        f"no result within --timeout-ms {self.cfg.timeout_ms:g}: the model "
+                        "was still running the batch it is in, or the one before"))
+                elif soonest is None or q.item.deadline < soonest:
+                    soonest = q.item.deadline
+        if soonest is not None:
+            self.deadline_at = soonest
+            self.deadline_timer = self.loop.call_later(soonest - now,
+                                                       self._expire_in_pipeline)
 
     def _finished(self, batch: Batch, then_pump: bool = True) -> None:
         self.running = None
@@ -215,7 +267,6 @@ class Worker:
         self.queue.device_free(time.monotonic(), batch.rows)
         if then_pump:
             self.pump()                      # the device first, then the answers
-        self.counters.add_batch(self.index, batch.rows, batch.size)
         self.model_metrics.batch_rows.observe(batch.rows)
         if batch.took is not None:              # tallied here: the event loop's thread
             self.model_metrics.model_seconds.observe(batch.took)
@@ -227,20 +278,21 @@ class Worker:
             err = InternalError(f"internal server error: {type(e).__name__}: {e}")
             for q in batch.entries:
                 answer_error(q, err)
-        if batch.took is not None:          # ran as one execution (Triton's statistics)
-            self.counters.worker_executed(
-                self.index, len(batch.entries), batch.rows, batch.size, batch.gather_ns,
-                int(batch.took * 1e9), time.perf_counter_ns() - started)
+        self.counters.worker_batch(
+            self.index, len(batch.entries), batch.rows, batch.size, batch.waited_ns,
+            None if batch.took is None else       # not run as one execution
+            (batch.gather_ns, int(batch.took * 1e9), time.perf_counter_ns() - started))
 
     def _count_answered(self, batch: Batch) -> None:
         """``gpserve_rows_total{source="model"}``: once per batch (not per request, 2% of
         a front's time on small requests), before any answer leaves, so that a client
         holding its answer sees its rows counted."""
-        failed_rows = sum(q.item.rows if q.item.rows is not None else batch.rows
-                          for q, outcome in zip(batch.entries, batch.outcomes)
-                          if outcome.error is not None)
-        if batch.rows > failed_rows:
-            self.rows_answered.inc(batch.rows - failed_rows)
+        answered = batch.rows
+        for q, outcome in zip(batch.entries, batch.outcomes):
+            if outcome.error is not None:
+                answered -= q.item.rows if q.item.rows is not None else batch.rows
+        if answered > 0:
+            self.rows_answered.inc(answered)
 
 
 def main(cfg: Config, index: int) -> None:
