@@ -159,13 +159,14 @@ class ModelState:
                 raise TooManyRows(f"the request has {rows} rows, more than the queue "
                                   f"holds (--max-queue {self.cfg.max_queue}); split it into "
                                   f"requests of at most {self.cfg.max_queue} rows")
-            options = request_options(config)
+            options = request_options(config) if "=" in config else _DEFAULTS
             alone = not options["batch"]
             if self.cache is not None and rows and options["cache"]:
                 arrays = await self._run_cached(tensors, names, outputs, config, rows,
                                                 request, alone)
             else:
-                refs = tuple(self._for_worker(request.regions, t) for t in tensors)
+                refs = (tuple(tensors) if self.hosted is not None else     # 0 copies
+                        tuple([self._for_worker(request.regions, t) for t in tensors]))
                 arrays = await self._compute(refs, names, outputs, config, rows, request,
                                              alone)
             ok = True
@@ -276,11 +277,14 @@ def hosted_instance(cfg: Config, index: int):
     return Worker(cfg, index, local=True)
 
 
+_DEFAULTS = {"cache": True, "batch": True}      # read only: copied before a change
+
+
 def request_options(config: str) -> dict[str, bool]:
     """The options gpserve reads from a request's ``config`` (other text goes to the model
     unchanged): ``cache=on|off`` (the row cache) and ``batch=on|off`` (``off`` runs the
     request alone: its answer cannot depend on other requests' rows)."""
-    options = {"cache": True, "batch": True}
+    options = dict(_DEFAULTS)
     if "=" not in config:
         return options
     for token in re.split(r"[;,\s]+", config):

@@ -1,6 +1,7 @@
 """What a model takes and returns, and the checks a request must pass before it is queued."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,8 +106,8 @@ class ModelSpec:
             raise WrongInputCount(f"{len(input_names)} input names for {len(tensors)} tensors")
         if not tensors:
             raise WrongInputCount("the echo model needs at least one input tensor")
-        names = input_names or [f"input{i}" if i else "input" for i in range(len(tensors))]
-        outs = output_names or [f"output{i}" if i else "output" for i in range(len(tensors))]
+        names = input_names or _echo_names("input", len(tensors))
+        outs = output_names or _echo_names("output", len(tensors))
         if len(outs) != len(tensors):
             raise UnknownOutput(f"the echo model returns its {len(tensors)} inputs; "
                                 f"{len(outs)} output names were asked for")
@@ -116,3 +117,10 @@ class ModelSpec:
                 rows = None
                 break
         return names, outs, rows
+
+
+@functools.lru_cache(maxsize=64)
+def _echo_names(stem: str, count: int) -> list[str]:
+    """Echo's default names of ``count`` tensors: ``input``, ``input1``, ... (made once;
+    callers do not change the list)."""
+    return [f"{stem}{i}" if i else stem for i in range(count)]

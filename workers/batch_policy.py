@@ -56,6 +56,14 @@ class Queued:
 
 
 @dataclass(slots=True)
+class Group:
+    """The queued requests of one key, in arrival order, and their rows."""
+
+    entries: deque[Queued] = field(default_factory=deque)
+    rows: int = 0
+
+
+@dataclass(slots=True)
 class Decision:
     """What the worker should do now: run ``batch`` (may be empty), answer ``expired``,
     and, if nothing runs, look again after ``wait`` seconds (None: when rows arrive or
@@ -187,8 +195,7 @@ class BatchQueue:
         self.sizes = sizes or BatchSizes(None, max_batch)
         self.costs = CostModel()
         self.arrivals = ArrivalRate()
-        self.groups: dict[tuple, deque[Queued]] = {}
-        self.group_rows: dict[tuple, int] = {}
+        self.groups: dict[tuple, Group] = {}       # by key; a key's hash made once a request
         self.rows = 0
         self.idle_since = -math.inf            # when the device last freed
         self.owed = 0                          # rows it answered that have not come back
@@ -201,10 +208,9 @@ class BatchQueue:
                     f"{rows}, past --max-queue {self.max_queue}; retry later")
         group = self.groups.get(item.key)
         if group is None:
-            group = self.groups[item.key] = deque()
-            self.group_rows[item.key] = 0
-        group.append(Queued(item, owner, now))
-        self.group_rows[item.key] += rows
+            group = self.groups[item.key] = Group()
+        group.entries.append(Queued(item, owner, now))
+        group.rows += rows
         self.rows += rows
         if self.costs.fixed_s and self.max_delay_s:   # else nothing is ever held
             self.arrivals.add(rows, now, self.idle_since)
@@ -214,11 +220,12 @@ class BatchQueue:
     def drop_owner(self, owner) -> list[Queued]:
         """Forget the requests of a front that is gone (nobody waits for them)."""
         dropped: list[Queued] = []
-        for key in list(self.groups):
+        for key, group in list(self.groups.items()):
             kept: deque[Queued] = deque()
-            for q in self.groups[key]:
+            for q in group.entries:
                 (dropped if q.owner is owner else kept).append(q)
-            self._set_group(key, kept)
+            group.entries = kept
+            self._recount(key, group)
         return dropped
 
     def next(self, now: float, busy: bool) -> Decision:
@@ -226,19 +233,22 @@ class BatchQueue:
         runs; see the module doc."""
         out = Decision()
         while self.groups:
-            key = min(self.groups, key=lambda k: self.groups[k][0].arrived)
-            group = self.groups[key]
-            head = group[0]
+            if len(self.groups) == 1:
+                key, group = next(iter(self.groups.items()))
+            else:
+                key = min(self.groups, key=lambda k: self.groups[k].entries[0].arrived)
+                group = self.groups[key]
+            head = group.entries[0]
             if head.item.deadline <= now:
-                out.expired.append(group.popleft())
-                self._set_group(key, group)
+                out.expired.append(group.entries.popleft())
+                self._recount(key, group)
                 continue
             if head.item.rows is not None and not busy:
-                wait = self.hold(self.group_rows[key], head.arrived, now)
+                wait = self.hold(group.rows, head.arrived, now)
                 if wait > 0:
                     out.wait = wait
                     return out
-            out.batch = self._take(key, now, out.expired)
+            out.batch = self._take(key, group, now, out.expired)
             if out.batch:
                 return out
         return out
@@ -263,22 +273,23 @@ class BatchQueue:
         """Rows of ``key`` for a staged batch with ``room`` rows left: its group's
         requests in arrival order while they fit (expired ones answered instead)."""
         out = Decision()
-        if key in self.groups and room > 0:
-            out.batch = self._take(key, now, out.expired, room)
+        group = self.groups.get(key)
+        if group is not None and room > 0:
+            out.batch = self._take(key, group, now, out.expired, room)
         return out
 
-    def _take(self, key: tuple, now: float, expired: list,
+    def _take(self, key: tuple, group: Group, now: float, expired: list,
               room: int | None = None) -> list[Queued]:
         """A new batch (``room`` None: its first request is taken whatever its size, a
         large one to run alone), or more rows for a staged one (only what fits)."""
-        group, batch, rows = self.groups[key], list[Queued](), 0
+        entries, batch, rows = group.entries, list[Queued](), 0
         limit = self.max_batch if room is None else room
-        while group:
-            q = group[0]
+        while entries:
+            q = entries[0]
             if ((batch or room is not None)
                     and (q.item.rows is None or rows + q.rows > limit)):
                 break
-            group.popleft()
+            entries.popleft()
             if q.item.deadline <= now:
                 expired.append(q)
                 continue
@@ -286,14 +297,14 @@ class BatchQueue:
             rows += q.rows
             if q.item.rows is None or rows >= limit:
                 break
-        self._set_group(key, group)
+        self._recount(key, group)
         return batch
 
-    def _set_group(self, key: tuple, entries: deque) -> None:
-        rows = sum(q.rows for q in entries)
-        self.rows += rows - self.group_rows[key]
-        if entries:
-            self.groups[key], self.group_rows[key] = entries, rows
-        else:
-            del self.groups[key], self.group_rows[key]
+    def _recount(self, key: tuple, group: Group) -> None:
+        """A group's requests changed: its rows and the queue's again (gone if empty)."""
+        rows = sum(q.rows for q in group.entries)
+        self.rows += rows - group.rows
+        group.rows = rows
+        if not group.entries:
+            del self.groups[key]
 
