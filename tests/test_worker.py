@@ -1,6 +1,7 @@
 """A worker driven in-process: a stand-in backend and stand-in front links, no HTTP, no
 other process. Warm-up, a batch staged while the device runs, answers lent and given
-back, a front's death, one bad request in a merged batch, and the live batching check.
+back, a front's death, one bad request in a merged batch, and the live batching check;
+and an instance in its front (``local``), called directly.
 
 Nothing here sleeps: the stand-in backend blocks on an event the test sets, and the
 test waits for the answers it expects."""
@@ -15,7 +16,7 @@ from gpserve.workers.worker import Worker
 from gpserve import ipc
 from gpserve.config import Config
 from gpserve.counters import Counters
-from gpserve.errors import ModelError
+from gpserve.errors import DeadlineExceeded, ModelError, QueueFull
 from gpserve.modelspec import IOSpec, ModelSpec
 from gpserve.shm import Arena, Inline, Segments, inline, remove_run_segments, segment_path
 
@@ -69,12 +70,12 @@ def run(tmp_path):
     counters = Counters(segment_path(run_id, "counters"), create=True)
     made = []
 
-    def make(backend, **settings):
+    def make(backend, local=False, **settings):
         cfg = Config(run_id=run_id, device="cpu", threads=1, shm_mb=1, max_batch=8,
                      batch_sizes="any", max_delay_ms=0, **settings)
         front_arena = Arena(segment_path(run_id, f"front0-{len(made)}"), 1 << 20)
         made.append(front_arena)
-        return Worker(cfg, 0, backend=backend), front_arena, counters
+        return (Worker(cfg, 0, local=local, backend=backend), front_arena, counters)
     yield make
     for a in made:
         a.close()
@@ -232,4 +233,75 @@ def test_the_live_check_finds_a_model_whose_answers_depend_on_the_batch(run):
         checks = counters.batch_checks()
         assert checks["checks"] == 1 and checks["changed"] == 1
         assert checks["max_difference"] == pytest.approx(1.0)   # alone: 0, batched: -1
+    asyncio.run(main())
+
+
+def rows(*values):
+    return np.asarray(values, np.float32).reshape(-1, 2)
+
+
+def call(worker, x, key=("x", (2,))):
+    return worker.call((x,), ("x",), ("y",), "", len(x), key)
+
+
+def test_an_instance_in_its_front_answers_calls_with_the_arrays_batched(run):
+    """Calls made while the device runs are staged and run as one batch; a bad request
+    in it fails alone with the model's error (the others re-run alone and answered),
+    and a call past the queue's room is refused at once."""
+    backend = Backend()
+
+    async def main():
+        worker, _, counters = run(backend, local=True, batch_check_every=0, max_queue=4)
+        await worker.start()
+        warmed = len(backend.runs)
+        backend.gate.clear()
+        first = call(worker, rows([1, 1]))
+        await asyncio.sleep(0)                         # a turn: the first runs
+        staged = [call(worker, rows([2, 2], [3, 3])), call(worker, rows([np.nan, 0])),
+                  call(worker, rows([5, 5]))]
+        refused = call(worker, rows([6, 6]))           # 1 running, 4 rows queued
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="--max-queue 4"):
+            await refused
+        backend.gate.set()
+        (y1,) = await first
+        two, bad, four = await asyncio.gather(*staged, return_exceptions=True)
+        assert y1.tolist() == [[2, 2]]
+        assert two[0].tolist() == [[4, 4], [6, 6]] and four[0].tolist() == [[10, 10]]
+        assert isinstance(bad, ModelError) and "a NaN row" in bad.message
+        # the first; the three merged (4 rows), failed; each alone again
+        assert backend.runs[warmed:] == [1, 4, 2, 1, 1]
+        s = counters.statistics()
+        assert s["queue_count"] == 4 and s["executions"] == 1   # the merged one re-ran
+        backend.gate.clear()                           # again, nothing bad in the batch
+        first = call(worker, rows([1, 1]))
+        await asyncio.sleep(0)
+        staged = [call(worker, rows([2, 2])), call(worker, rows([3, 3], [4, 4]))]
+        backend.gate.set()
+        await first
+        (two,), (three,) = await asyncio.gather(*staged)
+        assert two.tolist() == [[4, 4]] and three.tolist() == [[6, 6], [8, 8]]
+        assert backend.runs[-1] == 3 and two.base is three.base   # rows of one output
+    asyncio.run(main())
+
+
+def test_an_instance_in_its_front_fails_calls_whose_deadline_passes_while_it_runs(run):
+    """A batch that runs past the deadline (the device held busy): its call and the one
+    staged behind it fail with DeadlineExceeded at the deadline, not when it ends."""
+    backend = Backend()
+
+    async def main():
+        worker, _, _ = run(backend, local=True, batch_check_every=0, timeout_ms=50)
+        await worker.start()
+        backend.gate.clear()
+        running = call(worker, rows([1, 1]))
+        await asyncio.sleep(0)
+        staged = call(worker, rows([2, 2]))
+        for waiting in (running, staged):
+            with pytest.raises(DeadlineExceeded, match="--timeout-ms 50"):
+                await asyncio.wait_for(waiting, 10)
+        assert worker.running is not None              # the model still runs
+        backend.gate.set()                             # its late answers go nowhere,
+        (y,) = await call(worker, rows([7, 7]))        # and the next call is served
+        assert y.tolist() == [[14, 14]]
     asyncio.run(main())
