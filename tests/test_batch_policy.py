@@ -161,6 +161,15 @@ def test_an_unknown_cost_model_holds_nothing():
     assert c.fixed_s == 0.0             # one size seen: the intercept is unknown
 
 
+def test_the_cost_model_predicts_a_batch_from_the_sizes_it_saw():
+    c = CostModel()
+    c.observe(1, 0.001)
+    assert c.expected(4) is None        # one size seen: no slope yet
+    c.observe(8, 0.0024)                # t(n) = 0.8 ms + 0.2 ms a row
+    assert c.fixed_s == pytest.approx(0.0008)
+    assert c.expected(4) == pytest.approx(0.0016) and c.expected(8) == pytest.approx(0.0024)
+
+
 def test_expired_requests_are_answered_never_run():
     q = BatchQueue(max_batch=8, max_delay_s=0, max_queue=100)
     q.add(submit(1, 1, deadline=1.0), FRONT_A, 0.0)

@@ -38,6 +38,7 @@ class Backend:
         self.gate.wait(30)
         x = np.asarray(feed["x"])
         self.runs.append(len(x))
+        self.thread = threading.get_ident()
         if np.isnan(x).any():
             raise ValueError("a NaN row")
         return [x - x.mean(axis=0) if self.centred else 2 * x]
@@ -244,7 +245,33 @@ def call(worker, x, key=("x", (2,))):
     return worker.call((x,), ("x",), ("y",), "", len(x), key)
 
 
-def test_an_instance_in_its_front_answers_calls_with_the_arrays_batched(run):
+@pytest.fixture
+def threaded(monkeypatch):
+    """Every batch of an instance in its front runs in its compute thread, however cheap
+    (these tests hold the device busy, which a batch run on the event loop cannot be)."""
+    import gpserve.workers.worker as worker
+    monkeypatch.setattr(worker, "INLINE_BELOW_S", 0.0)
+
+
+def test_an_instance_in_its_front_runs_cheap_batches_on_the_event_loop(run, monkeypatch):
+    """A batch the cost model expects to be quick runs on the loop's own thread (no
+    hand-off to the compute thread and back); one expected to be slow, in the thread."""
+    backend = Backend()
+    import gpserve.workers.worker as worker_module
+
+    async def main():
+        worker, _, _ = run(backend, local=True, batch_check_every=0)
+        await worker.start()                           # warm-up: the cost model fitted
+        assert worker.queue.costs.expected(1) < worker_module.INLINE_BELOW_S
+        (y,) = await call(worker, rows([1, 1]))
+        assert y.tolist() == [[2, 2]] and backend.thread == threading.get_ident()
+        monkeypatch.setattr(worker_module, "INLINE_BELOW_S", 0.0)
+        (y,) = await call(worker, rows([3, 3]))
+        assert y.tolist() == [[6, 6]] and backend.thread != threading.get_ident()
+    asyncio.run(main())
+
+
+def test_an_instance_in_its_front_answers_calls_with_the_arrays_batched(run, threaded):
     """Calls made while the device runs are staged and run as one batch; a bad request
     in it fails alone with the model's error (the others re-run alone and answered),
     and a call past the queue's room is refused at once."""
@@ -285,7 +312,8 @@ def test_an_instance_in_its_front_answers_calls_with_the_arrays_batched(run):
     asyncio.run(main())
 
 
-def test_an_instance_in_its_front_fails_calls_whose_deadline_passes_while_it_runs(run):
+def test_an_instance_in_its_front_fails_calls_whose_deadline_passes_while_it_runs(run,
+                                                                                threaded):
     """A batch that runs past the deadline (the device held busy): its call and the one
     staged behind it fail with DeadlineExceeded at the deadline, not when it ends."""
     backend = Backend()

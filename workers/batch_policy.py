@@ -123,6 +123,7 @@ class CostModel:
         self.w = self.sn = self.st = self.snn = self.snt = 0.0
         self.sizes: set[int] = set()
         self.fixed_s = 0.0      # the per-batch cost merging saves (a); 0 until 2 sizes ran
+        self.per_row_s: float | None = None     # b; None until 2 sizes ran
 
     def observe(self, rows: int, seconds: float) -> None:
         d = self.DECAY
@@ -135,6 +136,12 @@ class CostModel:
             self.sizes.add(rows)
         self.fixed_s = self._fit()          # once per batch, not on every request's path
 
+    def expected(self, rows: int) -> float | None:
+        """Seconds a batch of ``rows`` is expected to take (None: not known yet)."""
+        if self.per_row_s is None:
+            return None
+        return self.fixed_s + self.per_row_s * rows
+
     def _fit(self) -> float:
         if len(self.sizes) < 2:
             return 0.0
@@ -143,7 +150,10 @@ class CostModel:
             return 0.0
         b = (self.snt * self.w - self.sn * self.st) / var
         a = (self.st - b * self.sn) / self.w
-        return max(0.0, min(a, self.st / self.w))
+        fixed = max(0.0, min(a, self.st / self.w))
+        # b from the mean, given that a: never below 0, so a guess is never negative
+        self.per_row_s = max(0.0, (self.st / self.w - fixed) / max(self.sn / self.w, 1e-12))
+        return fixed
 
 
 class ArrivalRate:
