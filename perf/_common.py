@@ -75,12 +75,13 @@ class Process:
     stopping signals that whole group, which is only what it started."""
 
     def __init__(self, argv: list[str], ready_url: str, ready_body: bytes | None = None,
-                 timeout: float = 90, group: bool = False):
+                 timeout: float = 90, group: bool = False, cwd: str | None = None,
+                 env: dict | None = None):
         import subprocess
         import urllib.request
         self.group = group
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=group)
+                                     start_new_session=group, cwd=cwd, env=env)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
