@@ -28,7 +28,7 @@ class Backend:
     of NaN fails the run. ``gate``: each run waits for it (the device is busy)."""
 
     def __init__(self, centred=False):
-        self.spec = ModelSpec("standin", "standin", [IOSpec("x", F32, [-1, 2])],
+        self.spec = ModelSpec("test", "test", [IOSpec("x", F32, [-1, 2])],
                               [IOSpec("y", F32, [-1, 2])])
         self.centred, self.runs = centred, []
         self.gate = threading.Event()
@@ -64,9 +64,13 @@ class Front:
 
 
 @pytest.fixture
-def run(tmp_path):
+def run(tmp_path, monkeypatch):
     """A worker in this process (its arena and counters on /dev/shm), and the front's
-    arena its requests' rows sit in."""
+    arena its requests' rows sit in. Every batch runs in its compute thread, however
+    cheap: these tests hold the device busy, which a batch run on the event loop cannot
+    be (the test of cheap batches sets the limit back)."""
+    import gpserve.workers.worker as worker
+    monkeypatch.setattr(worker, "INLINE_BELOW_S", 0.0)
     run_id = f"t{os.getpid()}w"
     counters = Counters(segment_path(run_id, "counters"), create=True)
     made = []
@@ -245,33 +249,39 @@ def call(worker, x, key=("x", (2,))):
     return worker.call((x,), ("x",), ("y",), "", len(x), key)
 
 
-@pytest.fixture
-def threaded(monkeypatch):
-    """Every batch of an instance in its front runs in its compute thread, however cheap
-    (these tests hold the device busy, which a batch run on the event loop cannot be)."""
-    import gpserve.workers.worker as worker
-    monkeypatch.setattr(worker, "INLINE_BELOW_S", 0.0)
-
-
-def test_an_instance_in_its_front_runs_cheap_batches_on_the_event_loop(run, monkeypatch):
-    """A batch the cost model expects to be quick runs on the loop's own thread (no
-    hand-off to the compute thread and back); one expected to be slow, in the thread."""
+@pytest.mark.parametrize("local", [True, False], ids=["in its front", "a worker process"])
+def test_cheap_batches_run_on_the_event_loop(run, monkeypatch, local):
+    """On the CPU, a batch the cost model expects to be quick runs on the loop's own
+    thread (no hand-off to the compute thread and back); one expected to be slow, and
+    every batch on a GPU, in the thread."""
     backend = Backend()
     import gpserve.workers.worker as worker_module
+    monkeypatch.setattr(worker_module, "INLINE_BELOW_S", 0.001)
 
     async def main():
-        worker, _, _ = run(backend, local=True, batch_check_every=0)
+        worker, arena, _ = run(backend, local=local, batch_check_every=0)
         await worker.start()                           # warm-up: the cost model fitted
         assert worker.queue.costs.expected(1) < worker_module.INLINE_BELOW_S
-        (y,) = await call(worker, rows([1, 1]))
-        assert y.tolist() == [[2, 2]] and backend.thread == threading.get_ident()
-        monkeypatch.setattr(worker_module, "INLINE_BELOW_S", 0.0)
-        (y,) = await call(worker, rows([3, 3]))
-        assert y.tolist() == [[6, 6]] and backend.thread != threading.get_ident()
+        front, asked = Front(), iter(range(1, 10))
+
+        async def ask(x):                  # in its front: called; else a Submit, a Done
+            if local:
+                (y,) = await call(worker, rows(x))
+                return y.tolist()
+            req_id = next(asked)
+            worker.on_message(front, submit(arena, req_id, [x]))
+            (done,) = await front.answers(req_id)
+            return values(done)
+        assert await ask([1, 1]) == [[2, 2]] and backend.thread == threading.get_ident()
+        monkeypatch.setattr(worker_module, "INLINE_BELOW_S", 0.0)        # slow, say
+        assert await ask([3, 3]) == [[6, 6]] and backend.thread != threading.get_ident()
+        monkeypatch.setattr(worker_module, "INLINE_BELOW_S", 0.001)
+        worker.device_like = True                     # a GPU's (or the stand-in's)
+        assert await ask([4, 4]) == [[8, 8]] and backend.thread != threading.get_ident()
     asyncio.run(main())
 
 
-def test_an_instance_in_its_front_answers_calls_with_the_arrays_batched(run, threaded):
+def test_an_instance_in_its_front_answers_calls_with_the_arrays_batched(run):
     """Calls made while the device runs are staged and run as one batch; a bad request
     in it fails alone with the model's error (the others re-run alone and answered),
     and a call past the queue's room is refused at once."""
@@ -312,8 +322,7 @@ def test_an_instance_in_its_front_answers_calls_with_the_arrays_batched(run, thr
     asyncio.run(main())
 
 
-def test_an_instance_in_its_front_fails_calls_whose_deadline_passes_while_it_runs(run,
-                                                                                threaded):
+def test_an_instance_in_its_front_fails_calls_whose_deadline_passes_while_it_runs(run):
     """A batch that runs past the deadline (the device held busy): its call and the one
     staged behind it fail with DeadlineExceeded at the deadline, not when it ends."""
     backend = Backend()

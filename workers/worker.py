@@ -39,7 +39,7 @@ from .gather import Batch, Gather
 from .pipeline import Pipeline
 
 log = logging.getLogger("gpserve.worker")
-INLINE_BELOW_S = 0.001     # in a front, a batch expected to take less runs on the loop
+INLINE_BELOW_S = 0.001     # on the CPU, a batch expected to take less runs on the loop
 
 
 class Worker:
@@ -66,8 +66,11 @@ class Worker:
             self.segments.adopt(self.arena)
         self.counters = Counters(segment_path(cfg.run_id, cfg.scoped("counters")))
         max_batch = cfg.max_batch if cfg.batching != "off" and spec.batchable else 1
-        self.sizes = BatchSizes.parse(cfg.batch_sizes, max_batch,
-                                      self.device.startswith("cuda"))
+        on_gpu = self.device.startswith("cuda")
+        self.sizes = BatchSizes.parse(cfg.batch_sizes, max_batch, on_gpu)
+        # a GPU's batches all run in the compute thread (see _cheap); so do those of the
+        # stand-in for one (workers/standin.py), which sleeps as a device runs
+        self.device_like = on_gpu or spec.backend == "standin"
         self.queue = BatchQueue(max_batch, cfg.max_delay_ms / 1000, cfg.max_queue, self.sizes)
         self.pipeline = Pipeline(self.queue)
         self.gather = Gather(self.arena, self.segments, self.sizes, max_batch, spec.batchable,
@@ -238,12 +241,14 @@ class Worker:
         self.compute_thread.submit(run)
 
     def _cheap(self, batch: Batch) -> bool:
-        """Local: a batch the cost model expects to take under ``INLINE_BELOW_S`` runs
-        on the event loop. Handing it to the compute thread and back costs two wake-ups
-        and the GIL passed twice, more than such a batch (a small ONNX model in a front:
-        22k -> 33k requests/s at 16 clients, docs/benchmarks.md); longer ones keep the
-        thread, so the loop gathers the next batch meanwhile and never stalls long."""
-        if not self.local:
+        """On the CPU, a batch the cost model expects to take under ``INLINE_BELOW_S``
+        runs on the event loop. Handing it to the compute thread and back costs two
+        wake-ups and the GIL passed twice, more than such a batch (a small ONNX model:
+        1.6x the requests/s in a front, 1.25x in a worker process, docs/benchmarks.md);
+        longer ones keep the thread, so that the loop takes and gathers the next batch
+        meanwhile and never stalls long. On a GPU every batch keeps the thread, the
+        pipeline's overlap of gathering with the device (unmeasured there without it)."""
+        if self.device_like:
             return False
         expected = self.queue.costs.expected(batch.size)
         return expected is not None and expected < INLINE_BELOW_S
