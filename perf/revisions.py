@@ -2,18 +2,21 @@
 
 Serves the same model from a git revision (``BASE``, checked out in a temporary worktree)
 and from this working tree, on the same machine at once, and loads them in turn with the
-same wrk load (GraphPipe, float32 [1, WIDTH] rows), alternating ``--repeats`` times so
-that both see the same drift. Prints each one's requests/s and CPU time per request (all
-its processes, from ``/proc``), the medians, and the working tree's ratio to BASE. What
-a closing note quotes when it claims a speed-up of the serving path.
+same wrk load (GraphPipe, one float32 row of ``--row-shape`` a request), alternating
+``--repeats`` times so that both see the same drift. Prints each one's requests/s and
+CPU time per request (all its processes, from ``/proc``), the medians, and the working
+tree's ratio to BASE: what a closing note quotes when it claims a speed-up of the
+serving path.
 
     python perf/revisions.py BASE [--model echo] [--placement auto] [--clients 16]
-                             [--width 16] [--seconds 4] [--repeats 3] [--quick]
+                             [--row-shape 16] [--seconds 4] [--repeats 3] [--quick]
                              [--json FILE]
 
 ``BASE``: any revision git knows (``HEAD~1``, a commit, a tag). ``--model``: what
 ``gpserve serve --model`` takes (``echo``, an ONNX file such as the peers' identity or
-MLP model, ``standin:A,B``). The worktree is removed afterwards.
+MLP model, ``standin:A,B``). ``--row-shape``: a row's dimensions after the batch one
+(``256`` for the MLP, ``3,48,192`` for the OCR direction classifier). The worktree is
+removed afterwards.
 """
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ def main() -> None:
     ap.add_argument("--model", default="echo")
     ap.add_argument("--placement", default="auto")
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--width", type=int, default=16, help="floats a row")
+    ap.add_argument("--row-shape", default="16", help="a row's dimensions: 16, 3,48,192")
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="2 runs of 2 s each")
@@ -82,7 +85,8 @@ def main() -> None:
     if a.quick:
         a.seconds, a.repeats = 2, 2
     exit_cleanly_on_sigterm()
-    x = np.random.default_rng(0).random((1, a.width), dtype=np.float32)
+    row = tuple(int(d) for d in a.row_shape.split(","))
+    x = np.random.default_rng(0).random((1, *row), dtype=np.float32)
     body = bytes(P.encode_request(P.InferRequest([x])))
     args = ["--model", a.model, "--placement", a.placement]
     label = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", a.base],
@@ -115,14 +119,14 @@ def main() -> None:
     rows = [{"revision": name, "rps": statistics.median(r for r, _ in rs),
              "cpu_us": statistics.median(c for _, c in rs),
              "runs_rps": " ".join(f"{r:,.0f}" for r, _ in rs)} for name, rs in runs.items()]
-    print(f"\n{a.model} ({a.placement}), float32 [1,{a.width}], {a.clients} clients, "
+    print(f"\n{a.model} ({a.placement}), float32 {list(x.shape)}, {a.clients} clients, "
           f"median of {a.repeats} x {a.seconds:g} s, alternated (wrk -t1)")
     print_table(rows, [("revision", ""), ("rps", ",.0f"), ("cpu_us", ".1f"), ("runs_rps", "")])
     base, this = rows
     print(f"\nthis tree over {label}: requests/s {this['rps'] / base['rps']:.2f}x, "
           f"CPU a request {this['cpu_us'] / base['cpu_us']:.2f}x")
     write_json(a.json, rows, base=a.base, model=a.model, placement=a.placement,
-               clients=a.clients, width=a.width)
+               clients=a.clients, row_shape=list(row))
 
 
 if __name__ == "__main__":
