@@ -7,7 +7,11 @@ pipeline (:mod:`.pipeline`, over the batching policy of :mod:`.batch_policy`) wh
 do, gathers each batch's rows (:mod:`.gather`) and answers (:mod:`.delivery`); the
 model runs in a compute thread (:mod:`.compute`; runtimes release the GIL while they
 run), so while batch n computes, batch n+1 is gathered and batch n-1's outputs are
-written out and answered. Echo, which costs nothing, runs inline on the loop.
+written out and answered. Echo, and on the CPU a batch expected to take under 1 ms,
+run inline on the loop: a hand-off to the thread would cost more (:meth:`Worker._cheap`).
+
+A model that runs in the fronts (``--placement fronts``) is a Worker too, one in each
+front (``local``): the front calls it (:meth:`Worker.call`), no link between them.
 
 Before it takes traffic a worker runs every batch size it will form (``--batch-sizes``;
 a batch is padded up to the next of them), so no request pays a runtime's first run
@@ -134,7 +138,7 @@ class Worker:
         async with server:
             await server.serve_forever()
 
-    # -- links (ipc.Link and the in-front LocalEnd call these) --------------------------
+    # -- requests: from links (ipc.Link), or called by the front it runs in ------------
     def on_message(self, link, message) -> None:
         if type(message) is ipc.Submit:
             self.take(message, link, time.monotonic())
