@@ -16,7 +16,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -159,16 +159,16 @@ class ModelState:
                 raise TooManyRows(f"the request has {rows} rows, more than the queue "
                                   f"holds (--max-queue {self.cfg.max_queue}); split it into "
                                   f"requests of at most {self.cfg.max_queue} rows")
-            options = request_options(config) if "=" in config else _DEFAULTS
-            alone = not options["batch"]
-            if self.cache is not None and rows and options["cache"]:
+            options = request_options(config)
+            alone = not options.batch
+            if self.cache is not None and rows and options.cache:
                 arrays = await self._run_cached(tensors, names, outputs, config, rows,
                                                 request, alone)
             else:
                 refs = (tuple(tensors) if self.hosted is not None else     # 0 copies
                         tuple([self._for_worker(request.regions, t) for t in tensors]))
-                arrays = await self._compute(refs, names, outputs, config, rows, request,
-                                             alone)
+                arrays = await self._compute(tensors, refs, names, outputs, config, rows,
+                                             request, alone)
             ok = True
             return outputs, arrays
         finally:            # Triton's statistics: success or fail, and how long it took
@@ -202,8 +202,8 @@ class ModelState:
                                       None if len(missing) == rows else missing)
                      for t in tensors)
         computing = time.perf_counter()
-        computed = await self._compute(refs, names, outputs, config, len(missing), request,
-                                       alone)
+        computed = await self._compute(tensors, refs, names, outputs, config, len(missing),
+                                       request, alone)
         # what computing takes now (a moving average): the shared tier may wait as long
         self.compute_s += 0.1 * (time.perf_counter() - computing - self.compute_s)
         merged = computed
@@ -231,22 +231,18 @@ class ModelState:
             return tensor if rows is None else tensor[rows]
         return regions.place(tensor) if rows is None else regions.place_rows(tensor, rows)
 
-    def _compute(self, refs, names, outputs, config, rows, request: Request,
+    def _compute(self, tensors, refs, names, outputs, config, rows, request: Request,
                  alone=False) -> Awaitable[Sequence[np.ndarray]]:
-        """Run on the model's instance here or on a worker: what to await for the output
-        arrays (a worker's: views of its shared memory, given back when the request
-        closes). ``alone`` (or ``--batching off``, or a model that cannot batch) runs the
-        request by itself. Not a coroutine: the instance here is awaited directly."""
+        """Run ``refs`` (what the model is given of ``tensors``, or of some of their rows)
+        on the model's instance here or on a worker: what to await for the output arrays
+        (a worker's: views of its shared memory, given back when the request closes).
+        ``alone`` (or ``--batching off``, or a model that cannot batch) runs the request
+        by itself. Not a coroutine: the instance here is awaited directly."""
         if alone or self.cfg.batching == "off" or not self.spec.batchable:
             rows = None
-        if rows is None:
-            key: tuple = ("alone", next(self.ids))
-        elif self.hosted is not None:        # refs are the arrays: their layout, inline
-            key = (tuple(names), tuple([(r.dtype.str, r.shape[1:]) for r in refs]),
-                   tuple(outputs), config)
-        else:
-            key = (tuple(names), tuple([(r.ttype, r.shape[1:]) for r in refs]),
-                   tuple(outputs), config)
+        key = ("alone", next(self.ids)) if rows is None else (   # requests of a key batch
+            tuple(names), tuple([(t.dtype.str, t.shape[1:]) for t in tensors]),
+            tuple(outputs), config)
         if self.hosted is not None:
             # the answer is the output arrays themselves. Nothing to hand over at a
             # deadline: no other process reads the request's memory, and the model reads
@@ -277,20 +273,28 @@ def hosted_instance(cfg: Config, index: int):
     return Worker(cfg, index, local=True)
 
 
-_DEFAULTS = {"cache": True, "batch": True}      # read only: copied before a change
+class Options(NamedTuple):
+    """The options gpserve reads from a request's ``config``."""
+
+    cache: bool = True      # cache=on|off: the row cache
+    batch: bool = True      # batch=on|off: off runs the request alone
 
 
-def request_options(config: str) -> dict[str, bool]:
+DEFAULT_OPTIONS = Options()
+
+
+def request_options(config: str) -> Options:
     """The options gpserve reads from a request's ``config`` (other text goes to the model
     unchanged): ``cache=on|off`` (the row cache) and ``batch=on|off`` (``off`` runs the
-    request alone: its answer cannot depend on other requests' rows)."""
-    options = dict(_DEFAULTS)
+    request alone: its answer cannot depend on other requests' rows). A config with no
+    ``=`` (most) costs one search."""
     if "=" not in config:
-        return options
+        return DEFAULT_OPTIONS
+    options = DEFAULT_OPTIONS._asdict()
     for token in re.split(r"[;,\s]+", config):
         key, _, value = token.partition("=")
         if key in options:
             if value not in ("on", "off"):
                 raise BadConfig(f"config {token!r}: {key} takes 'on' or 'off'")
             options[key] = value == "on"
-    return options
+    return Options(**options)

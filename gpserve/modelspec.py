@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,7 +53,7 @@ class ModelSpec:
                                 outputs=io(self.outputs))
 
     def check(self, tensors: list[np.ndarray], input_names: list[str],
-              output_names: list[str]) -> tuple[list[str], list[str], int | None]:
+              output_names: list[str]) -> tuple[Sequence[str], Sequence[str], int | None]:
         """Validate a request; returns (input names, output names, rows or None to run alone)."""
         if self.echo:
             return self._check_echo(tensors, input_names, output_names)
@@ -120,7 +121,7 @@ class ModelSpec:
 
 
 @functools.lru_cache(maxsize=64)
-def _echo_names(stem: str, count: int) -> list[str]:
-    """Echo's default names of ``count`` tensors: ``input``, ``input1``, ... (made once;
-    callers do not change the list)."""
-    return [f"{stem}{i}" if i else stem for i in range(count)]
+def _echo_names(stem: str, count: int) -> tuple[str, ...]:
+    """Echo's default names of ``count`` tensors: ``input``, ``input1``, ... (made once:
+    a tuple, which no caller can change)."""
+    return tuple(f"{stem}{i}" if i else stem for i in range(count))
