@@ -18,13 +18,14 @@ worker hop that every GPU model takes).
 the ratio printed (``page_x``; target >= 0.98: the page costs the hot path nothing
 measurable).
 
-``--floors``: two more servers in the same alternation, answering every request with
+``--floors``: three more servers in the same alternation, answering every request with
 echo's answer and doing nothing else (``perf/floors.py``): ``python`` (uvloop and
-httptools, the least a Python server can do) and ``gpserve-http`` (gpserve's own front
-protocol, its guards and fast path, no decoding and no model). A second table gives
-each server's requests/s over Go's and its CPU time per request (every process of the
-server, from ``/proc``): where a gap to Go lies, in the HTTP layers or in the model's
-path.
+httptools, the least a Python server can do), ``gpserve-http`` (gpserve's own front
+protocol, its guards and fast path, no decoding and no model) and ``hop``
+(``gpserve-http`` whose every request crosses to one more process and back first: the
+least the workers' hop can cost). A second table gives each server's requests/s over
+Go's and its CPU time per request (every process of the server, from ``/proc``): where
+a gap to Go lies, in the HTTP layers, in the hop or in the model's path.
 
 Repeats: each point is run ``--repeats`` times, alternating servers, and the median
 reported with the spread (max/min - 1) of gpserve's runs. ``cpu_us``: CPU time per
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     answer.flush()
     floors: list[Process] = []
     try:
-        for kind in ("python", "gpserve-http") if args.floors else ():
+        for kind in ("python", "gpserve-http", "hop") if args.floors else ():
             url, floor = _floor(kind, body, answer.name, args)
             floors.append(floor)
             servers[kind] = (url, floor.proc.pid)
@@ -163,7 +164,7 @@ def _floor(kind: str, body: bytes, answer_file: str, args) -> tuple[str, Process
 
 def _by_cost(item) -> int:
     """Go, then the floors from the least work up, then gpserve."""
-    order = ("go", "python", "gpserve-http")
+    order = ("go", "python", "gpserve-http", "hop")
     return order.index(item[0]) if item[0] in order else len(order)
 
 

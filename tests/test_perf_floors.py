@@ -15,7 +15,7 @@ from gpserve.testing import eventually, free_port
 FLOORS = Path(__file__).resolve().parents[1] / "perf" / "floors.py"
 
 
-@pytest.fixture(params=["python", "gpserve-http"])
+@pytest.fixture(params=["python", "gpserve-http", "hop"])
 def floor(request, tmp_path):
     answer = tmp_path / "answer.bin"
     answer.write_bytes(bytes(range(256)) * 3)
