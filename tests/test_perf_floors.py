@@ -30,11 +30,13 @@ def floor(request, tmp_path):
             return True
         except OSError:
             return proc.poll() is not None       # exited: the test says so below
-    eventually(answers, what=f"perf/floors.py {request.param} to answer")
-    assert proc.poll() is None, f"perf/floors.py {request.param} exited"
-    yield port, answer.read_bytes()
-    os.killpg(proc.pid, signal.SIGKILL)            # its processes, none other
-    proc.wait()
+    try:                          # stopped however the test ends, a failed start included
+        eventually(answers, what=f"perf/floors.py {request.param} to answer")
+        assert proc.poll() is None, f"perf/floors.py {request.param} exited"
+        yield port, answer.read_bytes()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)        # its processes, none other
+        proc.wait()
 
 
 def post(port: int, body: bytes, close: bool = False, times: int = 1) -> list[bytes]:
