@@ -165,8 +165,7 @@ class ModelState:
                 arrays = await self._run_cached(tensors, names, outputs, config, rows,
                                                 request, alone)
             else:
-                refs = (tuple(tensors) if self.hosted is not None else     # 0 copies
-                        tuple([self._for_worker(request.regions, t) for t in tensors]))
+                refs = tuple([self._for_worker(request.regions, t) for t in tensors])
                 arrays = await self._compute(tensors, refs, names, outputs, config, rows,
                                              request, alone)
             ok = True

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_seconds, process_tree
+
 # ../shared/load/post_body.lua, or where POST_BODY_LUA says (a host without ../shared)
 SHARED_LUA = Path(os.environ.get("POST_BODY_LUA") or Path(__file__).resolve().parents[1].parent
                   / "shared" / "load" / "post_body.lua")
@@ -32,7 +34,13 @@ def wrk_available() -> bool:
 
 
 def run_wrk(url: str, body: bytes, concurrency: int, seconds: float,
-            timeout_s: float = 120, headers: dict | None = None, threads: int = 1) -> dict:
+            timeout_s: float = 120, headers: dict | None = None, threads: int = 1,
+            server_pid: int | None = None) -> dict:
+    """``server_pid``: the report also gives ``cpu_us``, the CPU time per request of that
+    process and every process under it (from ``/proc``)."""
+    if server_pid is not None:
+        pids = process_tree(server_pid)
+        used = cpu_seconds(pids)
     with tempfile.NamedTemporaryFile(suffix=".bin") as f, \
             tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         f.write(body)
@@ -51,12 +59,15 @@ def run_wrk(url: str, body: bytes, concurrency: int, seconds: float,
     if line is None:
         raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
     fields = dict(re.findall(r"(\w+)=([\d.]+)", line))
-    return {"engine": "wrk", "concurrency": concurrency, "requests": int(fields["requests"]),
-            "seconds": float(fields["secs"]), "rps": float(fields["rps"]),
-            "p50_ms": float(fields["p50_ms"]), "p99_ms": float(fields["p99_ms"]),
-            "max_ms": float(fields["max_ms"]),
-            "req_MBps": float(fields["req_MBps"]), "errors": int(fields["non2xx"]) +
-            int(fields["errors"])}
+    report = {"engine": "wrk", "concurrency": concurrency, "requests": int(fields["requests"]),
+              "seconds": float(fields["secs"]), "rps": float(fields["rps"]),
+              "p50_ms": float(fields["p50_ms"]), "p99_ms": float(fields["p99_ms"]),
+              "max_ms": float(fields["max_ms"]),
+              "req_MBps": float(fields["req_MBps"]), "errors": int(fields["non2xx"]) +
+              int(fields["errors"])}
+    if server_pid is not None:
+        report["cpu_us"] = 1e6 * (cpu_seconds(pids) - used) / max(report["requests"], 1)
+    return report
 
 
 async def _async_load(url: str, body, concurrency: int, seconds: float,

@@ -32,15 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402
-from _common import (  # noqa: E402
-    Process,
-    cpu_seconds,
-    exit_cleanly_on_sigterm,
-    free_port,
-    print_table,
-    process_tree,
-    write_json,
-)
+from _common import Process, exit_cleanly_on_sigterm, free_port, print_table, write_json  # noqa: E402
 
 from gpserve import protocol as P  # noqa: E402
 
@@ -104,13 +96,11 @@ def main() -> None:
                 order = list(servers) if r % 2 == 0 else list(servers)[::-1]
                 for name in order:
                     proc, url = servers[name]
-                    pids = process_tree(proc.proc.pid)
-                    before = cpu_seconds(pids)
-                    result = loadgen.run_wrk(url + "/", body, a.clients, a.seconds)
-                    used = cpu_seconds(pids) - before
+                    result = loadgen.run_wrk(url + "/", body, a.clients, a.seconds,
+                                             server_pid=proc.proc.pid)
                     if result["errors"]:
                         raise SystemExit(f"{name}: {result['errors']} errors under load")
-                    runs[name].append((result["rps"], 1e6 * used / result["requests"]))
+                    runs[name].append((result["rps"], result["cpu_us"]))
         finally:
             for proc, _ in servers.values():
                 proc.stop()

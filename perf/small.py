@@ -43,15 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402
-from _common import (  # noqa: E402
-    Process,
-    cpu_seconds,
-    exit_cleanly_on_sigterm,
-    free_port,
-    print_table,
-    process_tree,
-    write_json,
-)
+from _common import Process, exit_cleanly_on_sigterm, free_port, print_table, write_json  # noqa: E402
 
 from gpserve import protocol as P  # noqa: E402
 from gpserve.testing import Server  # noqa: E402
@@ -72,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--status-page", action="store_true",
                     help="also run gpserve with its status page open")
     ap.add_argument("--floors", action="store_true",
-                    help="also run perf/floors.py's python and gpserve-http servers")
+                    help="also run perf/floors.py's python, gpserve-http and hop servers")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     exit_cleanly_on_sigterm()
@@ -180,13 +172,9 @@ def _point(servers: dict, body: bytes, c: int, args, placement: str) -> tuple[di
     runs: dict[str, list] = {"go": [], "gpserve": []}
     for _ in range(args.repeats):
         for name, (url, pid) in servers.items():
-            pids = process_tree(pid)
             with StatusPoller(url if name == "gpserve+page" else None):
-                used = cpu_seconds(pids)
-                run = loadgen.run_wrk(url, body, c, args.seconds, threads=args.wrk_threads)
-                used = cpu_seconds(pids) - used
-            run["cpu_us"] = 1e6 * used / max(run["requests"], 1)
-            runs.setdefault(name, []).append(run)
+                runs.setdefault(name, []).append(loadgen.run_wrk(
+                    url, body, c, args.seconds, threads=args.wrk_threads, server_pid=pid))
     med = {n: sorted(r, key=lambda x: x["rps"])[len(r) // 2] for n, r in runs.items()}
     rps = [r["rps"] for r in runs["gpserve"]]
     return {

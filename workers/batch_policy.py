@@ -134,7 +134,7 @@ class CostModel:
         self.snt = self.snt * d + rows * seconds
         if len(self.sizes) < 2:
             self.sizes.add(rows)
-        self.fixed_s = self._fit()          # once per batch, not on every request's path
+        self.fixed_s, self.per_row_s = self._fit()    # once a batch, not on a request's path
 
     def expected(self, rows: int) -> float | None:
         """Seconds a batch of ``rows`` is expected to take (None: not known yet)."""
@@ -142,18 +142,19 @@ class CostModel:
             return None
         return self.fixed_s + self.per_row_s * rows
 
-    def _fit(self) -> float:
+    def _fit(self) -> tuple[float, float | None]:
+        """(a, b): a kept within [0, the mean batch's time], then b from the mean given
+        that a, never below 0, so that no guess is negative. (0, None) until two sizes
+        ran, or while the sizes seen cannot be told apart."""
         if len(self.sizes) < 2:
-            return 0.0
+            return 0.0, None
         var = self.snn * self.w - self.sn * self.sn
         if var <= 1e-12:
-            return 0.0
+            return 0.0, None
         b = (self.snt * self.w - self.sn * self.st) / var
         a = (self.st - b * self.sn) / self.w
         fixed = max(0.0, min(a, self.st / self.w))
-        # b from the mean, given that a: never below 0, so a guess is never negative
-        self.per_row_s = max(0.0, (self.st / self.w - fixed) / max(self.sn / self.w, 1e-12))
-        return fixed
+        return fixed, max(0.0, (self.st / self.w - fixed) / max(self.sn / self.w, 1e-12))
 
 
 class ArrivalRate:
